@@ -1,0 +1,39 @@
+"""Per-architecture CPU backends.
+
+Each backend module declares one `CpuBackend` (mostly data) and registers it here.  The
+machine looks a backend up once, by name, in `get_backend`; nothing else in smpkprobes
+branches on the architecture.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ._base import (CallingConvention as CallingConvention, CpuBackend as CpuBackend,
+                    InsnPlan as InsnPlan, StepKind as StepKind,
+                    UnsteppableError as UnsteppableError)
+
+# name -> (module, reason it is unavailable or None).  Order is the README's table order.
+_REGISTRY: dict[str, tuple[str | None, str | None]] = {
+    "x86_64": ("cpus.x86_64", None),
+    "ia64": (None, "Unicorn has no IA-64 emulator, so there is nothing to run ia64 code on"),
+}
+
+
+class UnsupportedArchError(ValueError):
+    """Raised for an architecture smpkprobes cannot run, with the reason."""
+
+
+def available() -> list[str]:
+    return [name for name, (mod, _) in _REGISTRY.items() if mod is not None]
+
+
+def get_backend(name: str) -> CpuBackend:
+    try:
+        module, reason = _REGISTRY[name]
+    except KeyError:
+        raise UnsupportedArchError(
+            f"unknown architecture {name!r}; available: {', '.join(available())}") from None
+    if module is None:
+        raise UnsupportedArchError(f"architecture {name!r} is not supported: {reason}")
+    return importlib.import_module(module).BACKEND

@@ -1,0 +1,208 @@
+"""What every CPU backend declares, and the few small methods generic code may call.
+
+A backend is mostly *facts* (archinfo style): word size, the breakpoint encoding, how a trap
+is reported, the calling convention, the register file.  The machine and the probe core ask
+these facts questions; they never test an architecture's name.
+
+The only behaviour a backend owns is what genuinely differs per instruction set:
+  * `CallingConvention` - where arguments, return values and return addresses live;
+  * `InsnPlan` construction (`plan_insn`) - how one probed instruction is single-stepped:
+    copied out of line (with fixups), simulated, or refused with an errno and a reason.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno as _errno
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Protocol
+
+
+class RegAccess(Protocol):
+    """The narrow register/memory interface a calling convention works through."""
+
+    def read(self, reg: str) -> int: ...
+    def write(self, reg: str, value: int) -> None: ...
+    def read_word(self, addr: int) -> int: ...
+    def write_word(self, addr: int, value: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class CallingConvention:
+    """A calling convention as data (after qiling's `cc/`), plus the four questions kprobes asks.
+
+    `return_address_reg` is None when the return address lives on the stack at function
+    entry (x86), or a register name when it lives in a link register (arm, arm64, ppc).
+    """
+
+    word_bytes: int
+    arg_regs: tuple[str, ...]
+    ret_reg: str
+    sp_reg: str
+    pc_reg: str
+    return_address_reg: str | None = None
+    # Bytes between SP at function entry and the first stack-passed argument.
+    stack_args_offset: int = 0
+    stack_align: int = 16
+
+    def arg(self, regs: RegAccess, n: int) -> int:
+        """The n-th integer argument (from 0) at function entry."""
+        if n < len(self.arg_regs):
+            return regs.read(self.arg_regs[n])
+        sp = regs.read(self.sp_reg)
+        return regs.read_word(sp + self.stack_args_offset + (n - len(self.arg_regs)) * self.word_bytes)
+
+    def set_arg(self, regs: RegAccess, n: int, value: int) -> None:
+        if n < len(self.arg_regs):
+            regs.write(self.arg_regs[n], value)
+            return
+        sp = regs.read(self.sp_reg)
+        regs.write_word(sp + self.stack_args_offset + (n - len(self.arg_regs)) * self.word_bytes, value)
+
+    def return_address_slot(self, regs: RegAccess) -> int | None:
+        """Where the return address is stored at function entry: a stack address, or None
+        when it is in `return_address_reg`."""
+        if self.return_address_reg is not None:
+            return None
+        return regs.read(self.sp_reg)
+
+    def get_return_address(self, regs: RegAccess) -> int:
+        if self.return_address_reg is not None:
+            return regs.read(self.return_address_reg)
+        return regs.read_word(regs.read(self.sp_reg))
+
+    def set_return_address(self, regs: RegAccess, value: int) -> None:
+        if self.return_address_reg is not None:
+            regs.write(self.return_address_reg, value)
+        else:
+            regs.write_word(regs.read(self.sp_reg), value)
+
+    def emulate_return(self, regs: RegAccess, value: int | None = None) -> int:
+        """Return from the current function as if its first instruction were `ret`.
+        Used by hypercall stubs.  Returns the address returned to."""
+        if value is not None:
+            regs.write(self.ret_reg, value)
+        if self.return_address_reg is not None:
+            target = regs.read(self.return_address_reg)
+        else:
+            sp = regs.read(self.sp_reg)
+            target = regs.read_word(sp)
+            regs.write(self.sp_reg, sp + self.word_bytes)
+        regs.write(self.pc_reg, target)
+        return target
+
+    def setup_call(self, regs: RegAccess, stack_top: int, func: int, args: tuple[int, ...],
+                   return_to: int) -> None:
+        """Make the CPU look as if `return_to` had just called `func(*args)`."""
+        nstack = max(0, len(args) - len(self.arg_regs))
+        sp = stack_top - nstack * self.word_bytes
+        sp -= sp % self.stack_align
+        mask = (1 << (8 * self.word_bytes)) - 1
+        for i, a in enumerate(args[len(self.arg_regs):]):
+            regs.write_word(sp + self.stack_args_offset + i * self.word_bytes, a & mask)
+        if self.return_address_reg is None:
+            sp -= self.word_bytes
+            regs.write_word(sp, return_to)
+        else:
+            regs.write(self.return_address_reg, return_to)
+        regs.write(self.sp_reg, sp)
+        for reg, a in zip(self.arg_regs, args):
+            regs.write(reg, a & mask)
+        regs.write(self.pc_reg, func)
+
+
+class StepKind(enum.Enum):
+    """How a probed instruction is executed after the pre_handler."""
+
+    OUT_OF_LINE = "out-of-line"   # copied into a slot, followed by a breakpoint (or a jump back)
+    SIMULATE = "simulate"         # the probe core computes its effect on the registers
+
+
+@dataclass(frozen=True)
+class InsnPlan:
+    """Everything the probe core needs to single-step one probed instruction."""
+
+    addr: int
+    length: int
+    orig: bytes
+    mnemonic: str
+    kind: StepKind
+    # OUT_OF_LINE: the (fixed-up) copy to place at the start of a slot.
+    slot_code: bytes = b""
+    # Whether a jump back may replace the trailing breakpoint (never with a post_handler).
+    boostable: bool = False
+    # SIMULATE: a function applying the instruction to registers (RegAccess) at `addr`.
+    simulate: Callable[[RegAccess], None] | None = None
+    # Arch-private fixup data for `CpuBackend.slot_code` (x86: the RIP-relative displacement).
+    fixup: object = None
+
+
+class UnsteppableError(Exception):
+    """An instruction that kprobes refuses, with the errno to report and a reason."""
+
+    def __init__(self, errno: int, reason: str):
+        super().__init__(reason)
+        self.errno = errno
+        self.reason = reason
+
+
+EOPNOTSUPP = _errno.EOPNOTSUPP
+EINVAL = _errno.EINVAL
+
+
+@dataclass(frozen=True)
+class CpuBackend:
+    """The declarative facts of one architecture.  Subclasses add `plan_insn` and
+    `slot_code`."""
+
+    name: str
+    bits: int
+    endian: str                       # "little" or "big"
+    uc_arch: int
+    uc_mode: int
+    cs_arch: int
+    cs_mode: int
+    # The breakpoint instruction written over a probed instruction.
+    breakpoint: bytes
+    # The interrupt number Unicorn reports for it, and where the PC points afterwards,
+    # relative to the breakpoint's address (x86: 1, past int3; arm64: 0, at the BRK).
+    trap_intno: int
+    trap_pc_offset: int
+    # Register names -> Unicorn ids; the regs view exposes exactly these.
+    registers: Mapping[str, int]
+    cc: CallingConvention
+    flags_reg: str
+    fp_reg: str
+    # Longest instruction, and the slot size the probe core allocates per probe.
+    max_insn_len: int
+    slot_size: int
+    # Where, relative to a frame pointer, the saved frame pointer and return address live.
+    frame_saved_fp_offset: int = 0
+    frame_ret_offset: int = 8
+    # Functions whose return kretprobes must refuse (arch-specific blacklist).
+    kretprobe_blacklist: tuple[str, ...] = ()
+    # The default kernel image's clang target and flags live in smpkprobes/kernel/build.py.
+    extra: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def word_bytes(self) -> int:
+        return self.bits // 8
+
+    @property
+    def word_mask(self) -> int:
+        return (1 << self.bits) - 1
+
+    def sign_extend(self, value: int) -> int:
+        value &= self.word_mask
+        return value - (1 << self.bits) if value >> (self.bits - 1) else value
+
+    def plan_insn(self, code: bytes, addr: int) -> InsnPlan:   # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def slot_code(self, plan: InsnPlan, slot_addr: int, boost: bool) -> bytes:  # pragma: no cover
+        """The slot's bytes: the copy of the instruction, fixed up for `slot_addr`, then the
+        breakpoint that ends the step, or a jump back to the next instruction when boosting."""
+        raise NotImplementedError
+
+    def uc_setup(self, uc) -> None:
+        """Arch-specific Unicorn setup after the instance is created (CPU model, MSRs)."""

@@ -1,0 +1,228 @@
+"""One simulated CPU: a Unicorn instance over the shared memory.
+
+The CPU knows how to run a quantum, how to read and write its registers quickly, and how to
+turn Unicorn's callbacks into three events for its host (the machine): a hypercall stub was
+reached, a trap was taken, emulation faulted.  It does not know about tasks, probes or time.
+
+Exceptions never escape a Unicorn callback: every hook catches everything, stops the CPU and
+hands the exception to the host, which turns it into an oops of the current task.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from typing import Protocol
+
+import unicorn
+from unicorn.unicorn_py3.unicorn import uclib
+
+from cpus import CpuBackend
+
+from ._regs import Regs
+
+_uc_reg_read = uclib.uc_reg_read
+_uc_reg_write = uclib.uc_reg_write
+_uc_emu_start = uclib.uc_emu_start
+_uc_emu_stop = uclib.uc_emu_stop
+
+
+class GuestFault(Exception):
+    """A guest call made from a handler (`regs.cpu.call`) faulted."""
+
+
+class CpuHost(Protocol):
+    """What a CPU asks of the machine: the only back-channel it has."""
+
+    def on_hypercall(self, cpu: "CPU", addr: int) -> None: ...
+    def on_trap(self, cpu: "CPU", intno: int) -> None: ...
+    def on_hook_exception(self, cpu: "CPU", exc: BaseException) -> None: ...
+    def resolve_return_address(self, cpu: "CPU", addr: int, depth: int) -> int: ...
+
+
+class CPU:
+    """Public surface for handlers: `.id`, `.now_ns()`, `.preemptible()`, `.call()`."""
+
+    def __init__(self, cpu_id: int, backend: CpuBackend, memory, host: CpuHost,
+                 hypercall_range: tuple[int, int], call_return: int, call_budget: int):
+        self.id = cpu_id
+        self.backend = backend
+        self._memory = memory
+        self._host = host
+        self.uc = unicorn.Uc(backend.uc_arch, backend.uc_mode)
+        self._uch = self.uc._uch
+        backend.uc_setup(self.uc)
+        memory.map_into(self.uc)
+        self._ids = dict(backend.registers)
+        self._pc_id = self._ids[backend.cc.pc_reg]
+        self._val = ctypes.c_uint64()
+        self._val_ref = ctypes.byref(self._val)
+        self._wval = ctypes.c_uint64()
+        self._wval_ref = ctypes.byref(self._wval)
+        self._word = struct.Struct(("<" if backend.endian == "little" else ">") +
+                                   ("Q" if backend.bits == 64 else "I"))
+        self._call_return = call_return
+        self._call_budget = call_budget
+        # Scheduling state, owned by the machine.
+        self.current = None            # the running Task, or None when idle
+        self.clock = 0                 # virtual ns: one per instruction
+        self.intra = 0                 # ns elapsed inside the current quantum (per trap)
+        self.instructions = 0
+        self.tasks_run = 0
+        self.quanta = 0
+        self.preempt_count = 0         # > 0 from a probe trap until its post-processing ends
+        self.pending_flush: list[list] = []    # [[start, end, quanta_until_delivery], ...]
+        self.deferred_trap = False
+        self.stop_requested = False
+        self.online = True
+        self.nesting = 0
+        # The probe core hangs its per-CPU control block here.
+        self.kprobe_ctlblk = None
+        self.uc.hook_add(unicorn.UC_HOOK_INTR, self._hook_intr)
+        self.uc.hook_add(unicorn.UC_HOOK_CODE, self._hook_hypercall, None,
+                         hypercall_range[0], hypercall_range[1] - 1)
+        self.initial_context = self.uc.context_save()
+
+    # -- registers and memory, fast ---------------------------------------------------
+    def reg_read_id(self, rid: int) -> int:
+        self._val.value = 0
+        _uc_reg_read(self._uch, rid, self._val_ref)
+        return self._val.value
+
+    def reg_write_id(self, rid: int, value: int) -> None:
+        self._wval.value = value
+        _uc_reg_write(self._uch, rid, self._wval_ref)
+
+    def reg_read(self, name: str) -> int:
+        return self.reg_read_id(self._ids[name])
+
+    def reg_write(self, name: str, value: int) -> None:
+        self.reg_write_id(self._ids[name], value & self.backend.word_mask)
+
+    @property
+    def pc(self) -> int:
+        return self.reg_read_id(self._pc_id)
+
+    @pc.setter
+    def pc(self, value: int) -> None:
+        self.reg_write_id(self._pc_id, value)
+
+    def read_word(self, addr: int) -> int:
+        self._memory._check(addr, self._word.size)
+        return self._word.unpack_from(self._memory._mm, addr)[0]
+
+    def write_word(self, addr: int, value: int) -> None:
+        self._memory._check(addr, self._word.size)
+        self._word.pack_into(self._memory._mm, addr, value & self.backend.word_mask)
+
+    # RegAccess over the live CPU (no caching), for the machine's own use.
+    read = reg_read
+    write = reg_write
+
+    def regs(self) -> Regs:
+        return Regs(self)
+
+    # -- running ------------------------------------------------------------------------
+    def flush_tb(self, start: int, end: int) -> None:
+        """Drop translated code for [start, end): the analogue of sync_core after an IPI."""
+        self.uc.ctl_remove_cache(start, end)
+
+    def run(self, count: int) -> unicorn.UcError | None:
+        """Run up to `count` instructions from the current PC.  Returns the Unicorn error
+        if emulation faulted, else None."""
+        self.stop_requested = False
+        err = _uc_emu_start(self._uch, self.reg_read_id(self._pc_id), 0, 0, count)
+        if err != unicorn.UC_ERR_OK:
+            return unicorn.UcError(err)
+        return None
+
+    def stop(self) -> None:
+        """Stop the current emulation at the next instruction boundary."""
+        _uc_emu_stop(self._uch)
+
+    # -- what handlers may use ------------------------------------------------------------
+    def now_ns(self) -> int:
+        """Deterministic virtual time: one ns per instruction (counted at quantum
+        boundaries), plus a fixed cost per trap or hypercall inside the quantum."""
+        return self.clock + self.intra
+
+    def preemptible(self) -> bool:
+        return self.preempt_count == 0 and not self.deferred_trap
+
+    def call(self, func, *args: int) -> int:
+        """Call a guest function synchronously on this CPU, from inside a handler, as kernel
+        code would.  Probes hit inside it count as missed (reentry)."""
+        addr = self._host.resolve_function(func)
+        uc = self.uc
+        saved = uc.context_save()
+        cc = self.backend.cc
+        sp = self.reg_read(cc.sp_reg) - 256
+        cc.setup_call(self, sp, addr, tuple(args), self._call_return)
+        self.nesting += 1
+        try:
+            err = _uc_emu_start(self._uch, addr, self._call_return, 0, self._call_budget)
+            pc = self.reg_read_id(self._pc_id)
+            if err != unicorn.UC_ERR_OK:
+                raise GuestFault(f"guest fault in nested call of {self._host.format_addr(addr)}"
+                                 f" at {self._host.format_addr(pc)}: {unicorn.UcError(err)}")
+            if pc != self._call_return:
+                raise GuestFault(f"nested call of {self._host.format_addr(addr)} did not return"
+                                 f" within {self._call_budget} instructions")
+            result = self.backend.sign_extend(self.reg_read(cc.ret_reg))
+        finally:
+            self.nesting -= 1
+            uc.context_restore(saved)
+            # The nested emu_start reset Unicorn's instruction counter; end the outer
+            # quantum when the current callback returns rather than let it run on unbounded.
+            self.stop_requested = True
+        return result
+
+    def stack_trace(self, regs: Regs) -> list[int]:
+        b = self.backend
+        ip = regs.read("ip")
+        trace = [ip]
+        depth = 0
+        resolve = self._host.resolve_return_address
+        sym = self._host.symbolize(ip)
+        if sym is not None and sym[1] == 0:
+            # At a function's first instruction the frame is not built yet: the return
+            # address is where the calling convention put it.
+            ra = b.cc.get_return_address(regs)
+            ra, depth = resolve(self, ra, depth)
+            trace.append(ra)
+        fp = regs.read(b.fp_reg)
+        task = self.current
+        lo, hi = (task.stack_base, task.stack_top) if task is not None else (0, 0)
+        for _ in range(64):
+            if not lo <= fp < hi:
+                break
+            ra = self.read_word(fp + b.frame_ret_offset)
+            if ra == 0 or self._host.symbolize(ra) is None:
+                break
+            ra, depth = resolve(self, ra, depth)
+            trace.append(ra)
+            nfp = self.read_word(fp + b.frame_saved_fp_offset)
+            if nfp <= fp:
+                break
+            fp = nfp
+        return trace
+
+    # -- Unicorn callbacks ---------------------------------------------------------------
+    def _hook_intr(self, uc, intno, _user):
+        try:
+            self._host.on_trap(self, intno)
+        except BaseException as exc:       # never lose an exception inside Unicorn
+            self._host.on_hook_exception(self, exc)
+        if self.stop_requested:
+            _uc_emu_stop(self._uch)
+
+    def _hook_hypercall(self, uc, addr, size, _user):
+        try:
+            self._host.on_hypercall(self, addr)
+        except BaseException as exc:
+            self._host.on_hook_exception(self, exc)
+        if self.stop_requested:
+            _uc_emu_stop(self._uch)
+
+    def __repr__(self) -> str:
+        return f"<cpu{self.id}>"

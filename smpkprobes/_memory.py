@@ -1,0 +1,101 @@
+"""One physical memory, shared by every CPU.
+
+A single anonymous host mapping backs the whole guest-physical address space; each region is
+mapped into every Unicorn instance with `mem_map_ptr` at the matching offset, so a store by
+one CPU is a store seen by all.  The host (text_poke, the probe core) writes the same buffer
+directly, regardless of the guest's permissions - as the kernel writes its own text through
+a temporary writable alias.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+from dataclasses import dataclass
+
+import unicorn
+
+R, W, X = unicorn.UC_PROT_READ, unicorn.UC_PROT_WRITE, unicorn.UC_PROT_EXEC
+
+
+@dataclass(frozen=True)
+class Region:
+    name: str
+    start: int
+    size: int
+    perms: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+    def __contains__(self, addr: int) -> bool:
+        return self.start <= addr < self.start + self.size
+
+
+# The memory map.  Everything sits below 2 GiB so that the same layout serves 32-bit guests;
+# the kernel images are linked against it (smpkprobes/kernel/src/arch/*/kernel.ld).
+TEXT = Region("kernel text", 0x0010_0000, 0x10_0000, R | X)
+DATA = Region("kernel data", 0x0020_0000, 0x10_0000, R | W)
+MODULE_TEXT = Region("module text", 0x0040_0000, 0x10_0000, R | X)
+MODULE_DATA = Region("module data", 0x0050_0000, 0x10_0000, R | W)
+SLOTS = Region("insn slots", 0x0060_0000, 0x10_0000, R | X)
+STACKS = Region("stacks", 0x0100_0000, 0x400_0000, R | W)
+REGIONS = (TEXT, DATA, MODULE_TEXT, MODULE_DATA, SLOTS, STACKS)
+
+STACK_SIZE = 0x4000
+
+
+class GuestMemoryError(ValueError):
+    pass
+
+
+class PhysicalMemory:
+    """The shared buffer and the region table."""
+
+    def __init__(self, regions: tuple[Region, ...] = REGIONS):
+        self.regions = regions
+        self.size = max(r.end for r in regions)
+        self._mm = mmap.mmap(-1, self.size)
+        self._base = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
+
+    def map_into(self, uc) -> None:
+        for r in self.regions:
+            uc.mem_map_ptr(r.start, r.size, r.perms, self._base + r.start)
+
+    def region_of(self, addr: int) -> Region | None:
+        for r in self.regions:
+            if addr in r:
+                return r
+        return None
+
+    def _check(self, addr: int, size: int) -> None:
+        r = self.region_of(addr)
+        if r is None or addr + size > r.end:
+            raise GuestMemoryError(f"guest access {addr:#x}+{size:#x} is not mapped")
+
+    def read(self, addr: int, size: int) -> bytes:
+        self._check(addr, size)
+        return self._mm[addr:addr + size]
+
+    def write(self, addr: int, data: bytes) -> None:
+        self._check(addr, len(data))
+        self._mm[addr:addr + len(data)] = data
+
+    # Unchecked fast paths for the probe core's own, already validated addresses.
+    def peek(self, addr: int, size: int) -> bytes:
+        return self._mm[addr:addr + size]
+
+    def poke(self, addr: int, data: bytes) -> None:
+        self._mm[addr:addr + len(data)] = data
+
+    def fill(self, addr: int, size: int, byte: int = 0) -> None:
+        self._check(addr, size)
+        self._mm[addr:addr + size] = bytes([byte]) * size
+
+    def close(self) -> None:
+        # Unicorn instances hold raw pointers into the mapping; they must be gone first.
+        try:
+            self._mm.close()
+        except BufferError:
+            pass

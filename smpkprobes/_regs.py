@@ -1,0 +1,101 @@
+"""`regs`: a lazy view of a trapped CPU's registers (the kernel's `struct pt_regs`).
+
+Reading a register costs a call into Unicorn, so nothing is read until a handler asks, and
+each register is read at most once per trap.  Writes are kept in the view and written back
+in one go when the CPU resumes (`flush`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:   # pragma: no cover
+    from ._cpu import CPU
+
+
+class Regs:
+    __slots__ = ("cpu", "_cache", "_dirty", "_names", "_cc", "_alias")
+
+    def __init__(self, cpu: "CPU"):
+        self.cpu = cpu
+        self._cache: dict[str, int] = {}
+        self._dirty: set[str] = set()
+        self._cc = cpu.backend.cc
+        self._names = cpu.backend.registers
+        self._alias = {"ip": self._cc.pc_reg, "sp": self._cc.sp_reg,
+                       "flags": cpu.backend.flags_reg}
+
+    # -- the RegAccess protocol used by calling conventions and simulations -------------
+    def read(self, name: str) -> int:
+        name = self._alias.get(name, name)
+        try:
+            return self._cache[name]
+        except KeyError:
+            pass
+        if name not in self._names:
+            raise AttributeError(f"no register {name!r} on {self.cpu.backend.name}")
+        v = self._cache[name] = self.cpu.reg_read(name)
+        return v
+
+    def write(self, name: str, value: int) -> None:
+        name = self._alias.get(name, name)
+        if name not in self._names:
+            raise AttributeError(f"no register {name!r} on {self.cpu.backend.name}")
+        self._cache[name] = value & self.cpu.backend.word_mask
+        self._dirty.add(name)
+
+    def read_word(self, addr: int) -> int:
+        return self.cpu.read_word(addr)
+
+    def write_word(self, addr: int, value: int) -> None:
+        self.cpu.write_word(addr, value)
+
+    # -- the public face --------------------------------------------------------------
+    def __getattr__(self, name: str) -> int:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self.read(name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in Regs.__slots__:
+            object.__setattr__(self, name, value)
+        else:
+            self.write(name, value)
+
+    def __getitem__(self, name: str) -> int:
+        return self.read(name)
+
+    def __setitem__(self, name: str, value: int) -> None:
+        self.write(name, value)
+
+    def arg(self, n: int) -> int:
+        """The n-th argument (from 0) by the calling convention, valid at function entry."""
+        return self._cc.arg(self, n)
+
+    def set_arg(self, n: int, value: int) -> None:
+        self._cc.set_arg(self, n, value)
+
+    def stack_trace(self) -> list[int]:
+        """regs.ip, then the return addresses of the enclosing frames, innermost first.
+        Return addresses redirected to the kretprobe trampoline are shown as the real ones."""
+        return self.cpu.stack_trace(self)
+
+    def preset(self, name: str, value: int) -> None:
+        """Seed the cache without marking the register dirty (the probe core knows it)."""
+        self._cache[name] = value
+
+    def flush(self) -> None:
+        for name in self._dirty:
+            self.cpu.reg_write(name, self._cache[name])
+        self._dirty.clear()
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._dirty)
+
+    def is_dirty(self, name: str) -> bool:
+        return self._alias.get(name, name) in self._dirty
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v:#x}" for k, v in sorted(self._cache.items()))
+        return f"<regs cpu={self.cpu.id} {shown}>"
