@@ -54,6 +54,9 @@ class CPU:
         backend.uc_setup(self.uc)
         memory.map_into(self.uc)
         self._ids = dict(backend.registers)
+        # regs.ip / regs.sp / regs.flags, resolved once per CPU rather than once per trap.
+        self.reg_aliases = {"ip": backend.cc.pc_reg, "sp": backend.cc.sp_reg,
+                            "flags": backend.flags_reg}
         self._pc_id = self._ids[backend.cc.pc_reg]
         self._val = ctypes.c_uint64()
         self._val_ref = ctypes.byref(self._val)

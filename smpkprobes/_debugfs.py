@@ -39,7 +39,7 @@ class Debugfs:
     def _list(self) -> str:
         lines = []
         for addr, p in self._k.probes():
-            sym = self._m.symbolize(addr)
+            sym = getattr(p, "_where", None) or self._m.symbolize(addr)
             name, off, module = sym if sym is not None else ("?", 0, None)
             line = f"{addr:0{self._w}x}  {p._type}  {name}+{off:#x}"
             if module:

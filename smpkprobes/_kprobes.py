@@ -466,6 +466,8 @@ class KprobesSubsystem:
         else:
             site.children = (p, *site.children)
         p._registered = True
+        # Remembered for kprobes/list: a GONE probe's module symbols are gone too.
+        p._where = self._m.symbolize(addr)
         self._m.trace_event("register", kind, addr)
         if self.enabled and site.enabled() and not site.armed:
             await self._arm([site])
@@ -663,13 +665,15 @@ class KprobesSubsystem:
 
     def _prepare_singlestep(self, cpu: "CPU", kcb: KprobeCtlblk, site: _Site, regs: Regs) -> None:
         plan = site.plan
+        reenter = kcb.status is Status.REENTER
         if plan.kind is StepKind.SIMULATE:
-            kcb.set_status(Status.HIT_SS)
+            if not reenter:
+                kcb.set_status(Status.HIT_SS)
             regs.write("ip", site.addr)
             plan.simulate(regs)
             self._run_post_handlers(cpu, kcb, site, regs)
             return
-        if plan.boostable and not site.has_post_handler() and kcb.status is not Status.REENTER:
+        if plan.boostable and not site.has_post_handler() and not reenter:
             # Boosted: the slot jumps back by itself.  Preemption is enabled again before
             # the CPU enters the slot; grace periods still wait for it to leave (PC check).
             site.boost_used = True
@@ -678,7 +682,8 @@ class KprobesSubsystem:
             kcb.reset()
             cpu.preempt_count -= 1
             return
-        kcb.set_status(Status.HIT_SS)
+        if not reenter:
+            kcb.set_status(Status.HIT_SS)
         kcb.ss_addr = site.slot + plan.length
         regs.flush()
         cpu.pc = site.slot

@@ -22,8 +22,7 @@ class Regs:
         self._dirty: set[str] = set()
         self._cc = cpu.backend.cc
         self._names = cpu.backend.registers
-        self._alias = {"ip": self._cc.pc_reg, "sp": self._cc.sp_reg,
-                       "flags": cpu.backend.flags_reg}
+        self._alias = cpu.reg_aliases
 
     # -- the RegAccess protocol used by calling conventions and simulations -------------
     def read(self, name: str) -> int:

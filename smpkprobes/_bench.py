@@ -1,0 +1,160 @@
+"""Benchmarks (`smpkprobes bench`).  Figures, not pass/fail tests: targets are printed beside
+the measurements.  Wall-clock time is used here, and only here, to measure the host."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import trio
+import unicorn
+
+from . import _memory as mem
+from ._kernel import IMAGES, Image, Kallsyms
+from ._system import Machine
+
+
+def _bare(arch: str = "x86_64"):
+    """A bare Unicorn instance with the default kernel loaded, and a way to call a function."""
+    from cpus import get_backend
+    b = get_backend(arch)
+    memory = mem.PhysicalMemory()
+    img = Image.load(IMAGES / arch / "vmlinux")
+    for addr, data, memsz in img.segments:
+        memory.write(addr, data)
+    ks = Kallsyms()
+    ks.add(img.symbols)
+    uc = unicorn.Uc(b.uc_arch, b.uc_mode)
+    memory.map_into(uc)
+    ret = ks.lookup("__hc_task_return").addr
+
+    class Access:
+        def read(self, r): return uc.reg_read(b.registers[r])
+        def write(self, r, v): uc.reg_write(b.registers[r], v)
+        def read_word(self, a): return int.from_bytes(memory.read(a, b.word_bytes), b.endian)
+        def write_word(self, a, v): memory.write(a, v.to_bytes(b.word_bytes, b.endian))
+
+    def call(name, *args):
+        b.cc.setup_call(Access(), mem.STACKS.start + mem.STACK_SIZE, ks.lookup(name).addr, args, ret)
+        uc.emu_start(ks.lookup(name).addr, ret)
+        return uc.reg_read(b.registers[b.cc.ret_reg])
+    return uc, ks, call, memory
+
+
+def _insns_per_call(arch: str, func: str, arg: int) -> int:
+    uc, ks, call, _ = _bare(arch)
+    counter = [0]
+    uc.hook_add(unicorn.UC_HOOK_CODE, lambda *a: counter.__setitem__(0, counter[0] + 1))
+    call(func, arg)
+    return counter[0]
+
+
+def bench_machine(arch: str = "x86_64", n: int = 200_000, cpu_counts=(1, 2, 4, 8)) -> list[dict]:
+    per_call = _insns_per_call(arch, "bench_loop", n)
+    uc, ks, call, _ = _bare(arch)
+    t = time.perf_counter()
+    call("bench_loop", n)
+    bare_dt = time.perf_counter() - t
+    bare_ips = per_call / bare_dt
+    rows = [{"config": "bare Unicorn, one emu_start", "ips": bare_ips, "ratio": 1.0}]
+
+    async def run(ncpu):
+        async with Machine(arch=arch, cpus=ncpu, seed=1) as m:
+            t0 = time.perf_counter()
+            async with trio.open_nursery() as nurs:
+                for c in range(ncpu):
+                    nurs.start_soon(functools.partial(m.call, "bench_loop", n, cpu=c))
+            return time.perf_counter() - t0
+
+    for ncpu in cpu_counts:
+        dt = trio.run(run, ncpu)
+        ips = ncpu * per_call / dt
+        rows.append({"config": f"machine, {ncpu} CPU(s)", "ips": ips, "ratio": ips / bare_ips})
+    return rows
+
+
+def bench_kprobe(arch: str = "x86_64", n: int = 20_000, others: int = 10_000) -> list[dict]:
+    from ._kprobes import Kprobe
+    uc, ks, call, _ = _bare(arch)
+    target = ks.lookup("bench_target").addr
+    t = time.perf_counter(); call("bench_loop", n); t_plain = time.perf_counter() - t
+    t = time.perf_counter(); call("bench_loop", n); t_plain = min(t_plain, time.perf_counter() - t)
+    uc.hook_add(unicorn.UC_HOOK_CODE, lambda *a: None, None, target, target)
+    uc.ctl_flush_tb()       # code translated before the hook was added would skip it
+    call("bench_loop", 10)
+    t = time.perf_counter(); call("bench_loop", n); t_hook = time.perf_counter() - t
+    hook_cost = (t_hook - t_plain) / n
+
+    async def timed(m, func="bench_loop"):
+        t0 = time.perf_counter()
+        await m.call(func, n, cpu=0)
+        return time.perf_counter() - t0
+
+    async def run():
+        out = {}
+        async with Machine(arch=arch, cpus=1, seed=1, trap_delay=0) as m:
+            base = min([await timed(m) for _ in range(3)])
+            kp = Kprobe(symbol_name="bench_target", pre_handler=lambda p, r: 0)
+            await m.kprobes.register_kprobe(kp)
+            out["boosted"] = (min([await timed(m) for _ in range(3)]) - base) / n
+            await m.kprobes.unregister_kprobe(kp)
+            kp = Kprobe(symbol_name="bench_target", pre_handler=lambda p, r: 0,
+                        post_handler=lambda p, r, f: None)
+            await m.kprobes.register_kprobe(kp)
+            out["stepped"] = (min([await timed(m) for _ in range(3)]) - base) / n
+            await m.kprobes.unregister_kprobe(kp)
+            # 10,000 other probes, on every instruction boundary outside the bench code.
+            spots = []
+            for s in m.kallsyms.functions():
+                if s.name.startswith("bench_") or s.addr >= m.kprobes_text[0] \
+                        or s.name in ("do_page_fault", "notifier_call_chain"):
+                    continue
+                spots.extend(sorted(m.kprobes._insn_boundaries(s)))
+            probes = []
+            for i in range(others):
+                p = Kprobe(addr=spots[i % len(spots)], pre_handler=lambda p, r: 0)
+                try:
+                    await m.kprobes.register_kprobe(p)
+                    probes.append(p)
+                except OSError:
+                    pass
+            out["registered_others"] = len(probes)
+            base2 = min([await timed(m) for _ in range(3)])
+            out["probe_free_ratio"] = base2 / base
+            kp = Kprobe(symbol_name="bench_target", pre_handler=lambda p, r: 0)
+            await m.kprobes.register_kprobe(kp)
+            out["boosted_10k"] = (min([await timed(m) for _ in range(3)]) - base2) / n
+            await m.kprobes.unregister_kprobes(probes + [kp])
+        return out
+    r = trio.run(run)
+    return [
+        {"what": "bare UC_HOOK_CODE callback", "us": hook_cost * 1e6, "ratio": 1.0},
+        {"what": "kprobe hit, empty pre_handler (boosted)", "us": r["boosted"] * 1e6,
+         "ratio": r["boosted"] / hook_cost},
+        {"what": "kprobe hit, pre+post (stepped)", "us": r["stepped"] * 1e6,
+         "ratio": r["stepped"] / hook_cost},
+        {"what": f"boosted hit with {r['registered_others']} other probes", "us": r["boosted_10k"] * 1e6,
+         "ratio": r["boosted_10k"] / r["boosted"]},
+        {"what": f"probe-free loop with {r['registered_others']} probes elsewhere (time ratio)",
+         "us": float("nan"), "ratio": r["probe_free_ratio"]},
+    ]
+
+
+def main(what: str = "all", quick: bool = False) -> int:
+    if what in ("all", "machine"):
+        rows = bench_machine(n=50_000 if quick else 200_000)
+        print("bench machine: guest instructions per second, probe-free bench_loop on every CPU")
+        print(f"  {'configuration':<32} {'Minsn/s':>9} {'vs bare':>8}")
+        for r in rows:
+            print(f"  {r['config']:<32} {r['ips'] / 1e6:>9.1f} {r['ratio']:>7.1%}")
+        print("  target: 8 CPUs keep >= 50% of the bare instance")
+    if what in ("all", "kprobe"):
+        rows = bench_kprobe(n=5_000 if quick else 20_000, others=2_000 if quick else 10_000)
+        print("bench kprobe: cost per hit on bench_target (1 CPU)")
+        print(f"  {'what':<62} {'us/hit':>8} {'ratio':>7}")
+        for r in rows:
+            us = "" if r["us"] != r["us"] else f"{r['us']:.2f}"
+            print(f"  {r['what']:<62} {us:>8} {r['ratio']:>7.2f}")
+        print("  targets: hit <= 8x the bare hook; <= 1.1x with 10,000 other probes; "
+              "probe-free code at full speed (ratio ~1.0)")
+    return 0

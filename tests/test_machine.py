@@ -1,0 +1,187 @@
+"""The SMP machine: determinism, text patching, tasks, preemption, oopses, runaways."""
+
+import functools
+
+import pytest
+import trio
+
+import cpus
+from smpkprobes import Kprobe, Machine, Oops, RunawayError
+
+
+async def _workload(m, ncpu=4):
+    results = {}
+
+    async def one(func, arg, cpu):
+        results[(func, arg, cpu)] = await m.call(func, arg, cpu=cpu)
+
+    async with trio.open_nursery() as n:
+        for c in range(ncpu):
+            n.start_soon(one, "fork_loop", 50 + c, c)
+            n.start_soon(one, "fib", 8, None)
+            n.start_soon(one, "sleepy", 1, None)
+    return results
+
+
+async def _digest(seed, preempt=False):
+    async with Machine(cpus=4, seed=seed, preempt=preempt) as m:
+        kp = Kprobe(symbol_name="do_fork", pre_handler=lambda p, r: 0)
+        await m.kprobes.register_kprobe(kp)
+        results = await _workload(m)
+        await m.kprobes.unregister_kprobe(kp)
+        return m.trace_digest(), results, [e for e in m.trace if e[0] == "q"]
+
+
+async def test_same_seed_same_run():
+    """Two runs with one seed give the same trace digest and results, event for event."""
+    a, b = await _digest(11, preempt=True), await _digest(11, preempt=True)
+    assert a == b
+
+
+async def test_different_seeds_interleave_differently():
+    """Different seeds give different CPU interleavings (quantum sequences)."""
+    runs = [await _digest(s) for s in (1, 2, 3)]
+    assert len({r[0] for r in runs}) == 3
+    assert len({tuple(r[2]) for r in runs}) == 3
+    assert all(r[1] == runs[0][1] for r in runs)
+
+
+@pytest.mark.parametrize("sync", [False, True])
+async def test_stale_translation_without_sync(sync):
+    """Without the cross-CPU sync a CPU keeps running its stale translation straight past a
+    fresh breakpoint; with it, every call traps."""
+    async with Machine(cpus=2, seed=1, text_sync=sync, trap_delay=0) as m:
+        for _ in range(3):
+            assert await m.call("text_poke_victim", 1, cpu=0) == 8
+        hits = []
+        kp = Kprobe(symbol_name="text_poke_victim", pre_handler=lambda p, r: hits.append(1))
+        await m.kprobes.register_kprobe(kp)
+        assert m.read_memory(kp.addr, 1) == b"\xcc"
+        for _ in range(20):
+            assert await m.call("text_poke_victim", 1, cpu=0) == 8
+        assert len(hits) == (20 if sync else 0)
+
+
+async def test_sleeping_task_lets_others_run():
+    """A task sleeping in msleep frees its CPU: a later task on that CPU finishes first."""
+    async with Machine(cpus=1, seed=2) as m:
+        order = []
+
+        async def run(func, arg):
+            await m.call(func, arg, cpu=0)
+            order.append(func)
+        async with trio.open_nursery() as n:
+            n.start_soon(run, "sleepy", 5)
+            n.start_soon(run, "fork_loop", 100)
+        assert order == ["fork_loop", "sleepy"]
+        assert m.statistics().context_switches >= 3
+
+
+@pytest.mark.parametrize("preempt", [False, True])
+async def test_preemption_migrates_only_where_allowed(preempt):
+    """With preempt=True unpinned tasks migrate between CPUs, pinned ones never do, and no
+    task is switched out between a probe's pre_handler and its post_handler."""
+    async with Machine(cpus=4, seed=7, preempt=preempt, preempt_prob=0.5) as m:
+        seen = {}
+        bad = []
+
+        def pre(p, regs):
+            if regs.cpu.preemptible():
+                bad.append("preemptible in handler")
+            seen[regs.cpu.current.pid] = regs.cpu.id
+
+        def post(p, regs, flags):
+            if seen.pop(regs.cpu.current.pid) != regs.cpu.id:
+                bad.append("migrated between pre and post")
+        kp = Kprobe(symbol_name="fib", offset=0, pre_handler=pre, post_handler=post)
+        await m.kprobes.register_kprobe(kp)
+        tasks = []
+        async with trio.open_nursery() as n:
+            for c in range(6):
+                n.start_soon(functools.partial(m.call, "fib", 12))
+            n.start_soon(functools.partial(m.call, "fork_loop", 3000, cpu=2))
+        assert bad == []
+        st = m.statistics()
+        if preempt:
+            assert st.preemptions > 0 and st.migrations > 0
+        else:
+            assert st.preemptions == 0 and st.migrations == 0
+
+
+async def test_pinned_tasks_stay_put():
+    """A task pinned with cpu=N only ever runs on CPU N, even under preemption."""
+    async with Machine(cpus=3, seed=4, preempt=True, preempt_prob=0.9) as m:
+        async with trio.open_nursery() as n:
+            for c in range(3):
+                n.start_soon(functools.partial(m.call, "fib", 14, cpu=c))
+        runs = [e for e in m.trace if e[0] == "run"]
+        new = {e[1]: e[5] for e in m.trace if e[0] == "new"}
+        assert runs and all(e[1] == new[e[2]] for e in runs)
+
+
+@pytest.mark.parametrize("func,cause", [("null_deref", "UC_ERR_READ_UNMAPPED"),
+                                        ("bad_insn", "UC_ERR_INSN_INVALID")])
+async def test_oops_kills_only_that_task(func, cause):
+    """A guest fault kills its task with a readable oops; other CPUs keep running."""
+    async with Machine(cpus=2, seed=3) as m:
+        result = {}
+
+        async def other():
+            result["fork"] = await m.call("fork_loop", 2000, cpu=1)
+        async with trio.open_nursery() as n:
+            n.start_soon(other)
+            with pytest.raises(Oops, match=cause) as info:
+                await m.call(func, cpu=0)
+        rec = info.value.record
+        assert rec.cpu == 0 and rec.comm == func and rec.symbol.startswith(func + "+")
+        assert f"Comm: {func}" in rec.report and "RIP:" in rec.report
+        assert result["fork"] == 2000
+        assert m.oopses == [rec] and m.statistics().oopses == 1
+        assert await m.call("kprobe_target", 9, cpu=0) == 3
+
+
+async def test_runaway_guest_code_ends_with_clear_error():
+    """A guest infinite loop ends with RunawayError once its instruction budget is spent."""
+    async with Machine(cpus=2, seed=1, call_budget=200_000) as m:
+        with pytest.raises(RunawayError, match="instruction budget of 200000 exhausted"):
+            await m.call("infinite_loop")
+        assert await m.call("fib", 5) == 5
+
+
+def test_unsupported_architectures_say_why():
+    """ia64 and unknown arches raise an error giving the reason."""
+    with pytest.raises(cpus.UnsupportedArchError, match="no IA-64 emulator"):
+        Machine(arch="ia64")
+    with pytest.raises(cpus.UnsupportedArchError, match="unknown architecture"):
+        Machine(arch="vax")
+
+
+async def test_statistics_is_a_frozen_record():
+    """statistics() returns a frozen snapshot with the documented fields."""
+    async with Machine(cpus=2) as m:
+        await m.call("fib", 6)
+        st = m.statistics()
+        assert st.instructions == sum(st.per_cpu_instructions) > 0
+        assert (st.grace_periods, st.stray_traps, st.oopses) == (0, 0, 0)
+        with pytest.raises(AttributeError):
+            st.instructions = 0
+
+
+async def test_synchronize_waits_for_cpus_in_a_probe():
+    """A grace period waits until a CPU that is inside a single-step has left it."""
+    async with Machine(cpus=2, seed=9, trap_delay=0) as m:
+        kp = Kprobe(symbol_name="do_fork", pre_handler=lambda p, r: 0,
+                    post_handler=lambda p, r, f: None)
+        await m.kprobes.register_kprobe(kp)
+        done = []
+
+        async def sync_loop():
+            for _ in range(20):
+                await m.synchronize()
+                # A GP that ends while CPU 1 loops through the probe: CPU 1 has passed a
+                # quiescent state, so right now it is not half-way through a step.
+                done.append(m.cpus[1].kprobe_ctlblk.status.name in ("NONE", "HIT_SS"))
+        async with trio.open_nursery() as n:
+            n.start_soon(functools.partial(m.call, "fork_loop", 3000, cpu=1))
+            n.start_soon(sync_loop)
+        assert m.statistics().grace_periods == 20 and len(done) == 20
