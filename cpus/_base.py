@@ -179,6 +179,8 @@ class CpuBackend:
     # Where, relative to a frame pointer, the saved frame pointer and return address live.
     frame_saved_fp_offset: int = 0
     frame_ret_offset: int = 8
+    # 0 for variable-length ISAs; else every instruction is this many bytes.
+    fixed_insn_len: int = 0
     # Functions whose return kretprobes must refuse (arch-specific blacklist).
     kretprobe_blacklist: tuple[str, ...] = ()
     # The default kernel image's clang target and flags live in smpkprobes/kernel/build.py.
@@ -195,6 +197,24 @@ class CpuBackend:
     def sign_extend(self, value: int) -> int:
         value &= self.word_mask
         return value - (1 << self.bits) if value >> (self.bits - 1) else value
+
+    def insn_length(self, code: bytes, addr: int) -> int | None:
+        """Length of the instruction at the start of `code`, or None if it does not decode.
+        Fixed-width ISAs need not override this."""
+        if self.fixed_insn_len:
+            return self.fixed_insn_len if len(code) >= self.fixed_insn_len else None
+        insn = next(self.disassembler().disasm(code[:self.max_insn_len], addr, 1), None)
+        return None if insn is None else insn.size
+
+    def disassembler(self):
+        """A capstone instance with details on, made once per backend."""
+        cs = self.__dict__.get("_cs_instance")
+        if cs is None:
+            import capstone
+            cs = capstone.Cs(self.cs_arch, self.cs_mode)
+            cs.detail = True
+            object.__setattr__(self, "_cs_instance", cs)
+        return cs
 
     def plan_insn(self, code: bytes, addr: int) -> InsnPlan:   # pragma: no cover - abstract
         raise NotImplementedError

@@ -71,11 +71,10 @@ class X86_64(CpuBackend):
             frame_saved_fp_offset=0, frame_ret_offset=8,
             kretprobe_blacklist=("__switch_to",),
         )
-        object.__setattr__(self, "_cs", _disassembler())
 
     # -- stepping -------------------------------------------------------------------------
     def plan_insn(self, code: bytes, addr: int) -> InsnPlan:
-        insn = next(self._cs.disasm(code, addr, 1), None)
+        insn = next(self.disassembler().disasm(code, addr, 1), None)
         if insn is None:
             raise UnsteppableError(EOPNOTSUPP, "cannot decode instruction")
         mnem = insn.mnemonic
@@ -179,12 +178,6 @@ class X86_64(CpuBackend):
                 ea += r.read(index) * scale
             return r.read_word(ea & _MASK)
         return indirect
-
-
-def _disassembler():
-    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-    md.detail = True
-    return md
 
 
 BACKEND = X86_64()

@@ -162,6 +162,7 @@ class CPU:
         sp = self.reg_read(cc.sp_reg) - 256
         cc.setup_call(self, sp, addr, tuple(args), self._call_return)
         self.nesting += 1
+        self.stop_requested = False
         try:
             err = _uc_emu_start(self._uch, addr, self._call_return, 0, self._call_budget)
             pc = self.reg_read_id(self._pc_id)

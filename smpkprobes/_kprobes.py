@@ -410,16 +410,14 @@ class KprobesSubsystem:
         b = self._boundaries.get(sym.addr)
         if b is None:
             code = self.original_text(sym.addr, sym.size)
-            md = self._backend._cs
             starts = []
             off = 0
             while off < len(code):
-                insn = next(md.disasm(code[off:off + self._backend.max_insn_len], sym.addr + off, 1),
-                            None)
-                if insn is None:
+                size = self._backend.insn_length(code[off:], sym.addr + off)
+                if size is None:
                     break
                 starts.append(sym.addr + off)
-                off += insn.size
+                off += size
             b = self._boundaries[sym.addr] = frozenset(starts)
         return b
 

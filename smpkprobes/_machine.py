@@ -512,6 +512,7 @@ class SMPMachine:
         self.trace_event("q", cpu.id, task.pid if task else 0, q)
         if cpu.deferred_trap:
             cpu.deferred_trap = False
+            cpu.stop_requested = False
             self._dispatch_trap(cpu, cpu.deferred_addr)
         err = None
         if cpu.current is not None:
