@@ -27,7 +27,7 @@ bench: $(STAMP)
 
 # Rebuild the committed kernel images (needs clang and ld.lld; `make test` does not).
 kernels:
-	$(PYTHON) smpkprobes/kernel/build.py x86_64
+	$(PYTHON) smpkprobes/kernel/build.py --all
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -259,7 +259,7 @@ def build(arch, outdir):
 
 
 def main(argv):
-    arches = argv or ["x86_64"]
+    arches = list(ARCHES) if argv == ["--all"] else (argv or ["x86_64"])
     unknown = [a for a in arches if a not in ARCHES]
     if unknown:
         sys.stderr.write("build.py: unknown arch %s (known: %s)\n"

@@ -274,35 +274,41 @@ __kapi long bench_loop(long n)
 
 /* ------------------------------------------------------------ jprobes */
 
-/* g and h are passed on the stack on x86_64 (six register arguments). */
-__kapi long jprobe_stackargs_target(long a, long b, long c, long d,
-				    long e, long f, long g, long h)
+/*
+ * Ten arguments, so that the last two (i and j) are passed on the stack on
+ * every architecture we run (at most eight argument registers anywhere).
+ */
+__kapi long jprobe_stackargs_target(long a, long b, long c, long d, long e,
+				    long f, long g, long h, long i, long j)
 {
 	barrier();
-	return a + 2 * b + 3 * c + 4 * d + 5 * e + 6 * f + 7 * g + 8 * h;
+	return a + 2 * b + 3 * c + 4 * d + 5 * e + 6 * f + 7 * g + 8 * h +
+	       9 * i + 10 * j;
 }
 
 __kapi long jprobe_stackargs_caller(long base)
 {
 	return jprobe_stackargs_target(base, base + 1, base + 2, base + 3,
-				       base + 4, base + 5, base + 6, base + 7);
+				       base + 4, base + 5, base + 6, base + 7,
+				       base + 8, base + 9);
 }
 
 /*
  * A jprobe entry handler that misbehaves the way C allows: it scribbles over
- * its incoming stack arguments g and h.  Their home is the caller's
+ * its incoming stack arguments i and j.  Their home is the caller's
  * outgoing-argument area (the probe core's copy of the probed function's
  * stack), which the probe core must restore on jprobe_return(), otherwise
- * the probed function sees the garbage.  clang gives &g/&h a private local
- * copy, so the slots are addressed explicitly from the frame pointer.
+ * the probed function sees the garbage.  clang gives &i/&j a private local
+ * copy, so the slots are addressed explicitly from the frame pointer
+ * (ARCH_STACK_ARGS, ARCH_NR_ARG_REGS in arch.h).
  *
  * It also overwrites the local copies of the register arguments and calls
- * jprobe_return() with garbage in every integer argument register (through
- * a cast function pointer: jprobe_return takes no arguments and traps at
- * once), so the probe core must restore registers as well.
+ * jprobe_return() with garbage in the argument registers (through a cast
+ * function pointer: jprobe_return takes no arguments and traps at once), so
+ * the probe core must restore registers as well.
  */
-__kapi long jprobe_scribble_handler(long a, long b, long c, long d,
-				    long e, long f, long g, long h)
+__kapi long jprobe_scribble_handler(long a, long b, long c, long d, long e,
+				    long f, long g, long h, long i, long j)
 {
 	volatile long *stack_args = ARCH_STACK_ARGS(__builtin_frame_address(0));
 	volatile long *pa = &a, *pb = &b, *pc = &c, *pd = &d, *pe = &e,
@@ -310,8 +316,8 @@ __kapi long jprobe_scribble_handler(long a, long b, long c, long d,
 	void (*jret6)(long, long, long, long, long, long) =
 		(void (*)(long, long, long, long, long, long))jprobe_return;
 
-	stack_args[0] = 0xdead0007;	/* g */
-	stack_args[1] = 0xdead0008;	/* h */
+	stack_args[8 - ARCH_NR_ARG_REGS] = 0xdead0009;	/* i */
+	stack_args[9 - ARCH_NR_ARG_REGS] = 0xdead000a;	/* j */
 	*pa = 0xdead0001;
 	*pb = 0xdead0002;
 	*pc = 0xdead0003;

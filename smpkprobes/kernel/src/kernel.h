@@ -86,11 +86,11 @@ long do_page_fault(void *regs, unsigned long error_code);
 int notifier_call_chain(void *nl, unsigned long val, void *v);
 void *__switch_to(void *prev, void *next);
 
-long jprobe_stackargs_target(long a, long b, long c, long d,
-			     long e, long f, long g, long h);
+long jprobe_stackargs_target(long a, long b, long c, long d, long e,
+			     long f, long g, long h, long i, long j);
 long jprobe_stackargs_caller(long base);
-long jprobe_scribble_handler(long a, long b, long c, long d,
-			     long e, long f, long g, long h);
+long jprobe_scribble_handler(long a, long b, long c, long d, long e,
+			     long f, long g, long h, long i, long j);
 long jdo_fork(unsigned long clone_flags, unsigned long stack_start, void *regs,
 	      unsigned long stack_size, int *parent_tidptr, int *child_tidptr);
 

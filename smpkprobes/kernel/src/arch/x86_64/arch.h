@@ -27,4 +27,7 @@ static inline __attribute__((always_inline)) void arch_bad_insn(void)
  */
 #define ARCH_STACK_ARGS(fp) ((long *)(fp) + 2)
 
+/* Integer arguments passed in registers (rdi, rsi, rdx, rcx, r8, r9). */
+#define ARCH_NR_ARG_REGS 6
+
 #endif /* SMPK_ARCH_H */
