@@ -15,7 +15,9 @@ import struct
 from typing import Protocol
 
 import unicorn
-from unicorn.unicorn_py3.unicorn import uclib
+from unicorn.unicorn_py3.unicorn import HOOK_CODE_CFUNC as _CODE_CB
+from unicorn.unicorn_py3.unicorn import HOOK_INTR_CFUNC as _INTR_CB
+from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
 
 from cpus import CpuBackend
 
@@ -81,10 +83,21 @@ class CPU:
         self.nesting = 0
         # The probe core hangs its per-CPU control block here.
         self.kprobe_ctlblk = None
-        self.uc.hook_add(unicorn.UC_HOOK_INTR, self._hook_intr)
-        self.uc.hook_add(unicorn.UC_HOOK_CODE, self._hook_hypercall, None,
-                         hypercall_range[0], hypercall_range[1] - 1)
+        # Hooks are registered with raw ctypes callbacks: the binding's own wrappers cost
+        # about a third of a bare callback, and ours already catch every exception.
+        self._hooks = []
+        self._raw_hook(unicorn.UC_HOOK_INTR, _INTR_CB(self._hook_intr), 1, 0)
+        self._raw_hook(unicorn.UC_HOOK_CODE, _CODE_CB(self._hook_hypercall),
+                       hypercall_range[0], hypercall_range[1] - 1)
         self.initial_context = self.uc.context_save()
+
+    def _raw_hook(self, htype: int, fptr, begin: int, end: int) -> None:
+        handle = uc_hook_h()
+        err = uclib.uc_hook_add(self._uch, ctypes.byref(handle), htype, fptr,
+                                ctypes.c_void_p(0), ctypes.c_uint64(begin), ctypes.c_uint64(end))
+        if err != unicorn.UC_ERR_OK:
+            raise unicorn.UcError(err)
+        self._hooks.append(fptr)      # keep the callback alive as long as the CPU
 
     # -- registers and memory, fast ---------------------------------------------------
     def reg_read_id(self, rid: int) -> int:
@@ -212,7 +225,7 @@ class CPU:
         return trace
 
     # -- Unicorn callbacks ---------------------------------------------------------------
-    def _hook_intr(self, uc, intno, _user):
+    def _hook_intr(self, _uc, intno, _user):
         try:
             self._host.on_trap(self, intno)
         except BaseException as exc:       # never lose an exception inside Unicorn
@@ -220,7 +233,7 @@ class CPU:
         if self.stop_requested:
             _uc_emu_stop(self._uch)
 
-    def _hook_hypercall(self, uc, addr, size, _user):
+    def _hook_hypercall(self, _uc, addr, size, _user):
         try:
             self._host.on_hypercall(self, addr)
         except BaseException as exc:

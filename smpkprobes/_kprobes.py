@@ -118,6 +118,11 @@ class Jprobe:
     def nmissed(self) -> int:
         return self.kp.nmissed
 
+    def __repr__(self) -> str:
+        kp = self.kp
+        where = kp.symbol_name or (f"{kp.addr:#x}" if kp.addr is not None else "?")
+        return f"<Jprobe {where}>"
+
 
 class KretprobeInstance:
     """`ri`: one in-flight call of a function with a return probe."""
@@ -167,6 +172,11 @@ class Kretprobe:
         self._used: list[KretprobeInstance] = []
         self._taken = self._returned = self._high = 0
         self._taken_per_cpu: list[int] = []
+
+    def __repr__(self) -> str:
+        kp = self.kp
+        where = kp.symbol_name or (f"{kp.addr:#x}" if kp.addr is not None else "?")
+        return f"<Kretprobe {where}>"
 
     def statistics(self) -> PoolStatistics:
         return PoolStatistics(self.maxactive, len(self._free), len(self._used), self._taken,
@@ -236,7 +246,10 @@ class _Site:
         return not self.gone and any(not c.disabled for c in self.children)
 
     def has_post_handler(self) -> bool:
-        return any(c.post_handler is not None and not c.disabled for c in self.children)
+        for c in self.children:
+            if c.post_handler is not None and not c.flags & KPROBE_FLAG_DISABLED:
+                return True
+        return False
 
     def jprobe(self) -> Kprobe | None:
         return next((c for c in self.children if c._type == "j"), None)
@@ -270,6 +283,10 @@ class KprobesSubsystem:
         self.hits = self.missed = self.traps = 0
         self._slot_stride = self._backend.slot_size // 2
         self.slots = InsnSlots(self._backend.slot_size, machine.synchronize, self._cpu_in_range)
+        # Hot-path constants, looked up once.
+        self._slot_lo, self._slot_hi = mem.SLOTS.start, mem.SLOTS.end
+        self._trace = machine.trace
+        self._pc_reg = machine.backend.cc.pc_reg
         k = machine.kallsyms
         self._trampoline = k.lookup("kretprobe_trampoline").addr
         self._jprobe_return = k.lookup("jprobe_return").addr
@@ -602,7 +619,7 @@ class KprobesSubsystem:
     # == the hit path (runs inside a Unicorn callback) ====================================
     def _kprobe_handler(self, cpu: "CPU", addr: int) -> bool:
         kcb: KprobeCtlblk = cpu.kprobe_ctlblk
-        if addr in mem.SLOTS:
+        if self._slot_lo <= addr < self._slot_hi:
             if kcb.status in (Status.HIT_SS, Status.REENTER) and addr == kcb.ss_addr:
                 self._post_kprobe_handler(cpu, kcb)
                 return True
@@ -630,12 +647,14 @@ class KprobesSubsystem:
             return True
         cpu.preempt_count += 1
         kcb.current = site
-        kcb.set_status(Status.HIT_ACTIVE)
+        kcb.status = Status.HIT_ACTIVE
+        if kcb.transitions is not None:
+            kcb.transitions.append((addr, "HIT_ACTIVE"))
         site.hits += 1
         self.hits += 1
-        self._m.trace_event("hit", cpu.id, addr)
+        self._trace.append(("hit", cpu.id, addr))
         regs = Regs(cpu)
-        regs.preset(self._backend.cc.pc_reg, addr)
+        regs._cache[self._pc_reg] = addr
         for child in site.children:
             if child.disabled or child.pre_handler is None:
                 continue
@@ -675,9 +694,14 @@ class KprobesSubsystem:
             # Boosted: the slot jumps back by itself.  Preemption is enabled again before
             # the CPU enters the slot; grace periods still wait for it to leave (PC check).
             site.boost_used = True
-            regs.flush()
+            if regs._dirty:
+                regs.flush()
             cpu.pc = site.slot + self._slot_stride
-            kcb.reset()
+            kcb.current = None
+            kcb.status = Status.NONE
+            kcb.jprobe_saved = None
+            if kcb.transitions is not None:
+                kcb.transitions.append((0, "NONE"))
             cpu.preempt_count -= 1
             return
         if not reenter:
@@ -799,11 +823,18 @@ class KprobesSubsystem:
 
     # == kretprobes ======================================================================
     async def _register_kretprobe(self, rp: Kretprobe) -> None:
+        if rp.kp._registered:
+            # Checked before the pool is touched: rebuilding it would strand the instances
+            # of the live registration (their returns could never be recycled).
+            raise KprobeError(E.EINVAL, f"{rp!r} is already registered")
         if rp.maxactive <= 0:
             n = self._m.ncpus
             rp.maxactive = max(10, 2 * n) if self._m.preempt else n
         rp.kp.pre_handler = self._pre_handler_kretprobe
-        rp._free = [KretprobeInstance(rp, rp.data_size) for _ in range(rp.maxactive)]
+        # An oversized data_size is refused (E2BIG) by _register, in the order of
+        # KPROBES.md section 2; do not try to allocate it first.
+        size = rp.data_size if 0 <= rp.data_size <= KRETPROBE_MAX_DATA_SIZE else 0
+        rp._free = [KretprobeInstance(rp, size) for _ in range(rp.maxactive)]
         rp._used = []
         rp._taken = rp._returned = rp._high = 0
         rp._taken_per_cpu = [0] * self._m.ncpus
@@ -864,6 +895,8 @@ class KprobesSubsystem:
                 break
         batch = [stack.pop() for _ in range(n)]
         correct = batch[-1].ret_addr
+        for ri in batch:
+            ri.ret_addr = correct     # the chained ones recorded the trampoline at entry
         regs = Regs(cpu)
         regs.write("ip", correct)
         cpu.preempt_count += 1
@@ -930,7 +963,8 @@ class KprobesSubsystem:
             except _JprobeReturn:
                 pass
             else:
-                raise RuntimeError(f"jprobe handler {jp.entry!r} returned without calling "
+                name = getattr(jp.entry, "__qualname__", None) or repr(jp.entry)
+                raise RuntimeError(f"jprobe handler {name} returned without calling "
                                    f"jprobe_return()")
             finally:
                 cpu.uc.context_restore(saved[0])

@@ -131,6 +131,8 @@ class SMPMachine:
                      "task_return", "call_return"):
             self._hypercalls[ksym("__hc_" + name)] = getattr(self, "_hc_" + name)
         self.idle_addr = ksym("cpu_idle")
+        self._trap_intno = self.backend.trap_intno
+        self._trap_pc_offset = self.backend.trap_pc_offset
         self.task_return_addr = ksym("__hc_task_return")
         self.cpus = [CPU(i, self.backend, self.memory, self, (hc_start, hc_end),
                          ksym("__hc_call_return"), call_budget) for i in range(cpus)]
@@ -546,12 +548,12 @@ class SMPMachine:
     def on_trap(self, cpu: CPU, intno: int) -> None:
         self._c.traps += 1
         cpu.intra += TRAP_COST_NS
-        if intno != self.backend.trap_intno:
+        if intno != self._trap_intno:
             self.kill_current(cpu, f"unhandled trap {intno} at {self.format_addr(cpu.pc)}")
             return
-        addr = cpu.pc - self.backend.trap_pc_offset
-        if self.trap_delay and cpu.nesting == 0 and self.trap_handler is not None \
-                and self.rng.random() < self.trap_delay:
+        addr = cpu.reg_read_id(cpu._pc_id) - self._trap_pc_offset
+        if self.trap_delay and not cpu.nesting and self.rng.random() < self.trap_delay \
+                and self.trap_handler is not None:
             # The trap is taken now but handled in the CPU's next quantum, with other CPUs
             # running in between: the window in which a probe can be removed under it.
             cpu.deferred_trap = True

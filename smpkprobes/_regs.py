@@ -17,12 +17,14 @@ class Regs:
     __slots__ = ("cpu", "_cache", "_dirty", "_names", "_cc", "_alias")
 
     def __init__(self, cpu: "CPU"):
-        self.cpu = cpu
-        self._cache: dict[str, int] = {}
-        self._dirty: set[str] = set()
-        self._cc = cpu.backend.cc
-        self._names = cpu.backend.registers
-        self._alias = cpu.reg_aliases
+        # object.__setattr__: our own __setattr__ is for register writes (regs.rax = 1).
+        _set = object.__setattr__
+        _set(self, "cpu", cpu)
+        _set(self, "_cache", {})
+        _set(self, "_dirty", set())
+        _set(self, "_cc", cpu.backend.cc)
+        _set(self, "_names", cpu.backend.registers)
+        _set(self, "_alias", cpu.reg_aliases)
 
     # -- the RegAccess protocol used by calling conventions and simulations -------------
     def read(self, name: str) -> int:
