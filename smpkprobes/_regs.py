@@ -14,35 +14,35 @@ if TYPE_CHECKING:   # pragma: no cover
 
 
 class Regs:
-    __slots__ = ("cpu", "_cache", "_dirty", "_names", "_cc", "_alias")
+    __slots__ = ("cpu", "_cache", "_dirty")
 
     def __init__(self, cpu: "CPU"):
         # object.__setattr__: our own __setattr__ is for register writes (regs.rax = 1).
         _set = object.__setattr__
         _set(self, "cpu", cpu)
         _set(self, "_cache", {})
-        _set(self, "_dirty", set())
-        _set(self, "_cc", cpu.backend.cc)
-        _set(self, "_names", cpu.backend.registers)
-        _set(self, "_alias", cpu.reg_aliases)
+        _set(self, "_dirty", None)      # a set, made on the first write
 
     # -- the RegAccess protocol used by calling conventions and simulations -------------
     def read(self, name: str) -> int:
-        name = self._alias.get(name, name)
+        name = self.cpu.reg_aliases.get(name, name)
         try:
             return self._cache[name]
         except KeyError:
             pass
-        if name not in self._names:
+        if name not in self.cpu.backend.registers:
             raise AttributeError(f"no register {name!r} on {self.cpu.backend.name}")
         v = self._cache[name] = self.cpu.reg_read(name)
         return v
 
     def write(self, name: str, value: int) -> None:
-        name = self._alias.get(name, name)
-        if name not in self._names:
-            raise AttributeError(f"no register {name!r} on {self.cpu.backend.name}")
-        self._cache[name] = value & self.cpu.backend.word_mask
+        cpu = self.cpu
+        name = cpu.reg_aliases.get(name, name)
+        if name not in cpu.backend.registers:
+            raise AttributeError(f"no register {name!r} on {cpu.backend.name}")
+        self._cache[name] = value & cpu.backend.word_mask
+        if self._dirty is None:
+            object.__setattr__(self, "_dirty", set())
         self._dirty.add(name)
 
     def read_word(self, addr: int) -> int:
@@ -71,10 +71,10 @@ class Regs:
 
     def arg(self, n: int) -> int:
         """The n-th argument (from 0) by the calling convention, valid at function entry."""
-        return self._cc.arg(self, n)
+        return self.cpu.backend.cc.arg(self, n)
 
     def set_arg(self, n: int, value: int) -> None:
-        self._cc.set_arg(self, n, value)
+        self.cpu.backend.cc.set_arg(self, n, value)
 
     def stack_trace(self) -> list[int]:
         """regs.ip, then the return addresses of the enclosing frames, innermost first.
@@ -86,16 +86,17 @@ class Regs:
         self._cache[name] = value
 
     def flush(self) -> None:
-        for name in self._dirty:
-            self.cpu.reg_write(name, self._cache[name])
-        self._dirty.clear()
+        if self._dirty:
+            for name in self._dirty:
+                self.cpu.reg_write(name, self._cache[name])
+            self._dirty.clear()
 
     @property
     def dirty(self) -> bool:
         return bool(self._dirty)
 
     def is_dirty(self, name: str) -> bool:
-        return self._alias.get(name, name) in self._dirty
+        return bool(self._dirty) and self.cpu.reg_aliases.get(name, name) in self._dirty
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v:#x}" for k, v in sorted(self._cache.items()))
