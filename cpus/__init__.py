@@ -16,6 +16,10 @@ from ._base import (CallingConvention as CallingConvention, CpuBackend as CpuBac
 # name -> (module, reason it is unavailable or None).  Order is the README's table order.
 _REGISTRY: dict[str, tuple[str | None, str | None]] = {
     "x86_64": ("cpus.x86_64", None),
+    "i386": ("cpus.i386", None),
+    "arm64": ("cpus.arm64", None),
+    "ppc": ("cpus.ppc", None),
+    "arm": ("cpus.arm", None),
     "ia64": (None, "Unicorn has no IA-64 emulator, so there is nothing to run ia64 code on"),
 }
 

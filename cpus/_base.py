@@ -94,12 +94,17 @@ class CallingConvention:
     def setup_call(self, regs: RegAccess, stack_top: int, func: int, args: tuple[int, ...],
                    return_to: int) -> None:
         """Make the CPU look as if `return_to` had just called `func(*args)`."""
+        w = self.word_bytes
         nstack = max(0, len(args) - len(self.arg_regs))
-        sp = stack_top - nstack * self.word_bytes
+        # stack_args_offset is measured from SP at entry, i.e. after a call that pushes the
+        # return address; `area` is the same distance from SP just before the call.
+        pushed = w if self.return_address_reg is None else 0
+        area = self.stack_args_offset - pushed if nstack else 0
+        sp = stack_top - nstack * w - area
         sp -= sp % self.stack_align
-        mask = (1 << (8 * self.word_bytes)) - 1
+        mask = (1 << (8 * w)) - 1
         for i, a in enumerate(args[len(self.arg_regs):]):
-            regs.write_word(sp + self.stack_args_offset + i * self.word_bytes, a & mask)
+            regs.write_word(sp + area + i * w, a & mask)
         if self.return_address_reg is None:
             sp -= self.word_bytes
             regs.write_word(sp, return_to)
@@ -223,6 +228,31 @@ class CpuBackend:
         """The slot's bytes: the copy of the instruction, fixed up for `slot_addr`, then the
         breakpoint that ends the step, or a jump back to the next instruction when boosting."""
         raise NotImplementedError
+
+    def unwind_frame(self, read_word: Callable[[int], int], fp: int) -> tuple[int, int]:
+        """One step of the stack walk from the frame at `fp` (a value of `fp_reg`): that
+        frame's return address and the caller's frame.  The default is a frame record of
+        saved frame pointer and return address at fixed offsets from `fp` (x86 rbp, arm64
+        x29); an ABI whose return address lives elsewhere (ppc: in the caller's frame)
+        overrides this.  A return address of 0 ends the walk."""
+        return read_word(fp + self.frame_ret_offset), read_word(fp + self.frame_saved_fp_offset)
+
+    def is_trap_insn(self, code: bytes) -> bool:
+        """Whether `code` (len(breakpoint) bytes of text) is an instruction that traps with
+        `trap_intno`: the kprobes breakpoint, or a foreign one such as a compiler's trap.
+        A trap at an address holding neither is a probe removed under a trapped CPU; a
+        foreign trap instruction is not, and re-executing it would trap for ever.  The
+        default knows only the kprobes breakpoint (x86: every int3 is 0xcc); an ISA whose
+        breakpoint carries an immediate (arm64 `brk #imm`) recognises all of them."""
+        return code == self.breakpoint
+
+    def frame_pending(self, code: bytes) -> bool:
+        """Whether a function has not built its frame record yet, given its `code` from its
+        entry up to (not including) the current instruction: its return address is then
+        still where the calling convention put it at entry.  The default is true only at
+        the entry itself (x86 `push rbp`, arm64 `stp x29, x30` come first); an ABI whose
+        leaf functions build no frame record at all (arm) overrides this."""
+        return not code
 
     def uc_setup(self, uc) -> None:
         """Arch-specific Unicorn setup after the instance is created (CPU model, MSRs)."""

@@ -201,24 +201,26 @@ class CPU:
         depth = 0
         resolve = self._host.resolve_return_address
         sym = self._host.symbolize(ip)
-        if sym is not None and sym[1] == 0:
-            # At a function's first instruction the frame is not built yet: the return
-            # address is where the calling convention put it.
+        if sym is not None and b.frame_pending(self._memory.peek(ip - sym[1], sym[1])):
+            # At a function's first instruction (or anywhere in a leaf, on some ABIs) the
+            # frame is not built yet: the return address is where the calling convention
+            # put it.
             ra = b.cc.get_return_address(regs)
             ra, depth = resolve(self, ra, depth)
-            trace.append(ra)
+            # (At a task's outermost frame, e.g. ip == __hc_task_return, there is no caller.)
+            if ra and self._host.symbolize(ra) is not None:
+                trace.append(ra)
         fp = regs.read(b.fp_reg)
         task = self.current
         lo, hi = (task.stack_base, task.stack_top) if task is not None else (0, 0)
         for _ in range(64):
             if not lo <= fp < hi:
                 break
-            ra = self.read_word(fp + b.frame_ret_offset)
+            ra, nfp = b.unwind_frame(self.read_word, fp)
             if ra == 0 or self._host.symbolize(ra) is None:
                 break
             ra, depth = resolve(self, ra, depth)
             trace.append(ra)
-            nfp = self.read_word(fp + b.frame_saved_fp_offset)
             if nfp <= fp:
                 break
             fp = nfp

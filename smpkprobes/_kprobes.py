@@ -381,6 +381,9 @@ class KprobesSubsystem:
                 except KprobeError as err:
                     if done:
                         await self._unregister_many([self._kp_of(x) for x in done])
+                        for x in done:
+                            if isinstance(x, Kretprobe):
+                                self._cleanup_kretprobe(x)
                     raise KprobeError(err.errno, f"probe {i}: {err.strerror}", index=i) from None
                 done.append(item)
 
@@ -483,7 +486,7 @@ class KprobesSubsystem:
         p._registered = True
         # Remembered for kprobes/list: a GONE probe's module symbols are gone too.
         p._where = self._m.symbolize(addr)
-        self._m.trace_event("register", kind, addr)
+        self._m.trace_event("register", kind, addr, self._m.now_ns())
         if self.enabled and site.enabled() and not site.armed:
             await self._arm([site])
         if p.symbol_name is not None:
@@ -560,7 +563,7 @@ class KprobesSubsystem:
                 site.slot = None
         for p in valid:
             p._registered = False
-            self._m.trace_event("unregister", p._type, p.addr)
+            self._m.trace_event("unregister", p._type, p.addr, self._m.now_ns())
 
     # == enable / disable ================================================================
     async def enable_kprobe(self, p: Kprobe) -> None:
@@ -632,13 +635,13 @@ class KprobesSubsystem:
                 self._longjmp(cpu, kcb)
                 return True
             code = self._m.memory.peek(addr, len(self._bp))
-            if code != self._bp:
+            if not self._backend.is_trap_insn(code):
                 # The probe was removed after this CPU trapped: re-execute the original
                 # instruction.  The trap serialises this CPU, so drop its stale translation.
                 cpu.flush_tb(addr, addr + len(self._bp))
                 cpu.pc = addr
                 self._m.count_stray_trap()
-                self._m.trace_event("stray", cpu.id, addr)
+                self._m.trace_event("stray", cpu.id, addr, cpu.clock + cpu.intra)
                 return True
             return False
         self.traps += 1
@@ -652,7 +655,7 @@ class KprobesSubsystem:
             kcb.transitions.append((addr, "HIT_ACTIVE"))
         site.hits += 1
         self.hits += 1
-        self._trace.append(("hit", cpu.id, addr))
+        self._trace.append(("hit", cpu.id, addr, cpu.clock + cpu.intra))
         regs = Regs(cpu)
         regs._cache[self._pc_reg] = addr
         for child in site.children:
@@ -684,6 +687,7 @@ class KprobesSubsystem:
         plan = site.plan
         reenter = kcb.status is Status.REENTER
         if plan.kind is StepKind.SIMULATE:
+            self._trace.append(("ss", cpu.id, site.addr, cpu.clock + cpu.intra, "simulate"))
             if not reenter:
                 kcb.set_status(Status.HIT_SS)
             regs.write("ip", site.addr)
@@ -693,6 +697,7 @@ class KprobesSubsystem:
         if plan.boostable and not site.has_post_handler() and not reenter:
             # Boosted: the slot jumps back by itself.  Preemption is enabled again before
             # the CPU enters the slot; grace periods still wait for it to leave (PC check).
+            self._trace.append(("ss", cpu.id, site.addr, cpu.clock + cpu.intra, "boost"))
             site.boost_used = True
             if regs._dirty:
                 regs.flush()
@@ -704,6 +709,7 @@ class KprobesSubsystem:
                 kcb.transitions.append((0, "NONE"))
             cpu.preempt_count -= 1
             return
+        self._trace.append(("ss", cpu.id, site.addr, cpu.clock + cpu.intra, "slot"))
         if not reenter:
             kcb.set_status(Status.HIT_SS)
         kcb.ss_addr = site.slot + plan.length
@@ -712,6 +718,7 @@ class KprobesSubsystem:
 
     def _post_kprobe_handler(self, cpu: "CPU", kcb: KprobeCtlblk) -> None:
         site = kcb.current
+        self._trace.append(("ssdone", cpu.id, site.addr, cpu.clock + cpu.intra))
         resume = site.addr + site.plan.length
         if kcb.status is Status.REENTER:
             cpu.pc = resume
@@ -740,6 +747,9 @@ class KprobesSubsystem:
         self._finish(cpu, kcb, regs, resume=regs.read("ip"))
 
     def _finish(self, cpu: "CPU", kcb: KprobeCtlblk, regs: Regs, resume: int) -> None:
+        site = kcb.current
+        self._trace.append(("done", cpu.id, site.addr if site is not None else 0,
+                            cpu.clock + cpu.intra))
         regs.flush()
         cpu.pc = resume
         kcb.reset()
@@ -756,7 +766,7 @@ class KprobesSubsystem:
         for child in site.children:
             child.nmissed += 1
         self.missed += 1
-        self._m.trace_event("miss", cpu.id, site.addr)
+        self._m.trace_event("miss", cpu.id, site.addr, cpu.clock + cpu.intra)
         kcb.prev = (kcb.current, kcb.status, kcb.ss_addr)
         kcb.current = site
         kcb.set_status(Status.REENTER)
@@ -852,7 +862,7 @@ class KprobesSubsystem:
         # atomic with respect to every other simulated CPU.
         if not rp._free:
             rp.nmissed += 1
-            self._m.trace_event("rp_miss", cpu.id, p.addr)
+            self._m.trace_event("rp_miss", cpu.id, p.addr, cpu.clock + cpu.intra)
             return 0
         ri = rp._free.pop()
         rp._used.append(ri)
@@ -895,6 +905,7 @@ class KprobesSubsystem:
                 break
         batch = [stack.pop() for _ in range(n)]
         correct = batch[-1].ret_addr
+        self._trace.append(("ret", cpu.id, correct, cpu.clock + cpu.intra))
         for ri in batch:
             ri.ret_addr = correct     # the chained ones recorded the trampoline at entry
         regs = Regs(cpu)

@@ -37,7 +37,7 @@ import unicorn
 from cpus import get_backend
 
 from . import _memory as mem
-from ._conductor import Conductor
+from ._conductor import Conductor, make_conductor
 from ._cpu import CPU
 from ._errors import Oops, OopsRecord, RunawayError
 from ._kernel import IMAGES, Image, Kallsyms
@@ -102,7 +102,7 @@ class SMPMachine:
                  kernel: str | Path | None = None, *, quantum: tuple[int, int] = (16, 4096),
                  call_budget: int = 20_000_000, preempt_prob: float = 0.25,
                  trap_delay: float = 1 / 16, ipi_delay: int = 2, text_sync: bool = True,
-                 conductor: Conductor | None = None):
+                 conductor=None):
         if cpus < 1:
             raise ValueError("a machine needs at least one CPU")
         self.backend = get_backend(arch)
@@ -116,7 +116,8 @@ class SMPMachine:
         self.ipi_delay = ipi_delay
         self.text_sync = text_sync
         self.rng = random.Random(seed)
-        self.conductor = conductor or Conductor(self.rng, *quantum)
+        # A policy name ("random", "pct"), a factory f(rng, qmin, qmax) or a Conductor.
+        self.conductor: Conductor = make_conductor(conductor, self.rng, quantum)
         self.memory = mem.PhysicalMemory()
         self.kallsyms = Kallsyms()
         kernel_path = Path(kernel) if kernel is not None else IMAGES / arch / "vmlinux"
@@ -156,8 +157,9 @@ class SMPMachine:
         self._decision: tuple[CPU, int] | None = None
         self._host_woken = True
         self._idle_event = trio.Event()
-        self._sync_waiters: list[list] = []      # [remaining cpu ids, event]
+        self._sync_waiters: list[list] = []      # [remaining cpu ids, event, acked at]
         self._gp_waiters: list[list] = []
+        self._gp_begun = 0
         self._nursery: trio.Nursery | None = None
         self._closing = False
         # Set by the probe core; the machine only calls them.
@@ -167,6 +169,8 @@ class SMPMachine:
         self.task_exit_notifiers: list[Callable[[Task], None]] = []
         self.oops_notifiers: list[Callable[[CPU], None]] = []
         self.module_notifiers: list[Callable[[str, Module], None]] = []
+        # Called after every quantum with the CPU that ran it (the invariant checks).
+        self.quantum_notifiers: list[Callable[[CPU], None]] = []
 
     # == lifecycle ======================================================================
     async def __aenter__(self):
@@ -236,6 +240,12 @@ class SMPMachine:
             per_cpu_instructions=tuple(cpu.instructions for cpu in self.cpus),
             per_cpu_tasks=tuple(cpu.tasks_run for cpu in self.cpus))
 
+    @property
+    def schedule(self) -> list[tuple[int, int]]:
+        """The conductor's decisions so far, (cpu id, quantum) in order: replay them with
+        `conductor=_conductor.replay_factory(schedule, policy)` and the same seed."""
+        return self.conductor.schedule
+
     def trace_digest(self) -> str:
         h = hashlib.blake2b(digest_size=16)
         for ev in self._trace:
@@ -244,11 +254,27 @@ class SMPMachine:
 
     @property
     def trace(self) -> list[tuple]:
-        """The event trace: (kind, cpu, ...) tuples in the order they happened."""
+        """The event trace: (kind, ...) tuples in the order they happened.  The fields of
+        each kind, and their virtual timestamps, are listed in `_trace_export.EVENTS`."""
         return self._trace
 
     def trace_event(self, *event) -> None:
         self._trace.append(event)
+
+    def now_ns(self) -> int:
+        """Virtual time as host code sees it: the start of the latest quantum (or the latest
+        wake-up the machine jumped to).  Host-side trace events are stamped with it."""
+        return self._now
+
+    def export_ftrace(self, out) -> None:
+        """Write the event trace as ftrace-style text to `out` (a path or a text file)."""
+        from ._trace_export import export_ftrace
+        export_ftrace(self, out)
+
+    def export_perfetto(self, out) -> None:
+        """Write the event trace as Chrome/Perfetto trace-event JSON (one track per CPU)."""
+        from ._trace_export import export_perfetto
+        export_perfetto(self, out)
 
     def count_stray_trap(self) -> None:
         self._c.stray_traps += 1
@@ -269,7 +295,8 @@ class SMPMachine:
         for addr, data in patches:
             self.memory.poke(addr, data)
         self._c.text_syncs += 1
-        self.trace_event("poke", tuple((a, d.hex()) for a, d in patches))
+        sync = self._c.text_syncs
+        self.trace_event("poke", tuple((a, d.hex()) for a, d in patches), sync, self._now)
         if not self.text_sync:
             return      # the "no cross-CPU sync" configuration: stale translations survive
         ranges = [(a, a + len(d)) for a, d in patches]
@@ -284,10 +311,11 @@ class SMPMachine:
                 delay = self.rng.randint(0, self.ipi_delay) if self.ipi_delay else 0
                 cpu.pending_flush.append([ranges, delay])
                 remaining.add(cpu.id)
+        waiter = [remaining, trio.Event(), self._now]     # [2]: when the last CPU acked
         if remaining:
-            ev = trio.Event()
-            self._sync_waiters.append([remaining, ev])
-            await ev.wait()
+            self._sync_waiters.append(waiter)
+            await waiter[1].wait()
+        self.trace_event("synced", sync, waiter[2])
 
     def _deliver_ipis(self, cpu: CPU) -> None:
         keep = []
@@ -299,17 +327,20 @@ class SMPMachine:
                 continue
             for a, b in ranges:
                 cpu.flush_tb(a, b)
+        if len(keep) < len(cpu.pending_flush):
+            self.trace_event("ipi", cpu.id, cpu.clock)
         cpu.pending_flush = keep
         if not keep:
-            self._ack(self._sync_waiters, cpu.id)
+            self._ack(self._sync_waiters, cpu.id, cpu.clock)
 
-    def _ack(self, waiters: list[list], cpu_id: int) -> None:
+    def _ack(self, waiters: list[list], cpu_id: int, now: int) -> None:
         for w in waiters:
             w[0].discard(cpu_id)
         done = [w for w in waiters if not w[0]]
         if done:
             waiters[:] = [w for w in waiters if w[0]]
             for w in done:
+                w[2] = now
                 w[1].set()
             self._host_woken = True
 
@@ -324,12 +355,15 @@ class SMPMachine:
     async def synchronize(self) -> None:
         """Wait for one grace period: every online CPU passes a quiescent state."""
         remaining = {c.id for c in self.cpus if c.online and not self.quiescent(c)}
+        self._gp_begun += 1
+        gp = self._gp_begun
+        self.trace_event("gp_begin", gp, self._now)
+        waiter = [remaining, trio.Event(), self._now]     # [2]: when the last CPU acked
         if remaining:
-            ev = trio.Event()
-            self._gp_waiters.append([remaining, ev])
-            await ev.wait()
+            self._gp_waiters.append(waiter)
+            await waiter[1].wait()
         self._c.grace_periods += 1
-        self.trace_event("gp", self._c.grace_periods)
+        self.trace_event("gp", self._c.grace_periods, gp, waiter[2])
 
     # == modules ==========================================================================
     async def load_module(self, name: str) -> Module:
@@ -450,7 +484,8 @@ class SMPMachine:
             task.ready_at = self._now
             self._runq.append(task)
             self._c.tasks += 1
-            self.trace_event("new", task.pid, task.comm, task.func, task.args, task.affinity)
+            self.trace_event("new", task.pid, task.comm, task.func, task.args, task.affinity,
+                             self._now)
 
     def _wake_sleepers(self) -> None:
         if not self._sleepers:
@@ -496,7 +531,7 @@ class SMPMachine:
         task.state = TaskState.RUNNING
         cpu.current = task
         self._c.context_switches += 1
-        self.trace_event("run", cpu.id, task.pid)
+        self.trace_event("run", cpu.id, task.pid, cpu.clock)
 
     def _run_quantum(self, cpu: CPU, q: int) -> None:
         self._now = max(self._now, cpu.clock)
@@ -511,7 +546,7 @@ class SMPMachine:
         cpu.intra = 0
         self._c.quanta += 1
         cpu.quanta += 1
-        self.trace_event("q", cpu.id, task.pid if task else 0, q)
+        self.trace_event("q", cpu.id, task.pid if task else 0, q, cpu.clock)
         if cpu.deferred_trap:
             cpu.deferred_trap = False
             cpu.stop_requested = False
@@ -519,7 +554,9 @@ class SMPMachine:
         err = None
         if cpu.current is not None:
             err = cpu.run(q)
-        cpu.clock += q
+        # Traps inside the quantum advanced now_ns() by TRAP_COST_NS each; never let the
+        # clock run backwards when they add up to more than the quantum.
+        cpu.clock += max(q, cpu.intra)
         cpu.instructions += q
         self._c.instructions += q
         if err is not None and cpu.current is not None:
@@ -538,11 +575,13 @@ class SMPMachine:
                 cpu.pc = self.idle_addr
                 self._make_runnable(task, cpu.clock)
         if self._gp_waiters and self.quiescent(cpu):
-            self._ack(self._gp_waiters, cpu.id)
+            self._ack(self._gp_waiters, cpu.id, cpu.clock)
         if self._gp_waiters:
             for other in self.cpus:
                 if other.current is None and not other.deferred_trap:
-                    self._ack(self._gp_waiters, other.id)
+                    self._ack(self._gp_waiters, other.id, cpu.clock)
+        for notify in self.quantum_notifiers:
+            notify(cpu)
 
     # == CpuHost: what the CPUs call back into ===========================================
     def on_trap(self, cpu: CPU, intno: int) -> None:
@@ -602,7 +641,7 @@ class SMPMachine:
         *lines, cpu._line = text.split("\n")
         self.printk_log.extend(lines)
         for line in lines:
-            self.trace_event("printk", cpu.id, line)
+            self.trace_event("printk", cpu.id, line, cpu.clock + cpu.intra)
         self._ret(cpu, n)
 
     def _hc_ktime_get_ns(self, cpu: CPU) -> None:
@@ -622,7 +661,7 @@ class SMPMachine:
         task.wake_at = cpu.now_ns() + ms * NS_PER_MS
         self._seq += 1
         heapq.heappush(self._sleepers, (task.wake_at, self._seq, task))
-        self.trace_event("sleep", cpu.id, task.pid, task.wake_at)
+        self.trace_event("sleep", cpu.id, task.pid, task.wake_at, cpu.clock + cpu.intra)
 
     def _hc_schedule(self, cpu: CPU) -> None:
         self._blocking(cpu, "schedule")
@@ -658,7 +697,8 @@ class SMPMachine:
         for notify in list(self.task_exit_notifiers):
             notify(task)
         heapq.heappush(self._free_stacks, (task.stack_base - mem.STACKS.start) // mem.STACK_SIZE)
-        self.trace_event("exit", cpu.id, task.pid, result if oops is None else "oops")
+        self.trace_event("exit", cpu.id, task.pid, result if oops is None else "oops",
+                         cpu.clock + cpu.intra)
         task.done.set()
         self._host_woken = True
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ._debugfs import Debugfs
+from ._invariants import Invariants
 from ._kprobes import KprobesSubsystem
 from ._machine import SMPMachine
 
@@ -12,10 +13,23 @@ class Machine(SMPMachine):
 
     An async context manager: inside `async with`, every CPU runs as a trio task.  `m.kprobes`
     is the kprobes subsystem and `m.debugfs` its debugfs view.
+
+    `m.invariants` checks the probe core's invariants during the whole run (see
+    `_invariants`).  `invariants="raise"` (the default) raises `InvariantViolation` when the
+    `async with` block ends if one was broken; "record" only records them in
+    `m.invariants.violations`; False turns the checks off.
     """
 
     def __init__(self, arch: str = "x86_64", cpus: int = 4, seed: int = 0, preempt: bool = False,
-                 kernel=None, **options):
+                 kernel=None, *, invariants: str | bool = "raise", **options):
         super().__init__(arch, cpus, seed, preempt, kernel, **options)
         self.kprobes = KprobesSubsystem(self)
         self.debugfs = Debugfs(self, self.kprobes)
+        self.invariants = Invariants(self, self.kprobes, "raise" if invariants is True
+                                     else invariants) if invariants else None
+
+    async def __aexit__(self, *exc):
+        suppress = await super().__aexit__(*exc)
+        if self.invariants is not None:
+            self.invariants.finish(raise_=exc[0] is None)
+        return suppress

@@ -51,6 +51,73 @@ ARCHES = {
         "module_ld": "module.ld",
         "ldflags": [],
     },
+    "arm": {
+        # 32-bit ARM, ARM state only (no Thumb), little-endian AAPCS.  Cortex-A15
+        # (Unicorn's model is set to match) for udiv/sdiv and ldrex/strex;
+        # soft-float with no FPU so nothing touches VFP/NEON registers.  aeabi.c
+        # (listed with the assembly: any source in the arch folder) supplies
+        # the 64-bit division helper behind entry.S's __aeabi_uldivmod.
+        "target": "armv7a-unknown-none-eabi",
+        "cflags": [
+            "-marm",
+            "-mcpu=cortex-a15",
+            "-mfloat-abi=soft",
+            "-mfpu=none",
+        ],
+        "asm": ["entry.S", "aeabi.c"],
+        "kernel_ld": "kernel.ld",
+        "module_ld": "module.ld",
+        # lld's ARM default is 64 KiB pages, which pads the images to ~130 KiB.
+        "ldflags": ["-z", "max-page-size=4096"],
+    },
+    "ppc": {
+        # 32-bit big-endian SysV.  Generic "ppc" CPU (no isel, no e500/SPE, no
+        # Altivec), soft-float so varargs never touch FPRs (MSR[FP] stays 0).
+        # libgcc.S supplies the 64-bit division helpers.
+        "target": "powerpc-unknown-none-elf",
+        "cflags": [
+            "-mcpu=ppc",
+            "-msoft-float",
+            "-mno-altivec",
+        ],
+        "asm": ["entry.S", "libgcc.S"],
+        "kernel_ld": "kernel.ld",
+        "module_ld": "module.ld",
+        "ldflags": [],
+    },
+    "arm64": {
+        # AArch64 little-endian, Armv8.0 (Unicorn's default Cortex-A72: no LSE,
+        # so atomics are LDAXR/STLXR loops), integer registers only so varargs
+        # never touch the FP/SIMD file, no outline-atomics helpers, no
+        # PAC/BTI landing pads.
+        "target": "aarch64-unknown-none-elf",
+        "cflags": [
+            "-mgeneral-regs-only",
+            "-mcmodel=small",
+            "-mno-outline-atomics",
+            "-mbranch-protection=none",
+        ],
+        "asm": ["entry.S"],
+        "kernel_ld": "kernel.ld",
+        "module_ld": "module.ld",
+        "ldflags": [],
+    },
+    "i386": {
+        # 32-bit x86, cdecl (every argument on the stack, no -mregparm).  i686
+        # for cmpxchg/xadd/cmov and ud2; integer registers only (no x87/SSE
+        # in varargs or copies).
+        "target": "i386-unknown-none-elf",
+        "cflags": [
+            "-march=i686",
+            "-mgeneral-regs-only",
+            "-fcf-protection=none",
+        ],
+        # divdi3.c: __udivdi3/__umoddi3 for vsnprintf's u64 (no libgcc linked).
+        "asm": ["entry.S", "divdi3.c"],
+        "kernel_ld": "kernel.ld",
+        "module_ld": "module.ld",
+        "ldflags": [],
+    },
 }
 
 # Flags for every architecture.

@@ -1,0 +1,226 @@
+"""ppc: 32-bit PowerPC, big-endian, SysV ABI; `tw 31,0,0` breakpoints, LR return addresses.
+
+Facts measured on Unicorn 2.1.4 (UC_MODE_PPC32 | UC_MODE_BIG_ENDIAN, CPU model 750, see
+`uc_setup`):
+  * `tw 31,0,0` (0x7fe00008, Linux's BREAKPOINT_INSN) raises interrupt 6 with the PC already
+    *past* the trap (trap + 4); if the hook leaves the PC alone, emulation continues there,
+    and if it writes the PC, Unicorn re-fetches from the new PC;
+  * `sc` raises 8 and an illegal instruction (primary opcode 0) raises 96, each with the PC
+    past the instruction: the machine oopses the task on any interrupt other than 6.
+
+Stepping strategy, after arch/powerpc/kernel/kprobes.c (written afresh):
+  * every instruction is 4 bytes, and only branches read or write the PC, so all branches
+    (b/ba/bl/bla, bc*, bclr*, bcctr*) are simulated: the decrement of CTR, the CR bit test,
+    the link (LR = addr + 4) and the target are computed from the registers;
+  * everything else is copied into a slot unchanged (no PC-relative fixups exist on ppc32),
+    followed by the breakpoint, or, when boosted, by a `b` back to the next instruction;
+  * refused: the trap instructions (`tw`/`twi`, the breakpoint included) and `sc`
+    (EOPNOTSUPP); `rfi`/`rfci`/`rfmci`/`rfid` and `mtmsr`/`mtmsrd` (EINVAL, as Linux);
+    load-reserve / store-conditional (`lwarx`, `stwcx.` and their byte, half and double
+    forms: EOPNOTSUPP), because the trap between the two drops the reservation, so a probed
+    atomic loop would retry for ever; instructions capstone cannot decode (EOPNOTSUPP).
+
+Stack frames (SysV ppc32): `stwu r1,-N(r1)` stores the back chain, so 0(r1) of every frame is
+the caller's r1, and a function saves its LR in the LR save word at 4(r1) of its *caller's*
+frame.  The walk therefore starts from r1 and finds a frame's return address one frame up
+(`unwind_frame`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import capstone
+import unicorn
+import unicorn.ppc_const as up
+
+from ._base import (EINVAL, EOPNOTSUPP, CallingConvention, CpuBackend, InsnPlan, RegAccess,
+                    StepKind, UnsteppableError)
+
+REGISTERS = {f"r{i}": getattr(up, f"UC_PPC_REG_{i}") for i in range(32)}
+REGISTERS.update(pc=up.UC_PPC_REG_PC, lr=up.UC_PPC_REG_LR, ctr=up.UC_PPC_REG_CTR,
+                 cr=up.UC_PPC_REG_CR, xer=up.UC_PPC_REG_XER, msr=up.UC_PPC_REG_MSR)
+
+BREAKPOINT = 0x7FE00008            # tw 31,0,0
+_MASK = 0xFFFFFFFF
+
+# Primary opcode 31, extended opcode (bits 21-30) -> why it is refused.
+_RESERVATIONS = {20: "lwarx", 84: "ldarx", 52: "lbarx", 116: "lharx",
+                 150: "stwcx.", 214: "stdcx.", 694: "stbcx.", 726: "sthcx."}
+_MSR_WRITES = {146: "mtmsr", 178: "mtmsrd"}
+# Primary opcode 19, extended opcode -> interrupt returns.
+_RFI = {50: "rfi", 51: "rfci", 38: "rfmci", 18: "rfid", 274: "hrfid"}
+
+
+@dataclass(frozen=True)
+class PpcCallingConvention(CallingConvention):
+    """SysV ppc32: LR holds the return address; the caller's frame (back chain at 0, LR save
+    word at 4, overflow arguments from 8) is above the callee's r1."""
+
+    def setup_call(self, regs: RegAccess, stack_top: int, func: int, args: tuple[int, ...],
+                   return_to: int) -> None:
+        nstack = max(0, len(args) - len(self.arg_regs))
+        # A minimal caller frame: back chain + LR save word + the overflow arguments.
+        sp = stack_top - self.stack_args_offset - nstack * self.word_bytes
+        sp -= sp % self.stack_align
+        regs.write_word(sp, 0)            # back chain 0 ends every stack walk
+        regs.write_word(sp + self.word_bytes, 0)
+        for i, a in enumerate(args[len(self.arg_regs):]):
+            regs.write_word(sp + self.stack_args_offset + i * self.word_bytes, a & _MASK)
+        regs.write(self.sp_reg, sp)
+        regs.write(self.return_address_reg, return_to)
+        for reg, a in zip(self.arg_regs, args):
+            regs.write(reg, a & _MASK)
+        regs.write(self.pc_reg, func)
+
+
+def _simm(value: int, bits: int) -> int:
+    value &= (1 << bits) - 1
+    return value - (1 << bits) if value >> (bits - 1) else value
+
+
+def _bc_taken(bo: int, bi: int, r: RegAccess) -> bool:
+    """The BO/BI condition of a conditional branch, decrementing CTR when BO says so."""
+    ctr_ok = True
+    if not bo & 0x04:
+        ctr = (r.read("ctr") - 1) & _MASK
+        r.write("ctr", ctr)
+        ctr_ok = (ctr != 0) != bool(bo & 0x02)
+    cond_ok = True
+    if not bo & 0x10:
+        bit = (r.read("cr") >> (31 - bi)) & 1
+        cond_ok = bit == bool(bo & 0x08)
+    return ctr_ok and cond_ok
+
+
+class Ppc(CpuBackend):
+    def __init__(self):
+        super().__init__(
+            name="ppc", bits=32, endian="big",
+            uc_arch=unicorn.UC_ARCH_PPC,
+            uc_mode=unicorn.UC_MODE_PPC32 | unicorn.UC_MODE_BIG_ENDIAN,
+            cs_arch=capstone.CS_ARCH_PPC,
+            cs_mode=capstone.CS_MODE_32 | capstone.CS_MODE_BIG_ENDIAN,
+            breakpoint=BREAKPOINT.to_bytes(4, "big"), trap_intno=6, trap_pc_offset=4,
+            registers=REGISTERS,
+            cc=PpcCallingConvention(word_bytes=4,
+                                    arg_regs=("r3", "r4", "r5", "r6", "r7", "r8", "r9", "r10"),
+                                    ret_reg="r3", sp_reg="r1", pc_reg="pc",
+                                    return_address_reg="lr", stack_args_offset=8,
+                                    stack_align=16),
+            flags_reg="cr", fp_reg="r1", max_insn_len=4, fixed_insn_len=4, slot_size=16,
+            frame_saved_fp_offset=0, frame_ret_offset=4,
+        )
+
+    def uc_setup(self, uc) -> None:
+        """A PowerPC 750 (G3) instead of Unicorn's default 7457A.  The 7457A has a software
+        TLB that Unicorn allocates on the heap and keeps a pointer to *inside* the CPU
+        state that `uc_context_save` copies: restoring a task's context on another CPU
+        (a migration) made two engines share, and both free, one TLB (glibc: "double free
+        or corruption" at exit; valgrind: the 3,072-byte block of cpu_ppc_init_ppc freed
+        twice by ppc_release).  The 750's hash MMU has no such array; in real mode (MSR[IR]
+        = MSR[DR] = 0, Unicorn's reset state) the two run the kernel identically."""
+        uc.ctl_set_cpu_model(up.UC_CPU_PPC32_750_V3_1)
+
+    # -- stack frames -----------------------------------------------------------------------
+    def unwind_frame(self, read_word, fp: int) -> tuple[int, int]:
+        """The frame at `fp` (an r1 value): its back chain is the caller's r1, and its return
+        address is in the caller's LR save word.  A chain that does not go up ends the walk."""
+        try:
+            caller = read_word(fp + self.frame_saved_fp_offset)
+            if caller <= fp:
+                return 0, caller
+            return read_word(caller + self.frame_ret_offset), caller
+        except ValueError:          # the back chain left mapped memory
+            return 0, 0
+
+    # -- stepping -----------------------------------------------------------------------------
+    def plan_insn(self, code: bytes, addr: int) -> InsnPlan:
+        if len(code) < 4 or addr & 3:
+            raise UnsteppableError(EINVAL, "instructions are 4 bytes, 4-byte aligned")
+        word = int.from_bytes(code[:4], "big")
+        insn = next(self.disassembler().disasm(code[:4], addr, 1), None)
+        if insn is None:
+            raise UnsteppableError(EOPNOTSUPP, f"cannot decode instruction {word:#010x}")
+        text = f"{insn.mnemonic} {insn.op_str}".strip()
+        base = dict(addr=addr, length=4, orig=bytes(code[:4]), mnemonic=text)
+        self._refuse(word, text)
+        sim = self._simulation(word, addr, text)
+        if sim is not None:
+            return InsnPlan(kind=StepKind.SIMULATE, simulate=sim, **base)
+        return InsnPlan(kind=StepKind.OUT_OF_LINE, boostable=True, **base)
+
+    def slot_code(self, plan: InsnPlan, slot_addr: int, boost: bool) -> bytes:
+        """The copied instruction (ppc32 has no PC-relative data accesses: no fixup), then the
+        breakpoint, or `b` back to the instruction after the probe when boosting."""
+        if not boost:
+            return plan.orig + self.breakpoint
+        rel = plan.addr + plan.length - (slot_addr + 4)
+        if not -(1 << 25) <= rel < (1 << 25):
+            raise UnsteppableError(EOPNOTSUPP, "probe address out of `b` range of the slot")
+        return plan.orig + ((18 << 26) | (rel & 0x03FFFFFC)).to_bytes(4, "big")
+
+    @staticmethod
+    def _refuse(word: int, text: str) -> None:
+        op = word >> 26
+        xo = (word >> 1) & 0x3FF
+        if word == BREAKPOINT:
+            raise UnsteppableError(EOPNOTSUPP, f"{text}: the breakpoint instruction itself")
+        if op == 3 or (op == 31 and xo in (4, 68)):
+            raise UnsteppableError(EOPNOTSUPP, f"{text}: trap instruction")
+        if op == 17:
+            raise UnsteppableError(EOPNOTSUPP, f"{text}: system call")
+        if op == 19 and xo in _RFI:
+            raise UnsteppableError(EINVAL, f"{text}: interrupt return (rfi/rfid) cannot be "
+                                           f"probed")
+        if op == 31 and xo in _MSR_WRITES:
+            raise UnsteppableError(EINVAL, f"{text}: writes the MSR (mtmsr[d]) and cannot be "
+                                           f"probed")
+        if op == 31 and xo in _RESERVATIONS:
+            raise UnsteppableError(
+                EOPNOTSUPP, f"{text}: load-reserve/store-conditional; the probe trap between "
+                            f"the larx and the stcx. drops the reservation, so the atomic "
+                            f"loop would never complete")
+        if op == 19 and xo == 560:
+            raise UnsteppableError(EOPNOTSUPP, f"{text}: bctar (no TAR on 32-bit PowerPC)")
+
+    @staticmethod
+    def _simulation(word: int, addr: int, text: str):
+        op = word >> 26
+        aa, lk = word & 2, word & 1
+        nxt = (addr + 4) & _MASK
+        if op == 18:                                   # b, ba, bl, bla
+            target = (_simm(word & 0x03FFFFFC, 26) + (0 if aa else addr)) & _MASK
+
+            def branch(r: RegAccess):
+                if lk:
+                    r.write("lr", nxt)
+                r.write("pc", target)
+            return branch
+        if op == 16:                                   # bc, bca, bcl, bcla
+            bo, bi = (word >> 21) & 31, (word >> 16) & 31
+            target = (_simm(word & 0xFFFC, 16) + (0 if aa else addr)) & _MASK
+
+            def cond_branch(r: RegAccess):
+                taken = _bc_taken(bo, bi, r)
+                if lk:
+                    r.write("lr", nxt)
+                r.write("pc", target if taken else nxt)
+            return cond_branch
+        if op == 19 and ((word >> 1) & 0x3FF) in (16, 528):   # bclr[l], bcctr[l]
+            bo, bi = (word >> 21) & 31, (word >> 16) & 31
+            via = "lr" if ((word >> 1) & 0x3FF) == 16 else "ctr"
+            if via == "ctr" and not bo & 0x04:
+                raise UnsteppableError(EINVAL, f"{text}: invalid form (bcctr decrementing CTR)")
+
+            def reg_branch(r: RegAccess):
+                target = r.read(via) & ~3 & _MASK       # read before the link overwrites LR
+                taken = _bc_taken(bo, bi, r)
+                if lk:
+                    r.write("lr", nxt)
+                r.write("pc", target if taken else nxt)
+            return reg_branch
+        return None
+
+
+BACKEND = Ppc()

@@ -1,0 +1,233 @@
+"""Always-on invariant checks: the probe core's conservation laws, checked while it runs.
+
+Every `Machine` carries an `Invariants` (`m.invariants`) unless built with
+`invariants=False`.  It watches the probe core from the outside, the way a lockdep or
+KASAN watches the kernel, and checks five laws:
+
+  text     a probed address that is not armed holds its original bytes, and an armed one
+           holds the breakpoint;
+  slots    no CPU executes in an instruction slot that has been freed;
+  pool     for every registered kretprobe, free + in use == maxactive;
+  entries  hits + nmissed == entries: every breakpoint trap at a probed address ends as
+           exactly one hit or one miss, and every entry into a kretprobe's function takes
+           an instance or counts one miss;
+  handlers no handler of a probe runs once unregister has returned for it.
+
+Where they are checked:
+  * after every quantum (`Machine.quantum_notifiers`): slots, and the pools of the
+    registered kretprobes;
+  * after every arm and disarm, on the sites patched (text only changes there);
+  * around each trap at a probed address (a thin wrapper of `machine.trap_handler`): the
+    entries law, and that every child about to run its handlers is still registered;
+  * at each kretprobe trampoline: that no instance about to run a handler belongs to an
+    unregistered kretprobe;
+  * once more when the machine shuts down.
+
+A violation is recorded (`violations`), printed to `printk_log` and traced as an
+("invariant", text) event; with `mode="raise"` (the default) leaving the machine's
+`async with` block raises `InvariantViolation` listing them, unless something else is
+already propagating.  The checks only read state, so a run with and without them is the
+same run, event for event, as long as nothing is violated.
+
+Cost: measured with `smpkprobes selftest --invariant-cost`; a few per cent of a hit-heavy
+run (see README).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import _memory as mem
+from ._errors import SimulationError
+
+if TYPE_CHECKING:    # pragma: no cover
+    from ._cpu import CPU
+    from ._kprobes import KprobesSubsystem, Kretprobe
+    from ._machine import SMPMachine
+
+MAX_RECORDED = 64
+
+
+class InvariantViolation(SimulationError):
+    """The probe core broke one of its invariants during the run."""
+
+    def __init__(self, violations: list[str]):
+        shown = "\n  ".join(violations[:10])
+        more = f"\n  ... and {len(violations) - 10} more" if len(violations) > 10 else ""
+        super().__init__(f"{len(violations)} kprobes invariant violation(s):\n  {shown}{more}")
+        self.violations = violations
+
+
+class Invariants:
+    """The checker attached to one machine (see the module docstring)."""
+
+    def __init__(self, machine: "SMPMachine", kprobes: "KprobesSubsystem", mode: str = "raise"):
+        if mode not in ("raise", "record"):
+            raise ValueError(f"invariants mode must be 'raise' or 'record', not {mode!r}")
+        self.mode = mode
+        self._m = machine
+        self._k = kprobes
+        self.violations: list[str] = []
+        self.checks = 0
+        self._seen: set[str] = set()
+        self._tracked: dict[int, bytes] = {}      # every address ever probed -> original bytes
+        self._rp_entries: dict[int, int] = {}     # id(kretprobe) -> entries since registered
+        self._rps: dict[int, "Kretprobe"] = {}    # the kretprobes registered (or once were)
+        self._slot_size = kprobes.slots.slot_size
+        self._kernel_text = kprobes._kernel_text
+        # Hooks: the machine calls the first two; the others wrap the probe core's bound
+        # methods on this instance only (the class, and so other machines, are untouched).
+        machine.quantum_notifiers.append(self._after_quantum)
+        machine.module_notifiers.append(self._module_event)
+        self._trap_handler = machine.trap_handler
+        machine.trap_handler = self._checked_trap
+        self._trampoline = kprobes._trampoline_handler
+        kprobes._trampoline_handler = self._checked_trampoline
+        self._rp_pre = kprobes._pre_handler_kretprobe
+        kprobes._pre_handler_kretprobe = self._counted_rp_entry
+        self._register_rp = kprobes._register_kretprobe
+        kprobes._register_kretprobe = self._reset_rp_entries
+        self._arm, self._disarm = kprobes._arm, kprobes._disarm
+        kprobes._arm, kprobes._disarm = self._checked_arm, self._checked_disarm
+
+    # -- reporting ------------------------------------------------------------------------
+    def violation(self, law: str, what: str) -> None:
+        msg = f"{law}: {what}"
+        if msg in self._seen or len(self.violations) >= MAX_RECORDED:
+            return
+        self._seen.add(msg)
+        self.violations.append(msg)
+        self._m.printk_log.append(f"kprobes: invariant violated: {msg}")
+        self._m.trace_event("invariant", msg)
+
+    def finish(self, raise_: bool = True) -> None:
+        """The final check, at shutdown; raises in "raise" mode if anything was violated."""
+        self.check_text()
+        self.check_pools()
+        if raise_ and self.mode == "raise" and self.violations:
+            raise InvariantViolation(list(self.violations))
+
+    # -- after every quantum --------------------------------------------------------------
+    def _after_quantum(self, cpu: "CPU") -> None:
+        self.checks += 1
+        self.check_slots()
+        if self._rps:
+            self.check_pools()
+
+    def check_slots(self) -> None:
+        """No CPU executes in a freed slot."""
+        used = self._k.slots._used
+        lo, hi = mem.SLOTS.start, mem.SLOTS.end
+        for cpu in self._m.cpus:
+            if cpu.current is None:
+                continue
+            pc = cpu.pc
+            if lo <= pc < hi:
+                base = pc - (pc - lo) % self._slot_size
+                if base not in used:
+                    self.violation("slots", f"cpu{cpu.id} executes at {pc:#x} in insn slot "
+                                            f"{base:#x}, which is free")
+
+    async def _checked_arm(self, sites) -> None:
+        for s in sites:
+            self._tracked.setdefault(s.addr, s.orig)
+        await self._arm(sites)
+        self.check_text([s.addr for s in sites])
+
+    async def _checked_disarm(self, sites) -> None:
+        await self._disarm(sites)
+        self.check_text([s.addr for s in sites])
+
+    def check_text(self, addrs=None) -> None:
+        """Disarmed text equals the original bytes; armed text holds the breakpoint.
+        Checks `addrs`, or every address ever armed."""
+        k = self._k
+        table = k._table
+        tracked = self._tracked
+        peek = self._m.memory.peek
+        bp = k._bp
+        for addr in list(tracked) if addrs is None else addrs:
+            orig = tracked.get(addr)
+            site = table.get(addr)
+            if orig is None or (site is not None and site.gone) or not self._text_alive(addr):
+                tracked.pop(addr, None)
+                continue
+            now = peek(addr, len(orig))
+            want = bp if site is not None and site.armed else orig
+            if now != want:
+                state = "armed" if want is bp else "disarmed"
+                self.violation("text", f"{state} probe address {self._m.format_addr(addr)} "
+                                       f"holds {now.hex()}, not {want.hex()}")
+
+    def _text_alive(self, addr: int) -> bool:
+        if self._kernel_text[0] <= addr < self._kernel_text[1]:
+            return True
+        module = self._m.module_of(addr)
+        return module is not None and not (module.in_init(addr) and module.init_freed)
+
+    def _module_event(self, event: str, module) -> None:
+        # Its text is about to be freed: the bytes there stop being ours to check.
+        for addr in [a for a in self._tracked if module.in_text(a) or module.in_init(a)]:
+            del self._tracked[addr]
+
+    def check_pools(self) -> None:
+        """free + in use == maxactive, and taken + nmissed == entries, per kretprobe."""
+        for key, rp in list(self._rps.items()):
+            if not rp.kp._registered:
+                del self._rps[key]
+                continue
+            free, used = len(rp._free), len(rp._used)
+            if free + used != rp.maxactive:
+                self.violation("pool", f"{rp!r}: free {free} + in use {used} != maxactive "
+                                       f"{rp.maxactive}")
+            entries = self._rp_entries.get(key, 0)
+            if rp._taken + rp.nmissed != entries:
+                self.violation("entries", f"{rp!r}: taken {rp._taken} + nmissed {rp.nmissed} "
+                                          f"!= entries {entries}")
+
+    # -- around traps ---------------------------------------------------------------------
+    def _checked_trap(self, cpu: "CPU", addr: int) -> bool:
+        k = self._k
+        site = k._table.get(addr)
+        if site is None:
+            kcb = cpu.kprobe_ctlblk
+            if kcb.current is not None and k._slot_lo <= addr < k._slot_hi:
+                self._check_registered(kcb.current, "post_handler")
+            return self._trap_handler(cpu, addr)
+        self._check_registered(site, "pre_handler")
+        hits, missed, errors = site.hits, k.missed, len(k.simulation_errors)
+        handled = self._trap_handler(cpu, addr)
+        if site.hits == hits and k.missed == missed and len(k.simulation_errors) == errors:
+            self.violation("entries", f"a trap at {self._m.format_addr(addr)} on cpu{cpu.id} "
+                                      f"was neither a hit nor a miss")
+        return handled
+
+    def _check_registered(self, site, which: str) -> None:
+        for child in site.children:
+            if not child._registered:
+                self.violation("handlers", f"{which} of {child!r} at "
+                                           f"{self._m.format_addr(site.addr)} about to run after "
+                                           f"it was unregistered")
+
+    def _checked_trampoline(self, cpu: "CPU", kcb) -> bool:
+        task = cpu.current
+        if task is not None:
+            for ri in reversed(task.kretprobe_instances):
+                rp = ri.rp
+                if rp is not None and rp.handler is not None and not rp.kp._registered:
+                    self.violation("handlers", f"return handler of {rp!r} about to run after "
+                                               f"unregister_kretprobe returned")
+                if ri.ret_addr != self._k._trampoline:
+                    break
+        return self._trampoline(cpu, kcb)
+
+    def _counted_rp_entry(self, p, regs) -> int:
+        key = id(p._owner)
+        self._rp_entries[key] = self._rp_entries.get(key, 0) + 1
+        return self._rp_pre(p, regs)
+
+    async def _reset_rp_entries(self, rp: "Kretprobe") -> None:
+        if not rp.kp._registered:
+            self._rp_entries[id(rp)] = 0
+        await self._register_rp(rp)
+        self._rps[id(rp)] = rp

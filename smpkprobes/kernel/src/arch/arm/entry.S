@@ -1,0 +1,119 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * 32-bit ARM (ARM state) guest entry points that have to be assembly: the
+ * hypercall stubs, the probe core's trap points and the AAPCS 64-bit
+ * division helper.  The stubs and trap points live in .kprobes.text, which
+ * the linker script brackets with __kprobes_text_start/_end; the probe core
+ * refuses to put probes there.
+ *
+ * Hypercalls: the machine hooks [__hypercall_start, __hypercall_end) and
+ * emulates each stub (AAPCS arguments in r0, r1; result in r0), then returns
+ * to lr itself.  Each stub's single "bx lr" is only a fallback for a machine
+ * that does not hook it.
+ *
+ * The breakpoint is BKPT #0 (0xe1200070): Unicorn reports it as interrupt 7
+ * with PC at the BKPT.  Linux uses an undefined instruction instead, but
+ * Unicorn ends emulation with UC_ERR_INSN_INVALID on those rather than
+ * raising a hookable interrupt.
+ */
+
+	.syntax unified
+	.arm
+
+#define FUNC(name)		\
+	.globl name;		\
+	.type name, %function;	\
+	.p2align 2;		\
+	name:
+
+#define ENDFUNC(name)		\
+	.size name, . - name
+
+	.section .kprobes.text, "ax", %progbits
+
+	.globl __hypercall_start
+__hypercall_start:
+
+/* void __hc_console_write(const char *buf, unsigned long len) */
+FUNC(__hc_console_write)
+	bx	lr
+ENDFUNC(__hc_console_write)
+
+/* void __hc_msleep(unsigned long ms) */
+FUNC(__hc_msleep)
+	bx	lr
+ENDFUNC(__hc_msleep)
+
+/* void __hc_schedule(void) */
+FUNC(__hc_schedule)
+	bx	lr
+ENDFUNC(__hc_schedule)
+
+/* void __hc_do_exit(long code) -- never returns */
+FUNC(__hc_do_exit)
+	bx	lr
+ENDFUNC(__hc_do_exit)
+
+/* unsigned long __hc_ktime_get_ns(void) */
+FUNC(__hc_ktime_get_ns)
+	bx	lr
+ENDFUNC(__hc_ktime_get_ns)
+
+/* Return address of every task's top frame: the task's function returned. */
+FUNC(__hc_task_return)
+	bx	lr
+ENDFUNC(__hc_task_return)
+
+/* Return address of calls the machine makes into the guest (nested calls). */
+FUNC(__hc_call_return)
+	bx	lr
+ENDFUNC(__hc_call_return)
+
+	.globl __hypercall_end
+__hypercall_end:
+
+/* Idle loop for CPUs with nothing to run. */
+FUNC(cpu_idle)
+1:	b	1b
+ENDFUNC(cpu_idle)
+
+/*
+ * A jprobe handler ends with a call here; the probe core traps on the BKPT,
+ * restores the registers and stack saved at the probe hit and resumes the
+ * probed function.  The bx is not normally reached.
+ */
+FUNC(jprobe_return)
+	bkpt	#0
+	bx	lr
+ENDFUNC(jprobe_return)
+
+/*
+ * kretprobes redirect return addresses (lr at entry) here.  The probe core
+ * traps on the BKPT, runs the return handlers and resumes at the real
+ * return address.
+ */
+FUNC(kretprobe_trampoline)
+	bkpt	#0
+	nop
+ENDFUNC(kretprobe_trampoline)
+
+/*
+ * u64 __aeabi_uldivmod(u64 n, u64 d): quotient in r0:r1, remainder in r2:r3.
+ * A wrapper around aeabi.c's __udivmoddi4(n, d, &rem), with an ordinary
+ * frame record so stacks walk through it.
+ */
+	.text
+FUNC(__aeabi_uldivmod)
+	push	{r11, lr}
+	mov	r11, sp
+	sub	sp, sp, #16
+	add	r12, sp, #8
+	str	r12, [sp]
+	bl	__udivmoddi4
+	ldr	r2, [sp, #8]
+	ldr	r3, [sp, #12]
+	mov	sp, r11
+	pop	{r11, pc}
+ENDFUNC(__aeabi_uldivmod)
+
+	.section .note.GNU-stack, "", %progbits
