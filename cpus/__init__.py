@@ -20,6 +20,14 @@ _REGISTRY: dict[str, tuple[str | None, str | None]] = {
     "arm64": ("cpus.arm64", None),
     "ppc": ("cpus.ppc", None),
     "arm": ("cpus.arm", None),
+    "ppc64": (None, "Unicorn 2.1.4 boots no usable 64-bit PowerPC CPU: the default PPC64 CPU "
+                    "starts with MSR=0x8000000000000000 (SF=1, HV=0) and takes interrupt 70 "
+                    "(POWERPC_EXCP_HISI, hypervisor instruction storage) at the very first "
+                    "instruction fetch, before anything runs; uc_reg_write(UC_PPC_REG_MSR) cannot "
+                    "set MSR[HV] (Unicorn masks it), and ctl_set_cpu_model(UC_CPU_PPC64_*) selects "
+                    "a 32-bit CPU instead (UC_CPU_PPC64_POWER9_V2_0 reads PVR 0x401100c5 with "
+                    "MSR=0, and the 64-bit rldicl raises illegal-instruction interrupt 96)"),
+    "sparc64": ("cpus.sparc64", None),
     "ia64": (None, "Unicorn has no IA-64 emulator, so there is nothing to run ia64 code on"),
 }
 

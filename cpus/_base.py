@@ -91,6 +91,13 @@ class CallingConvention:
         regs.write(self.pc_reg, target)
         return target
 
+    def stack_window(self, regs: RegAccess, arg_bytes: int) -> tuple[int, int]:
+        """(address, size) of the caller-owned stack a function sees at entry, through
+        `arg_bytes` bytes of stack-passed arguments: what a jprobe saves and restores.  The
+        default starts at SP; an ABI with a stack bias or a register save area between SP
+        and the arguments (sparc64) overrides this."""
+        return regs.read(self.sp_reg), arg_bytes
+
     def setup_call(self, regs: RegAccess, stack_top: int, func: int, args: tuple[int, ...],
                    return_to: int) -> None:
         """Make the CPU look as if `return_to` had just called `func(*args)`."""
@@ -140,6 +147,20 @@ class InsnPlan:
     simulate: Callable[[RegAccess], None] | None = None
     # Arch-private fixup data for `CpuBackend.slot_code` (x86: the RIP-relative displacement).
     fixup: object = None
+    # OUT_OF_LINE: more breakpoints that end the step besides the one right after the copy
+    # (at offset `length`, resuming at `addr + length`): (offset in the slot, address to
+    # resume at).  A conditional branch stepped with its delay slot ends taken or not taken.
+    exits: tuple[tuple[int, int], ...] = ()
+
+    def exit_resume(self, offset: int) -> int | None:
+        """Where to resume when the step traps at `offset` in its slot; None if that is not
+        one of its exits."""
+        if offset == self.length:
+            return self.addr + self.length
+        for off, resume in self.exits:
+            if off == offset:
+                return resume
+        return None
 
 
 class UnsteppableError(Exception):
@@ -188,6 +209,10 @@ class CpuBackend:
     fixed_insn_len: int = 0
     # Functions whose return kretprobes must refuse (arch-specific blacklist).
     kretprobe_blacklist: tuple[str, ...] = ()
+    # Count a quantum's instructions in whole translation blocks (a block hook) instead of
+    # with emu_start's count, which Unicorn implements as a hook on every instruction; on
+    # sparc64 that hook clobbers nPC in the delay slot of every jmpl (each `retl`).
+    count_in_blocks: bool = False
     # The default kernel image's clang target and flags live in smpkprobes/kernel/build.py.
     extra: Mapping[str, object] = field(default_factory=dict)
 
@@ -253,6 +278,38 @@ class CpuBackend:
         the entry itself (x86 `push rbp`, arm64 `stp x29, x30` come first); an ABI whose
         leaf functions build no frame record at all (arm) overrides this."""
         return not code
+
+    def plan_probe(self, text: Callable[[int, int], bytes], addr: int) -> InsnPlan:
+        """Plan a probe at `addr`, reading the original text through `text(addr, size)`.
+        The default plans the instruction alone; an ISA with delay slots (sparc64) first
+        refuses an instruction that runs in the delay slot of the one before it."""
+        return self.plan_insn(text(addr, self.max_insn_len), addr)
+
+    def frame_start(self, cpu, regs) -> int:
+        """The frame pointer the stack walk starts from, with the frame records it reads in
+        memory.  The default is `fp_reg`; register-window ISAs (sparc64) flush the windows
+        to their save areas first, as Linux does before a stack trace."""
+        return regs.read(self.fp_reg)
+
+    def handle_arch_trap(self, cpu, intno: int) -> bool:
+        """A trap the architecture's firmware handles, invisible to the kernel (sparc64:
+        register-window spill and fill).  Return True when handled; the CPU then goes on.
+        The default handles none."""
+        return False
+
+    def context_save(self, uc):
+        """The CPU state a task switch saves (Unicorn's context; an arch where that is
+        incomplete, sparc64, keeps its own)."""
+        return uc.context_save()
+
+    def context_restore(self, uc, ctx) -> None:
+        uc.context_restore(ctx)
+
+    def emu_start_address(self, uc, pc: int) -> int:
+        """Where `emu_start` must begin to resume a CPU stopped at `pc`.  `emu_start` sets
+        only the PC; an ISA with hidden sequencing state that a stop can leave pending
+        (sparc64's nPC, between a branch and its delay slot) resumes through it here."""
+        return pc
 
     def uc_setup(self, uc) -> None:
         """Arch-specific Unicorn setup after the instance is created (CPU model, MSRs)."""

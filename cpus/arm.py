@@ -10,7 +10,7 @@ Facts measured on Unicorn 2.1.4 (UC_MODE_ARM, Cortex-A15 model):
 The frame record: clang's ARM-state prologue is `push {..., r11, lr}; add r11, sp, #N`, so
 r11 (fp) points at the saved r11 and the saved lr sits just above it (offsets 0 and 4).
 Leaf functions get no frame record at all on ARM (LLVM keeps r11 only in functions that
-make calls), so inside a leaf the return address is still in lr: see `unwind_leaf`.
+make calls), so inside a leaf the return address is still in lr: see `frame_pending`.
 
 Stepping strategy (after arch/arm/probes, written afresh from the ARM ARM encodings):
   * an instruction that neither reads nor writes pc is copied into a slot and followed by
@@ -26,7 +26,8 @@ Stepping strategy (after arch/arm/probes, written afresh from the ARM ARM encodi
   * refused: BKPT (EOPNOTSUPP, the breakpoint itself), UDF and clang's `trap`, SVC, HVC,
     SMC, ERET and exception returns (`subs pc, lr, #4`, `movs pc, ...`, `ldm ... ^`), the
     exclusives (LDREX/STREX and their byte, halfword, doubleword and acquire/release
-    forms: the trap between them would break the exclusive monitor, as on arm64), WFI/WFE,
+    forms, as Linux does and as arm64 refuses LDXR/STXR: on hardware the return from the
+    breakpoint exception clears the local monitor), WFI/WFE,
     CPS/SETEND/SRS/RFE, and any other pc-relative form that is UNPREDICTABLE or that this
     backend does not simulate (flag-setting data processing with a pc operand,
     register-shifted registers with pc, coprocessor loads from pc, ...).
@@ -119,7 +120,7 @@ _REFUSED = (
     (0x0FF000F0, 0x01600070, EOPNOTSUPP, "secure monitor call"),
     (0x0FFFFFFF, 0x0160006E, EOPNOTSUPP, "exception return (eret)"),
     (0x0F8000F0, 0x01800090, EOPNOTSUPP,
-     "exclusive load/store: a trap between ldrex and strex breaks the exclusive monitor"),
+     "exclusive load/store: stepping it out of line would clear the exclusive monitor"),
     (0x0FFFFFFE, 0x0320F002, EOPNOTSUPP, "waits for an event or interrupt (wfe/wfi)"),
 )
 

@@ -21,7 +21,17 @@ manual's encodings):
       - MSR (writes PSTATE or a system register of the trap context), MRS of DAIF (reads
         the trap context's interrupt mask), WFI/WFE (would wait for an interrupt);
       - FP/SIMD literal loads (the probe core's register file is the integer one);
-      - anything capstone cannot decode (UDF and unallocated encodings).
+      - UDF and anything capstone cannot decode (unallocated encodings).
+
+Instructions *between* an exclusive load and its store (do_fork's `add`) stay probeable.
+Linux once refused them by scanning backwards for an open LDXR; here the exclusive monitor is
+Unicorn's, and it survives the trap and the out-of-line step (measured: 100 fork_loop calls
+with a post_handler probe on that `add`, 1 CPU, give exactly 100 hits, so no STLXR retried),
+while a store that really lost the monitor to another CPU retries as it should.
+
+Only `brk #0x4` is ours, but every BRK raises the same interrupt (clang's -trap-unreachable
+emits `brk #0x1`), so `is_trap_insn` recognises all of them: a foreign BRK is an oops, not a
+probe removed under a trapped CPU.
 """
 
 from __future__ import annotations

@@ -14,11 +14,17 @@ Stepping strategy, after arch/powerpc/kernel/kprobes.c (written afresh):
     the link (LR = addr + 4) and the target are computed from the registers;
   * everything else is copied into a slot unchanged (no PC-relative fixups exist on ppc32),
     followed by the breakpoint, or, when boosted, by a `b` back to the next instruction;
-  * refused: the trap instructions (`tw`/`twi`, the breakpoint included) and `sc`
+  * refused: the trap instructions (`tw`/`twi`/`td`/`tdi`, the breakpoint included) and `sc`
     (EOPNOTSUPP); `rfi`/`rfci`/`rfmci`/`rfid` and `mtmsr`/`mtmsrd` (EINVAL, as Linux);
     load-reserve / store-conditional (`lwarx`, `stwcx.` and their byte, half and double
-    forms: EOPNOTSUPP), because the trap between the two drops the reservation, so a probed
-    atomic loop would retry for ever; instructions capstone cannot decode (EOPNOTSUPP).
+    forms: EOPNOTSUPP), the counterpart of arm64's exclusives: on the hardware simulated, the
+    probe's interrupt between the two loses the reservation (Linux's interrupt return even
+    clears it with a dummy stcx.), so a probed atomic loop would retry for ever;
+    instructions capstone cannot decode (EOPNOTSUPP).
+
+A probe on another instruction *inside* an LL/SC loop (do_fork+0x1c, between lwarx and
+stwcx.) fires once per iteration: under SMP contention stwcx. fails and the loop runs again,
+so such a probe can count more hits than calls - correct kprobes semantics, not a miss.
 
 Stack frames (SysV ppc32): `stwu r1,-N(r1)` stores the back chain, so 0(r1) of every frame is
 the caller's r1, and a function saves its LR in the LR save word at 4(r1) of its *caller's*
@@ -134,6 +140,18 @@ class Ppc(CpuBackend):
         except ValueError:          # the back chain left mapped memory
             return 0, 0
 
+    def frame_pending(self, code: bytes) -> bool:
+        """Until the prologue's `stwu r1,-N(r1)` (or `stwux r1,r1,rN`) has run, r1 is still
+        the caller's frame and the return address is only certain in LR (clang saves LR
+        into the caller's frame *before* the stwu)."""
+        for off in range(0, len(code) - 3, 4):
+            word = int.from_bytes(code[off:off + 4], "big")
+            if word >> 16 == 0x9421:                               # stwu r1, d(r1)
+                return False
+            if word & 0xFFFF07FF == 0x7C21016E:                    # stwux r1, r1, rB
+                return False
+        return True
+
     # -- stepping -----------------------------------------------------------------------------
     def plan_insn(self, code: bytes, addr: int) -> InsnPlan:
         if len(code) < 4 or addr & 3:
@@ -166,7 +184,7 @@ class Ppc(CpuBackend):
         xo = (word >> 1) & 0x3FF
         if word == BREAKPOINT:
             raise UnsteppableError(EOPNOTSUPP, f"{text}: the breakpoint instruction itself")
-        if op == 3 or (op == 31 and xo in (4, 68)):
+        if op in (2, 3) or (op == 31 and xo in (4, 68)):          # twi, tdi, tw, td
             raise UnsteppableError(EOPNOTSUPP, f"{text}: trap instruction")
         if op == 17:
             raise UnsteppableError(EOPNOTSUPP, f"{text}: system call")
@@ -178,9 +196,9 @@ class Ppc(CpuBackend):
                                            f"probed")
         if op == 31 and xo in _RESERVATIONS:
             raise UnsteppableError(
-                EOPNOTSUPP, f"{text}: load-reserve/store-conditional; the probe trap between "
-                            f"the larx and the stcx. drops the reservation, so the atomic "
-                            f"loop would never complete")
+                EOPNOTSUPP, f"{text}: load-reserve/store-conditional; the probe's interrupt "
+                            f"between the larx and the stcx. loses the reservation, so the "
+                            f"atomic loop would never complete")
         if op == 19 and xo == 560:
             raise UnsteppableError(EOPNOTSUPP, f"{text}: bctar (no TAR on 32-bit PowerPC)")
 

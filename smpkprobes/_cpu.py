@@ -36,6 +36,8 @@ class GuestFault(Exception):
 class CpuHost(Protocol):
     """What a CPU asks of the machine: the only back-channel it has."""
 
+    task_return_addr: int          # where every task's outermost frame returns to
+
     def on_hypercall(self, cpu: "CPU", addr: int) -> None: ...
     def on_trap(self, cpu: "CPU", intno: int) -> None: ...
     def on_hook_exception(self, cpu: "CPU", exc: BaseException) -> None: ...
@@ -89,7 +91,13 @@ class CPU:
         self._raw_hook(unicorn.UC_HOOK_INTR, _INTR_CB(self._hook_intr), 1, 0)
         self._raw_hook(unicorn.UC_HOOK_CODE, _CODE_CB(self._hook_hypercall),
                        hypercall_range[0], hypercall_range[1] - 1)
-        self.initial_context = self.uc.context_save()
+        # Instructions left in this emu_start, when the backend counts in blocks.
+        self._budget = 0
+        self._count_in_blocks = backend.count_in_blocks
+        if self._count_in_blocks:
+            self._insn_bytes = backend.fixed_insn_len or 1
+            self._raw_hook(unicorn.UC_HOOK_BLOCK, _CODE_CB(self._hook_block), 1, 0)
+        self.initial_context = self.context_save()
 
     def _raw_hook(self, htype: int, fptr, begin: int, end: int) -> None:
         handle = uc_hook_h()
@@ -139,6 +147,14 @@ class CPU:
         return Regs(self)
 
     # -- running ------------------------------------------------------------------------
+    def context_save(self):
+        """The CPU state a task switch keeps (the backend's: Unicorn's context on most
+        arches)."""
+        return self.backend.context_save(self.uc)
+
+    def context_restore(self, ctx) -> None:
+        self.backend.context_restore(self.uc, ctx)
+
     def flush_tb(self, start: int, end: int) -> None:
         """Drop translated code for [start, end): the analogue of sync_core after an IPI."""
         self.uc.ctl_remove_cache(start, end)
@@ -147,7 +163,10 @@ class CPU:
         """Run up to `count` instructions from the current PC.  Returns the Unicorn error
         if emulation faulted, else None."""
         self.stop_requested = False
-        err = _uc_emu_start(self._uch, self.reg_read_id(self._pc_id), 0, 0, count)
+        begin = self.backend.emu_start_address(self.uc, self.reg_read_id(self._pc_id))
+        if self._count_in_blocks:
+            self._budget, count = count, 0
+        err = _uc_emu_start(self._uch, begin, 0, 0, count)
         if err != unicorn.UC_ERR_OK:
             return unicorn.UcError(err)
         return None
@@ -169,15 +188,19 @@ class CPU:
         """Call a guest function synchronously on this CPU, from inside a handler, as kernel
         code would.  Probes hit inside it count as missed (reentry)."""
         addr = self._host.resolve_function(func)
-        uc = self.uc
-        saved = uc.context_save()
+        saved = self.context_save()
         cc = self.backend.cc
         sp = self.reg_read(cc.sp_reg) - 256
         cc.setup_call(self, sp, addr, tuple(args), self._call_return)
         self.nesting += 1
         self.stop_requested = False
         try:
-            err = _uc_emu_start(self._uch, addr, self._call_return, 0, self._call_budget)
+            # No `until`: the __hc_call_return hook stops the CPU before the stub runs (and
+            # Unicorn 2.1.4's sparc64 loops on the instruction before an `until` address).
+            budget = self._call_budget
+            if self._count_in_blocks:
+                self._budget, budget = budget, 0
+            err = _uc_emu_start(self._uch, addr, 0, 0, budget)
             pc = self.reg_read_id(self._pc_id)
             if err != unicorn.UC_ERR_OK:
                 raise GuestFault(f"guest fault in nested call of {self._host.format_addr(addr)}"
@@ -188,7 +211,7 @@ class CPU:
             result = self.backend.sign_extend(self.reg_read(cc.ret_reg))
         finally:
             self.nesting -= 1
-            uc.context_restore(saved)
+            self.context_restore(saved)
             # The nested emu_start reset Unicorn's instruction counter; end the outer
             # quantum when the current callback returns rather than let it run on unbounded.
             self.stop_requested = True
@@ -201,16 +224,21 @@ class CPU:
         depth = 0
         resolve = self._host.resolve_return_address
         sym = self._host.symbolize(ip)
-        if sym is not None and b.frame_pending(self._memory.peek(ip - sym[1], sym[1])):
+        # The stubs a task's outermost frame or a nested call returns to are reached by a
+        # return, never called: no caller, so nothing to read where a return address would
+        # be (a link register still holds the address just returned through, possibly the
+        # kretprobe trampoline with no instance left to resolve it).
+        outermost = ip == self._call_return or ip == self._host.task_return_addr
+        if sym is not None and not outermost \
+                and b.frame_pending(self._memory.peek(ip - sym[1], sym[1])):
             # At a function's first instruction (or anywhere in a leaf, on some ABIs) the
             # frame is not built yet: the return address is where the calling convention
             # put it.
             ra = b.cc.get_return_address(regs)
             ra, depth = resolve(self, ra, depth)
-            # (At a task's outermost frame, e.g. ip == __hc_task_return, there is no caller.)
             if ra and self._host.symbolize(ra) is not None:
                 trace.append(ra)
-        fp = regs.read(b.fp_reg)
+        fp = b.frame_start(self, regs)
         task = self.current
         lo, hi = (task.stack_base, task.stack_top) if task is not None else (0, 0)
         for _ in range(64):
@@ -234,6 +262,14 @@ class CPU:
             self._host.on_hook_exception(self, exc)
         if self.stop_requested:
             _uc_emu_stop(self._uch)
+
+    def _hook_block(self, _uc, addr, size, _user):
+        """The quantum's end, counted in whole blocks: stop before the block that would
+        start past the budget."""
+        if self._budget <= 0:
+            _uc_emu_stop(self._uch)
+        else:
+            self._budget -= size // self._insn_bytes
 
     def _hook_hypercall(self, _uc, addr, size, _user):
         try:

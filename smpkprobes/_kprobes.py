@@ -446,9 +446,8 @@ class KprobesSubsystem:
         addr = self._resolve(p, kind)
         site = self._table.get(addr)
         if site is None:
-            orig = self.original_text(addr, self._backend.max_insn_len)
             try:
-                plan = self._backend.plan_insn(orig, addr)
+                plan = self._backend.plan_probe(self.original_text, addr)
             except UnsteppableError as err:
                 raise KprobeError(err.errno, f"{self._m.format_addr(addr)}: cannot single-step: "
                                              f"{err.reason}") from None
@@ -623,9 +622,18 @@ class KprobesSubsystem:
     def _kprobe_handler(self, cpu: "CPU", addr: int) -> bool:
         kcb: KprobeCtlblk = cpu.kprobe_ctlblk
         if self._slot_lo <= addr < self._slot_hi:
-            if kcb.status in (Status.HIT_SS, Status.REENTER) and addr == kcb.ss_addr:
-                self._post_kprobe_handler(cpu, kcb)
-                return True
+            if kcb.status in (Status.HIT_SS, Status.REENTER):
+                if addr == kcb.ss_addr:
+                    site = kcb.current
+                    self._post_kprobe_handler(cpu, kcb, site.addr + site.plan.length)
+                    return True
+                # A step with several exits (a conditional branch: taken or not).
+                site = kcb.current
+                resume = site.plan.exit_resume(addr - site.slot) \
+                    if site is not None and site.slot is not None else None
+                if resume is not None:
+                    self._post_kprobe_handler(cpu, kcb, resume)
+                    return True
             return False
         if addr == self._trampoline:
             return self._trampoline_handler(cpu, kcb)
@@ -716,11 +724,11 @@ class KprobesSubsystem:
         regs.flush()
         cpu.pc = site.slot
 
-    def _post_kprobe_handler(self, cpu: "CPU", kcb: KprobeCtlblk) -> None:
+    def _post_kprobe_handler(self, cpu: "CPU", kcb: KprobeCtlblk, resume: int) -> None:
         site = kcb.current
-        self._trace.append(("ssdone", cpu.id, site.addr, cpu.clock + cpu.intra))
-        resume = site.addr + site.plan.length
         if kcb.status is Status.REENTER:
+            # (A normal step's end is its "done": post handlers take no virtual time.)
+            self._trace.append(("ssdone", cpu.id, site.addr, cpu.clock + cpu.intra))
             cpu.pc = resume
             self._restore_previous_kprobe(kcb)
             return
@@ -962,10 +970,10 @@ class KprobesSubsystem:
         kcb: KprobeCtlblk = cpu.kprobe_ctlblk
         cc = self._backend.cc
         regs.flush()
-        sp = regs.read("sp")
+        sp, size = cc.stack_window(regs, MAX_STACK_SIZE)
         task = cpu.current
-        size = min(MAX_STACK_SIZE, task.stack_top - sp) if task is not None else MAX_STACK_SIZE
-        saved = (cpu.uc.context_save(), sp, self._m.memory.peek(sp, max(0, size)))
+        size = min(size, task.stack_top - sp) if task is not None else size
+        saved = (cpu.context_save(), sp, self._m.memory.peek(sp, max(0, size)))
         if callable(jp.entry) and not isinstance(jp.entry, (int, str)):
             nargs = _arity(jp.entry)
             args = [cc.arg(regs, i) for i in range(nargs)]
@@ -978,7 +986,7 @@ class KprobesSubsystem:
                 raise RuntimeError(f"jprobe handler {name} returned without calling "
                                    f"jprobe_return()")
             finally:
-                cpu.uc.context_restore(saved[0])
+                cpu.context_restore(saved[0])
                 self._m.memory.poke(sp, saved[2])
             return 0
         kcb.jprobe_saved = saved
@@ -990,7 +998,7 @@ class KprobesSubsystem:
         probed instruction."""
         ctx, sp, stack = kcb.jprobe_saved
         kcb.jprobe_saved = None
-        cpu.uc.context_restore(ctx)
+        cpu.context_restore(ctx)
         self._m.memory.poke(sp, stack)
         site = kcb.current
         regs = Regs(cpu)

@@ -139,7 +139,7 @@ class SMPMachine:
                          ksym("__hc_call_return"), call_budget) for i in range(cpus)]
         for cpu in self.cpus:
             cpu.pc = self.idle_addr
-            cpu.initial_context = cpu.uc.context_save()
+            cpu.initial_context = cpu.context_save()
             cpu._baton = trio.Event()
             cpu._line = ""
         self.modules: dict[str, Module] = {}
@@ -333,6 +333,17 @@ class SMPMachine:
         if not keep:
             self._ack(self._sync_waiters, cpu.id, cpu.clock)
 
+    def _deliver_idle_ipis(self) -> bool:
+        """The whole machine is idle: every CPU takes its pending IPIs now.  An idle CPU runs
+        no quanta to count an IPI's delay down in, so a CPU whose task ended before its
+        flush was due would otherwise never acknowledge, and text_poke would wait forever."""
+        late = [c for c in self.cpus if c.online and c.pending_flush]
+        for cpu in late:
+            for entry in cpu.pending_flush:
+                entry[1] = 0
+            self._deliver_ipis(cpu)
+        return bool(late)
+
     def _ack(self, waiters: list[list], cpu_id: int, now: int) -> None:
         for w in waiters:
             w[0].discard(cpu_id)
@@ -445,6 +456,8 @@ class SMPMachine:
                     if self._sleepers:
                         self._jump_to_next_wake()
                         continue
+                    if self._deliver_idle_ipis():
+                        continue
                     self._idle_event = trio.Event()
                     if self._pending:
                         continue
@@ -517,12 +530,12 @@ class SMPMachine:
     def _switch_in(self, cpu: CPU, task: Task) -> None:
         cpu.clock = max(cpu.clock, task.ready_at)
         if task.context is None:
-            cpu.uc.context_restore(cpu.initial_context)
+            cpu.context_restore(cpu.initial_context)
             self.backend.cc.setup_call(cpu, task.stack_top, task.func, task.args,
                                        self.task_return_addr)
             cpu.tasks_run += 1
         else:
-            cpu.uc.context_restore(task.context)
+            cpu.context_restore(task.context)
             task.context = None
         if task.last_cpu is not None and task.last_cpu != cpu.id:
             task.migrations += 1
@@ -564,13 +577,17 @@ class SMPMachine:
         task = cpu.current
         if task is not None:
             task.instructions += q
-            if task.instructions > self.call_budget and cpu.preempt_count == 0:
+            # With preemption disabled the budget doubles, then it is a hard lockup (a
+            # leaked preempt count must not make a runaway guest run for ever).
+            if task.instructions > self.call_budget and (
+                    cpu.preempt_count == 0 or task.instructions > 2 * self.call_budget):
                 self.kill_current(cpu, f"runaway: instruction budget of {self.call_budget} "
-                                       f"exhausted (a guest infinite loop?)")
+                                       f"exhausted (a guest infinite loop?"
+                                       f"{' with preemption disabled' if cpu.preempt_count else ''})")
             elif self.preempt and cpu.preemptible() and cpu.pc not in mem.SLOTS \
                     and self.rng.random() < self.preempt_prob:
                 self._c.preemptions += 1
-                task.context = cpu.uc.context_save()
+                task.context = cpu.context_save()
                 cpu.current = None
                 cpu.pc = self.idle_addr
                 self._make_runnable(task, cpu.clock)
@@ -585,6 +602,8 @@ class SMPMachine:
 
     # == CpuHost: what the CPUs call back into ===========================================
     def on_trap(self, cpu: CPU, intno: int) -> None:
+        if intno != self._trap_intno and self.backend.handle_arch_trap(cpu, intno):
+            return      # the arch's firmware took it (sparc64 register windows)
         self._c.traps += 1
         cpu.intra += TRAP_COST_NS
         if intno != self._trap_intno:
@@ -611,7 +630,7 @@ class SMPMachine:
             self.on_hook_exception(cpu, exc)
             return
         if not handled and cpu.current is not None:
-            self.kill_current(cpu, f"int3: breakpoint at {self.format_addr(addr)} that no "
+            self.kill_current(cpu, f"breakpoint trap at {self.format_addr(addr)} that no "
                                    f"kprobe owns")
 
     def on_hypercall(self, cpu: CPU, addr: int) -> None:
@@ -682,7 +701,7 @@ class SMPMachine:
 
     def _switch_out(self, cpu: CPU) -> Task:
         task = cpu.current
-        task.context = cpu.uc.context_save()
+        task.context = cpu.context_save()
         cpu.current = None
         cpu.pc = self.idle_addr
         return task

@@ -6,6 +6,7 @@ from ._debugfs import Debugfs
 from ._invariants import Invariants
 from ._kprobes import KprobesSubsystem
 from ._machine import SMPMachine
+from ._tracefs import Tracefs
 
 
 class Machine(SMPMachine):
@@ -25,6 +26,7 @@ class Machine(SMPMachine):
         super().__init__(arch, cpus, seed, preempt, kernel, **options)
         self.kprobes = KprobesSubsystem(self)
         self.debugfs = Debugfs(self, self.kprobes)
+        self.tracefs = Tracefs(self, self.kprobes)
         self.invariants = Invariants(self, self.kprobes, "raise" if invariants is True
                                      else invariants) if invariants else None
 

@@ -6,11 +6,15 @@ ns: a CPU's events are stamped with that CPU's clock (the start of the quantum p
 cost of each trap taken in it), host events (registration, text_poke, grace periods) with the
 machine's time, the start of the latest quantum.
 
-Within one quantum the clock is only known at its start, and trap costs can add up to more
-than the quantum is long, so a CPU's raw stamps may step backwards at a quantum boundary.
-`_Timeline` therefore places each CPU event at `min(max(t, previous event), quantum end)`:
-monotonic per CPU, and never outside the quantum that contains it.  Both exports and the plot
-use those placed times.
+Within one quantum the clock is only known at its start: an event inside it is stamped with
+the quantum's start plus the fixed cost of each trap or hypercall taken so far (the time a
+handler reads with `regs.cpu.now_ns()`), so its place inside the quantum is approximate.  A
+CPU's stamps never run backwards; the exporters keep them monotonic regardless.
+
+The events are listed in the order the simulation executed them.  The CPUs' clocks only
+agree to within a quantum, so a total order by timestamp would show effects before causes
+(a hit before its probe's registration); `ftrace_text(order="time")` gives that merge anyway,
+like the kernel's per-CPU buffers.
 
 Three renderings:
   * `export_ftrace`   - one line per event, like the kernel's `trace` file, merged by time;
@@ -23,12 +27,10 @@ Three renderings:
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO, Iterable
+from typing import Iterable
 
 from . import _memory as mem
 
@@ -53,8 +55,8 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "unregister": ("type", "addr", "t"),
     "hit": ("cpu", "addr", "t"),            # trap taken; pre_handlers start
     "ss": ("cpu", "addr", "t", "how"),      # pre_handlers done; step: slot, boost, simulate
-    "ssdone": ("cpu", "addr", "t"),         # the out-of-line step trapped back
-    "done": ("cpu", "addr", "t"),           # post-processing over, the CPU resumes
+    "ssdone": ("cpu", "addr", "t"),         # a reentered probe's step trapped back
+    "done": ("cpu", "addr", "t"),           # step and post_handlers over, the CPU resumes
     "miss": ("cpu", "addr", "t"),           # reentry: nmissed++, stepped without handlers
     "stray": ("cpu", "addr", "t"),          # the probe was removed under this trap
     "rp_miss": ("cpu", "addr", "t"),        # kretprobe pool empty
@@ -110,6 +112,7 @@ class Slice:
     end: int
     depth: int
     args: dict = field(default_factory=dict)
+    seq: int = 0               # opening order: siblings at one timestamp keep their order
 
 
 @dataclass
@@ -140,6 +143,7 @@ class _Frame:
     cat: str
     start: int
     args: dict
+    seq: int
 
 
 class _Timeline:
@@ -162,6 +166,8 @@ class _Timeline:
         self._open_sync: dict[int, tuple[int, dict]] = {}
         self._open_gp: dict[int, int] = {}
         self._host_t = 0
+        self._seq = 0
+        self._syms: dict[int, str] = {}
         self.end = 0
         for i, ev in enumerate(machine.trace):
             self._event(i, ev)
@@ -171,17 +177,24 @@ class _Timeline:
             self.spans.append(Span(f"text_poke #{sync}", "text_sync", sync, t, t, args))
         for gp, t in sorted(self._open_gp.items()):
             self.spans.append(Span(f"grace period #{gp}", "grace_period", gp, t, t))
-        self.end = max([self.end, *self._last, *self._qend, self._host_t])
+        self.end = max([self.end, *self._last, self._host_t,
+                        *(s.end for s in self.slices), *(s.end for s in self.spans)])
 
     # -- names ------------------------------------------------------------------------
     def sym(self, addr: int) -> str:
-        s = self.m.symbolize(addr)
-        if s is None:
-            if addr in mem.SLOTS:
-                return f"insn_slot+{addr - mem.SLOTS.start:#x}"
-            return f"{addr:#x}"
-        name, off, module = s
-        return f"{name}+{off:#x}" + (f" [{module}]" if module else "")
+        """`name+0xoff [module]`, as kallsyms knows it now (a module unloaded since the run
+        shows as a bare address)."""
+        text = self._syms.get(addr)
+        if text is None:
+            s = self.m.symbolize(addr)
+            if s is None:
+                text = (f"insn_slot+{addr - mem.SLOTS.start:#x}" if addr in mem.SLOTS
+                        else f"{addr:#x}")
+            else:
+                name, off, module = s
+                text = f"{name}+{off:#x}" + (f" [{module}]" if module else "")
+            self._syms[addr] = text
+        return text
 
     def task(self, pid: int) -> tuple[str, int]:
         if not pid:
@@ -190,7 +203,7 @@ class _Timeline:
 
     # -- placing ----------------------------------------------------------------------
     def _place(self, cpu: int, t: int) -> int:
-        t = min(max(t, self._last[cpu]), max(self._qend[cpu], self._last[cpu]))
+        t = max(t, self._last[cpu])
         self._last[cpu] = t
         return t
 
@@ -202,12 +215,13 @@ class _Timeline:
 
     # -- slices on a CPU track ------------------------------------------------------------
     def _push(self, cpu: int, kind: str, name: str, cat: str, t: int, **args) -> None:
-        self._stack[cpu].append(_Frame(kind, name, cat, t, args))
+        self._seq += 1
+        self._stack[cpu].append(_Frame(kind, name, cat, t, args, self._seq))
 
     def _pop(self, cpu: int, t: int) -> _Frame:
         stack = self._stack[cpu]
         f = stack.pop()
-        self.slices.append(Slice(cpu, f.name, f.cat, f.start, t, len(stack), f.args))
+        self.slices.append(Slice(cpu, f.name, f.cat, f.start, t, len(stack), f.args, f.seq))
         return f
 
     def _pop_to(self, cpu: int, t: int, kinds: tuple[str, ...]) -> None:
@@ -228,7 +242,8 @@ class _Timeline:
             self._pop(cpu, t)
 
     def _zero(self, cpu: int, name: str, cat: str, t: int, **args) -> None:
-        self.slices.append(Slice(cpu, name, cat, t, t, len(self._stack[cpu]), args))
+        self._seq += 1
+        self.slices.append(Slice(cpu, name, cat, t, t, len(self._stack[cpu]), args, self._seq))
 
     # -- the replay -------------------------------------------------------------------
     def _event(self, i: int, ev: tuple) -> None:
@@ -277,27 +292,29 @@ class _Timeline:
                 self._pop(cpu, t)
             how = e["how"]
             reenter = top is not None and top.kind == "reenter"
-            if how == "slot":
-                self._push(cpu, "step", "single-step", "single_step", t, how="out of line")
-            elif how == "boost":
+            if how == "boost":
+                # The slot jumps back by itself: the hit is over when the CPU enters it.
                 self._zero(cpu, "single-step (boosted)", "single_step", t, how="boosted")
                 self._pop_to(cpu, t, ("hit",))
-            else:
+            elif how == "simulate" and reenter:
                 self._zero(cpu, "single-step (simulated)", "single_step", t, how="simulated")
-                if reenter:
-                    self._pop_to(cpu, t, ("reenter",))
-                else:
-                    self._push(cpu, "post", "post_handler", "handler", t)
-        elif kind == "ssdone":
+                self._pop_to(cpu, t, ("reenter",))
+            elif how == "simulate":
+                self._push(cpu, "step", "single-step (simulated)", "single_step", t,
+                           how="simulated")
+            else:
+                self._push(cpu, "step", "single-step", "single_step", t, how="out of line")
+        elif kind == "ssdone":             # a reentered probe's step is over
             top = self._top(cpu)
             if top is not None and top.kind == "step":
                 self._pop(cpu, t)
-            top = self._top(cpu)
-            if top is not None and top.kind == "reenter":
-                self._pop(cpu, t)
-            else:
-                self._push(cpu, "post", "post_handler", "handler", t)
+            self._pop_to(cpu, t, ("reenter",))
         elif kind == "done":
+            # The step (if any) ends here: post handlers take no virtual time.
+            top = self._top(cpu)
+            if top is not None and top.kind == "step":
+                self._pop(cpu, t)
+                self._zero(cpu, "post_handler", "handler", t)
             self._pop_to(cpu, t, ("hit", "ret"))
         elif kind == "miss":
             where = self.sym(addr)
@@ -338,6 +355,9 @@ class _Timeline:
             self._emit(i, cpu, t, {**e, "kind": "preempt"})
             self._leave(cpu, t)
             return
+        # The host's stamps (the latest quantum's start) can lag an acknowledgement stamped
+        # with a CPU's clock: keep the host's own events in order.
+        t = max(t, self._host_t)
         if kind == "poke":
             self._open_sync[e["sync"]] = (t, {"patches": ", ".join(
                 f"{self.sym(a)}={data}" for a, data in e["patches"])})
@@ -374,7 +394,8 @@ def _ftrace_body(tl: _Timeline, e: dict) -> tuple[str, str]:
     if kind == "new":
         args = ", ".join(str(a) for a in e["args"])
         where = "any" if e["affinity"] is None else e["affinity"]
-        return "task_newtask", (f"pid={e['pid']} comm={e['comm']} func={sym(e['func'])} "
+        func = sym(e["func"]).removesuffix("+0x0")
+        return "task_newtask", (f"pid={e['pid']} comm={e['comm']} func={func} "
                                 f"args=({args}) cpu={where}")
     if kind == "sleep":
         return "sched_sleep", f"until={format_ts(e['wake_at']).strip()}"
@@ -413,26 +434,34 @@ def _ftrace_body(tl: _Timeline, e: dict) -> tuple[str, str]:
     return kind, " ".join(f"{k}={v!r}" for k, v in e.items() if k != "kind")
 
 
-def ftrace_text(machine, kinds: Iterable[str] | None = None) -> str:
-    """The event trace as ftrace-style text, merged across CPUs by (placed) time."""
+def ftrace_text(machine, kinds: Iterable[str] | None = None, order: str = "trace") -> str:
+    """The event trace as ftrace-style text: one line per event (of `kinds`, default all), in
+    the order the simulation executed them (`order="trace"`) or merged by timestamp
+    (`order="time"`, like the kernel's trace file)."""
+    if order not in ("trace", "time"):
+        raise ValueError(f"order must be 'trace' or 'time', not {order!r}")
     tl = _Timeline(machine)
     wanted = None if kinds is None else set(kinds)
     lines = []
-    for t, _i, cpu, comm, pid, e in sorted(tl.placed, key=lambda p: (p[0], p[1])):
+    key = (lambda p: p[1]) if order == "trace" else (lambda p: (p[0], p[1]))
+    for t, _i, cpu, comm, pid, e in sorted(tl.placed, key=key):
         if wanted is not None and e["kind"] not in wanted:
             continue
         event, body = _ftrace_body(tl, e)
         lines.append(ftrace_line(comm, pid, cpu, t, event, body))
     extra = [f"smpkprobes: {machine.arch}, {machine.ncpus} CPUs, seed {machine.seed}"
-             f"{', preempt' if machine.preempt else ''}; trace {machine.trace_digest()}"]
+             f"{', preempt' if machine.preempt else ''}; trace {machine.trace_digest()}",
+             "virtual clock: 1 ns per guest instruction; " +
+             ("events in the order the simulation ran them" if order == "trace"
+              else "events merged by timestamp")]
     return ftrace_header(len(lines), machine.ncpus, "smpkprobes", extra) + \
         "".join(line + "\n" for line in lines)
 
 
-def export_ftrace(machine, out, kinds: Iterable[str] | None = None) -> None:
+def export_ftrace(machine, out, kinds: Iterable[str] | None = None, order: str = "trace") -> None:
     """Write `ftrace_text(machine)` to `out`, a path or a text file."""
     with _open_text(out) as f:
-        f.write(ftrace_text(machine, kinds))
+        f.write(ftrace_text(machine, kinds, order))
 
 
 # == Chrome / Perfetto trace-event JSON =====================================================
@@ -464,21 +493,21 @@ def perfetto_events(machine) -> list[dict]:
               "dur": _us(s.end - s.start), "pid": PID, "tid": tid}
         if s.args:
             ev["args"] = s.args
-        body.append(((s.start, -(s.end - s.start), s.depth), ev))
+        body.append(((s.start, s.depth, s.seq), ev))
     for n in tl.instants:
         tid = host if n.track < 0 else n.track
         ev = {"name": n.name, "cat": n.cat, "ph": "i", "s": "t", "ts": _us(n.t), "pid": PID,
               "tid": tid}
         if n.args:
             ev["args"] = n.args
-        body.append(((n.t, 0, 99), ev))
+        body.append(((n.t, 99, 0), ev))
     for sp in tl.spans:
         common = {"name": sp.name, "cat": sp.cat, "id": sp.id, "pid": PID, "tid": host}
         b = {**common, "ph": "b", "ts": _us(sp.start)}
         if sp.args:
             b["args"] = sp.args
-        body.append(((sp.start, -(sp.end - sp.start), -1), b))
-        body.append(((sp.end, 0, 100), {**common, "ph": "e", "ts": _us(sp.end)}))
+        body.append(((sp.start, -1, sp.id), b))
+        body.append(((sp.end, 100, sp.id), {**common, "ph": "e", "ts": _us(sp.end)}))
     body.sort(key=lambda kv: kv[0])
     out.extend(ev for _, ev in body)
     return out
@@ -570,7 +599,8 @@ def plot_timeline(machine, out, title: str | None = None, start_ns: int = 0,
     ax.set_ylim(n + 1.6, -0.6)
     ax.set_xlim(_us(start_ns), _us(end_ns) * 1.01 + 0.01)
     ax.set_xlabel("virtual time (µs; 1 ns per guest instruction)")
-    ax.set_title(title or f"smpkprobes: {machine.arch}, {n} CPUs, seed {machine.seed}")
+    ax.set_title(f"{title or 'smpkprobes'}: {machine.arch}, {n} CPUs, seed {machine.seed}"
+                 f"{', preempt' if machine.preempt else ''}")
     handles = [Patch(facecolor=colour[c], label=c) for c in comms]
     handles += [Patch(facecolor=_CAT_COLOURS[k], label=lbl) for k, lbl in
                 (("kprobe", "probe hit"), ("kretprobe", "kretprobe return"),
@@ -587,14 +617,19 @@ def plot_timeline(machine, out, title: str | None = None, start_ns: int = 0,
 
 
 def plot_curves(curves: dict, out, xlabel: str, ylabel: str, title: str,
-                label: str = "{} CPUs") -> None:
-    """One curve per key: `curves[key]` is a list of (x, y).  Used for nmissed against
-    maxactive, one curve per CPU count (maxactive_contention)."""
+                logx: bool = False) -> None:
+    """One curve per entry, in order: `curves[label]` is a list of (x, y) points.  The
+    maxactive_contention scenario draws nmissed against maxactive with it, one curve per
+    CPU count."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    for key in sorted(curves):
-        pts = sorted(curves[key])
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label.format(key))
+    for label, pts in curves.items():
+        pts = sorted(pts)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=str(label))
+    if logx:
+        ax.set_xscale("log", base=2)
+        xs = sorted({p[0] for pts in curves.values() for p in pts})
+        ax.set_xticks(xs, [str(x) for x in xs])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -606,30 +641,15 @@ def plot_curves(curves: dict, out, xlabel: str, ylabel: str, title: str,
 
 
 # == the harness side: exports after a run ===================================================
-_booted: list | None = None
+def require_matplotlib() -> None:
+    """Fail early, with the install hint, when `--plot` is asked for without matplotlib."""
+    _pyplot()
 
 
-def machine_booted(machine) -> None:
-    """Called by every Machine as it is built; remembered while `capture_machines` is on."""
-    if _booted is not None:
-        _booted.append(machine)
-
-
-@contextlib.contextmanager
-def capture_machines():
-    """Collect the machines built inside the block (for `smpkprobes run X --trace ...`,
-    where the scenario script builds its own machine)."""
-    global _booted
-    saved, _booted = _booted, []
-    try:
-        yield _booted
-    finally:
-        _booted = saved
-
-
-def export_all(machine, *, trace=None, perfetto=None, plot=None, curves=None, log=None) -> None:
-    """What `--trace FILE --perfetto FILE --plot FILE` do after a run.  `curves` is an
-    optional plot_curves() specification that replaces the timeline picture."""
+def export_all(machine, *, trace=None, perfetto=None, plot=None, curves=None, title=None,
+               log=None) -> None:
+    """What `--trace FILE --perfetto FILE --plot FILE` do after a run.  `curves`, when a
+    scenario gives one, is a `plot_curves()` specification drawn instead of the timeline."""
     if trace:
         export_ftrace(machine, trace)
         if log:
@@ -642,6 +662,6 @@ def export_all(machine, *, trace=None, perfetto=None, plot=None, curves=None, lo
         if curves is not None:
             plot_curves(out=plot, **curves)
         else:
-            plot_timeline(machine, plot)
+            plot_timeline(machine, plot, title=title)
         if log:
             log(f"plot written to {plot}")

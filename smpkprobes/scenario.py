@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import traceback
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 import trio
 
+from . import _conductor, _mutants, _trace_export
 from ._system import Machine
 
 
@@ -27,6 +29,9 @@ class Report:
     lines: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     checks: int = 0
+    # A `_trace_export.plot_curves` specification (curves, xlabel, ylabel, title) that
+    # `--plot` draws instead of the per-CPU timeline, for scenarios whose point is a curve.
+    plot: dict | None = None
 
     def print(self, *parts) -> None:
         self.lines.append(" ".join(str(p) for p in parts))
@@ -38,9 +43,29 @@ class Report:
             self.lines.append(f"EXPECTATION FAILED: {what}")
         return ok
 
+    def crash(self, exc: BaseException) -> None:
+        """The scenario raised: that is a failed expectation too, with the exception's
+        innermost frames (exception groups from nurseries are flattened)."""
+        for leaf in _leaves(exc):
+            text = str(leaf).strip()
+            first = text.splitlines()[0] if text else ""
+            if first.startswith("Oops: "):
+                first = first[len("Oops: "):]
+            self.expect(False, f"scenario raised {type(leaf).__name__}: {first}")
+            self.lines.extend(f"    {line}" for line in text.splitlines()[1:])
+            tb = traceback.extract_tb(leaf.__traceback__)[-3:]
+            self.lines.extend(f"    at {f.filename.rsplit('/', 1)[-1]}:{f.lineno} in {f.name}"
+                              for f in tb)
+
     @property
     def ok(self) -> bool:
         return not self.failures
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
+    return [exc]
 
 
 Scenario = Callable[[Machine, Report, argparse.Namespace], Awaitable[None]]
@@ -55,16 +80,61 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--preempt", action="store_true")
     ap.add_argument("--size", type=int, default=None, help="workload size (scenario-specific)")
     ap.add_argument("--quiet", action="store_true", help="print only the verdict")
+    s = ap.add_argument_group("schedules (see smpkprobes stress)")
+    s.add_argument("--schedule", default="random", metavar="POLICY",
+                   help="conductor policy: random (default), pct, pct:D or pct:D:STEPS")
+    s.add_argument("--replay", default=None, metavar="CHOICES",
+                   help="follow this recorded schedule ('cpu:quantum,...' or @FILE), then "
+                        "round-robin")
+    s.add_argument("--record", default=None, metavar="FILE",
+                   help="write the run's schedule (cpu:quantum,...) to FILE")
+    s.add_argument("--mutant", default=None, choices=_mutants.names(),
+                   help="inject a known probe-core bug (the mutation check of the stress suite)")
+    x = ap.add_argument_group("what happened (written after the run)")
+    x.add_argument("--trace", default=None, metavar="FILE",
+                   help="the event trace as ftrace-style text")
+    x.add_argument("--perfetto", default=None, metavar="FILE",
+                   help="the event trace as Chrome/Perfetto trace-event JSON (ui.perfetto.dev)")
+    x.add_argument("--plot", default=None, metavar="FILE",
+                   help="a picture (PNG, SVG...) of the per-CPU timeline; needs matplotlib")
     return ap
 
 
-async def run(scenario: Scenario, args: argparse.Namespace, **machine_options) -> tuple[Report, Machine]:
+# Scenario workloads are small: a runaway guest (a broken probe core) is cut off sooner.
+CALL_BUDGET = 2_000_000
+
+
+def machine_options(args: argparse.Namespace) -> dict:
+    """The Machine options the schedule flags ask for."""
+    replay = getattr(args, "replay", None)
+    policy = getattr(args, "schedule", "random")
+    conductor = policy
+    if replay:
+        text = open(replay[1:]).read() if replay.startswith("@") else replay
+        conductor = _conductor.replay_factory(_conductor.parse_schedule(text), policy)
+    return {"conductor": conductor, "call_budget": CALL_BUDGET}
+
+
+async def run(scenario: Scenario, args: argparse.Namespace,
+              **machine_options_) -> tuple[Report, Machine]:
     """Boot a machine as `args` says, run the scenario, return its report and the machine."""
     report = Report()
-    async with Machine(arch=args.arch, cpus=args.cpus, seed=args.seed, preempt=args.preempt,
-                       **machine_options) as m:
-        await scenario(m, report, args)
-        report.expect(not m.oopses, f"no oops ({len(m.oopses)} seen)")
+    options = {**machine_options(args), "invariants": "record", **machine_options_}
+    with _mutants.injected(getattr(args, "mutant", None)):
+        m = Machine(arch=args.arch, cpus=args.cpus, seed=args.seed, preempt=args.preempt,
+                    **options)
+        try:
+            async with m:
+                try:
+                    await scenario(m, report, args)
+                except Exception as exc:        # reported as a failure, not a traceback
+                    report.crash(exc)
+                report.expect(not m.oopses, f"no oops ({len(m.oopses)} seen)")
+        except Exception as exc:                # the machine itself went down
+            report.crash(exc)
+    if m.invariants is not None:
+        for v in m.invariants.violations:
+            report.expect(False, f"invariant {v}")
     return report, m
 
 
@@ -75,14 +145,30 @@ def scenario_main(scenario: Scenario, description: str | None = None,
     if configure is not None:
         configure(ap)
     args = ap.parse_args(argv)
+    if getattr(args, "plot", None):
+        try:
+            _trace_export.require_matplotlib()
+        except _trace_export.PlotUnavailable as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     report, m = trio.run(functools.partial(run, scenario, args))
     if not args.quiet:
         for line in report.lines:
             print(line)
+    if args.record:
+        with open(args.record, "w") as f:
+            f.write(_conductor.format_schedule(m.schedule) + "\n")
     verdict = "PASS" if report.ok else "FAIL"
     print(f"{verdict}: {report.checks - len(report.failures)}/{report.checks} expectations held "
           f"(arch {args.arch}, {args.cpus} CPUs, seed {args.seed}"
-          f"{', preempt' if args.preempt else ''}; trace {m.trace_digest()})")
+          f"{', preempt' if args.preempt else ''}"
+          f"{', schedule ' + m.conductor.describe() if args.schedule != 'random' or args.replay else ''}"
+          f"{', MUTANT ' + args.mutant if args.mutant else ''}; trace {m.trace_digest()})")
+    _trace_export.export_all(m, trace=getattr(args, "trace", None),
+                             perfetto=getattr(args, "perfetto", None),
+                             plot=getattr(args, "plot", None), curves=report.plot,
+                             title=sys.argv[0].rsplit("/", 1)[-1].removesuffix(".py"),
+                             log=functools.partial(print, file=sys.stderr))
     return 0 if report.ok else 1
 
 

@@ -118,6 +118,27 @@ ARCHES = {
         "module_ld": "module.ld",
         "ldflags": [],
     },
+    "sparc64": {
+        # SPARC V9, 64-bit ABI (stack bias 2047), big-endian.  clang's sparc
+        # driver defaults to the system assembler: use the integrated one.
+        # Integer registers only (varargs never touch the FPU); medlow: every
+        # address is below 4 GiB.  The delay-slot filler is off, so every delay
+        # slot holds a nop and "restore" never sits in one: cpus/sparc64.py
+        # steps branches with their delay slot and emulates register-window
+        # fill traps, which Unicorn cannot report from a delay slot.
+        "target": "sparcv9-unknown-none-elf",
+        "cflags": [
+            "-fintegrated-as",
+            "-msoft-float",
+            "-mcmodel=medlow",
+            "-mllvm",
+            "-disable-sparc-delay-filler",
+        ],
+        "asm": ["entry.S"],
+        "kernel_ld": "kernel.ld",
+        "module_ld": "module.ld",
+        "ldflags": [],
+    },
 }
 
 # Flags for every architecture.

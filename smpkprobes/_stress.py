@@ -1,0 +1,449 @@
+"""Stress testing: run a scenario over many seeds, replay a failure, shrink its schedule.
+
+`smpkprobes stress NAME --seeds A:B [--jobs N]` runs scenario NAME once per seed (in
+parallel processes with --jobs), with a progress bar, then a summary.  For each failing
+seed it prints the command that replays it: same seed, same flags, so the same run event
+for event.  It then shrinks the first failure of each kind:
+
+  1. the failing run's schedule (its list of (cpu, quantum) choices) is replayed in full,
+     to check that it reproduces the failure;
+  2. delta debugging over that list: the shortest prefix that still fails (past the end
+     of a schedule the replaying conductor goes round-robin with a fixed quantum, drawing
+     nothing from the generator), then chunks removed, halving their size down to one,
+     then neighbouring choices of one CPU merged, as long as the same failure remains;
+  3. the result is printed as a command with `--replay`, which reproduces that failure.
+
+A failure's kind is its first failed expectation with the numbers taken out, so
+"cpu2 ... slot 0x3f000030" and "cpu0 ... slot 0x3f000000" are the same kind.
+
+`smpkprobes selftest --mutants` (`mutation_check`) injects each known bug from
+`_mutants` and stresses the scenarios that should catch it until one fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import concurrent.futures as cf
+import importlib.util
+import multiprocessing
+import re
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from . import _conductor, _mutants
+from . import scenario as harness
+
+SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
+DEFAULT_TIMEOUT = 120.0
+
+
+# == scenarios ===========================================================================
+def scenario_names() -> list[str]:
+    return sorted(p.stem for p in SCENARIOS.glob("*.py") if not p.stem.startswith("_"))
+
+
+def describe(name: str) -> str:
+    """The first line of a scenario's docstring, read without importing it."""
+    try:
+        doc = ast.get_docstring(ast.parse((SCENARIOS / f"{name}.py").read_text()))
+    except (OSError, SyntaxError):
+        return ""
+    first = (doc or "").strip().splitlines()[0] if doc else ""
+    return first.split(":", 1)[1].strip() if first.startswith(name + ":") else first
+
+
+@dataclass
+class Loaded:
+    name: str
+    scenario: object
+    configure: object
+    doc: str
+
+
+_loaded: dict[str, Loaded] = {}
+
+
+def load(name: str) -> Loaded:
+    """Import scenarios/NAME.py as a module (not as __main__) and find its `scenario`."""
+    if name in _loaded:
+        return _loaded[name]
+    path = SCENARIOS / f"{name}.py"
+    if not path.exists():
+        raise LookupError(f"no scenario {name!r}; see `smpkprobes list`")
+    spec = importlib.util.spec_from_file_location(f"smpkprobes_scenario_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fn = getattr(module, "scenario", None)
+    if fn is None:
+        raise LookupError(f"scenario {name!r} is a standalone script, not built on the "
+                          f"harness (no `scenario(m, report, args)`); run it with "
+                          f"`smpkprobes run {name}`")
+    _loaded[name] = Loaded(name, fn, getattr(module, "configure", None), module.__doc__ or "")
+    return _loaded[name]
+
+
+def parse_args(name: str, argv: list[str]) -> argparse.Namespace:
+    sc = load(name)
+    ap = harness.parser(sc.doc)
+    if sc.configure is not None:
+        sc.configure(ap)
+    return ap.parse_args(argv)
+
+
+# == one run =============================================================================
+@dataclass
+class Outcome:
+    seed: int
+    ok: bool
+    failures: list[str]
+    kind: str | None
+    digest: str
+    seconds: float
+    quanta: int
+    schedule: list[tuple[int, int]] | None = None   # kept for failures only
+    lines: list[str] = field(default_factory=list)
+
+
+def failure_kind(failure: str) -> str:
+    """A failure with its numbers taken out: what "the same failure" means."""
+    s = re.sub(r"0x[0-9a-fA-F]+", "X", failure)
+    s = re.sub(r"\d+", "N", s)
+    return s[:200]
+
+
+def run_once(name: str, argv: list[str], timeout: float = DEFAULT_TIMEOUT,
+             keep_schedule: bool = False) -> Outcome:
+    """Run scenario `name` with command-line `argv` in this process."""
+    sc = load(name)
+    args = parse_args(name, argv)
+    t0 = time.perf_counter()         # the host's wall clock, for the summary only
+    box: dict = {}
+
+    async def main():
+        with trio.move_on_after(timeout) as scope:
+            box["result"] = await harness.run(sc.scenario, args)
+        box["timed_out"] = scope.cancelled_caught
+
+    trio.run(main)
+    dt = time.perf_counter() - t0
+    if box.get("timed_out"):
+        return Outcome(args.seed, False, [f"timed out after {timeout:.0f} s (a hang?)"],
+                       "timeout", "", dt, 0, None)
+    report, m = box["result"]
+    kind = failure_kind(report.failures[0]) if report.failures else None
+    keep = keep_schedule or not report.ok
+    return Outcome(args.seed, report.ok, list(report.failures), kind, m.trace_digest(), dt,
+                   m.statistics().quanta, list(m.schedule) if keep else None,
+                   list(report.lines))
+
+
+def _worker(job: tuple[str, list[str], float]) -> Outcome:
+    name, argv, timeout = job
+    out = run_once(name, argv, timeout)
+    out.lines = []
+    return out
+
+
+def seed_argv(extra: list[str], seed: int) -> list[str]:
+    return [*extra, "--seed", str(seed)]
+
+
+def replay_command(name: str, argv: list[str]) -> str:
+    return "smpkprobes run " + " ".join(shlex.quote(a) for a in [name, *argv])
+
+
+# == shrinking ===========================================================================
+@dataclass
+class Shrunk:
+    schedule: list[tuple[int, int]]
+    original: int
+    runs: int
+    reproduced: bool
+    failure: str
+
+
+def shrink(name: str, extra: list[str], seed: int, schedule: list[tuple[int, int]],
+           kind: str, max_runs: int = 120, max_seconds: float = 90.0,
+           timeout: float = DEFAULT_TIMEOUT, log=None) -> Shrunk:
+    """Delta-debug `schedule` (the choices of a run of `name` with `extra` and `seed` that
+    failed with `kind`) down to a short list that still fails the same way."""
+    policy = parse_args(name, seed_argv(extra, seed)).schedule
+    base = [a for a in seed_argv(extra, seed)]
+    t_end = time.perf_counter() + max_seconds
+    runs = [0]
+    last_failure = [""]
+
+    def fails(cand: list[tuple[int, int]]) -> bool:
+        if runs[0] >= max_runs or time.perf_counter() > t_end:
+            return False
+        runs[0] += 1
+        argv = [*base, "--schedule", policy, "--replay", _conductor.format_schedule(cand)]
+        out = run_once(name, argv, timeout)
+        hit = any(failure_kind(f) == kind for f in out.failures)
+        if hit:
+            last_failure[0] = next(f for f in out.failures if failure_kind(f) == kind)
+        return hit
+
+    reproduced = fails(schedule)
+    if not reproduced:
+        return Shrunk(list(schedule), len(schedule), runs[0], False, "")
+    best = list(schedule)
+    best_failure = last_failure[0]
+    # 1. the shortest failing prefix (binary search, then it is verified as it goes)
+    lo, hi = 0, len(best)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fails(best[:mid]):
+            hi = mid
+            best_failure = last_failure[0]
+        else:
+            lo = mid + 1
+    best = best[:hi]
+    if log:
+        log(f"prefix: {len(best)} of {len(schedule)} choices")
+    # 2. remove chunks, halving the chunk size
+    size = max(1, len(best) // 2)
+    while size >= 1 and best:
+        i = 0
+        while i < len(best):
+            cand = best[:i] + best[i + size:]
+            if fails(cand):
+                best = cand
+                best_failure = last_failure[0]
+            else:
+                i += size
+        if size == 1:
+            break
+        size //= 2
+    # 3. merge neighbouring choices of one CPU
+    i = 0
+    while i + 1 < len(best):
+        if best[i][0] == best[i + 1][0]:
+            cand = best[:i] + [(best[i][0], best[i][1] + best[i + 1][1])] + best[i + 2:]
+            if fails(cand):
+                best = cand
+                best_failure = last_failure[0]
+                continue
+        i += 1
+    if log:
+        log(f"shrunk: {len(best)} choices after {runs[0]} runs")
+    return Shrunk(best, len(schedule), runs[0], True, best_failure)
+
+
+# == many seeds ==========================================================================
+def parse_seeds(text: str) -> range:
+    a, sep, b = text.partition(":")
+    if not sep:
+        return range(int(a), int(a) + 1)
+    return range(int(a), int(b))
+
+
+def run_seeds(name: str, extra: list[str], seeds, jobs: int = 1,
+              timeout: float = DEFAULT_TIMEOUT, progress: bool = True,
+              stop_at_first: bool = False, label: str | None = None) -> list[Outcome]:
+    """Run `name` once per seed; return the outcomes in seed order."""
+    seeds = list(seeds)
+    outcomes: dict[int, Outcome] = {}
+    jobs_list = [(name, seed_argv(extra, s), timeout) for s in seeds]
+    bar = _Progress(label or name, len(seeds), enabled=progress)
+    with bar:
+        if jobs <= 1:
+            for job, s in zip(jobs_list, seeds):
+                out = run_once(*job)
+                outcomes[s] = out
+                bar.advance(out)
+                if stop_at_first and not out.ok:
+                    break
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+                futures = {pool.submit(_worker, job): s for job, s in zip(jobs_list, seeds)}
+                for fut in cf.as_completed(futures):
+                    out = fut.result()
+                    outcomes[futures[fut]] = out
+                    bar.advance(out)
+                    if stop_at_first and not out.ok:
+                        for f in futures:
+                            f.cancel()
+                        break
+    return [outcomes[s] for s in seeds if s in outcomes]
+
+
+class _Progress:
+    """A rich progress bar (on stderr) that also counts failures; silent when disabled."""
+
+    def __init__(self, label: str, total: int, enabled: bool = True):
+        self.enabled = enabled
+        self.failed = 0
+        if enabled:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+            self._p = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                               MofNCompleteColumn(), TextColumn("{task.fields[failed]}"),
+                               TimeElapsedColumn(), TimeRemainingColumn(),
+                               console=Console(stderr=True), transient=False)
+            self._task = self._p.add_task(label, total=total, failed="no failures")
+
+    def __enter__(self):
+        if self.enabled:
+            self._p.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._p.__exit__(*exc)
+
+    def advance(self, out: Outcome) -> None:
+        if not out.ok:
+            self.failed += 1
+        if self.enabled:
+            self._p.update(self._task, advance=1,
+                           failed=f"[red]{self.failed} failed" if self.failed else "no failures")
+
+
+def stress_main(name: str, seeds: range, extra: list[str], jobs: int = 1,
+                timeout: float = DEFAULT_TIMEOUT, do_shrink: bool = True,
+                shrink_runs: int = 120, progress: bool = True, out=print) -> int:
+    """The `smpkprobes stress` command.  Returns the exit status."""
+    from rich.console import Console
+    from rich.table import Table
+    load(name)                      # fail early, with the reason, for a bad name
+    parse_args(name, seed_argv(extra, seeds.start))      # and for bad scenario flags
+    t0 = time.perf_counter()
+    outcomes = run_seeds(name, extra, seeds, jobs, timeout, progress)
+    wall = time.perf_counter() - t0
+    failed = [o for o in outcomes if not o.ok]
+    cpu_time = sum(o.seconds for o in outcomes)
+    out(f"stress {name}: {len(outcomes)} seeds ({seeds.start}:{seeds.stop}), "
+        f"{len(outcomes) - len(failed)} passed, {len(failed)} failed; "
+        f"{wall:.1f} s wall, {cpu_time:.1f} s in runs, {jobs} job(s); "
+        f"slowest seed {max(outcomes, key=lambda o: o.seconds).seed} "
+        f"({max(o.seconds for o in outcomes):.2f} s)")
+    if not failed:
+        return 0
+    kinds: dict[str, list[Outcome]] = {}
+    for o in failed:
+        kinds.setdefault(o.kind, []).append(o)
+    table = Table(title=f"failures of {name}")
+    table.add_column("seeds")
+    table.add_column("first failed expectation")
+    for kind, group in kinds.items():
+        seeds_txt = ", ".join(str(o.seed) for o in group[:12]) + (" ..." if len(group) > 12 else "")
+        table.add_row(f"{len(group)}: {seeds_txt}", group[0].failures[0])
+    Console(file=sys.stdout, width=120).print(table)
+    out("replay a failing seed with:")
+    for o in failed:
+        out(f"  {replay_command(name, seed_argv(extra, o.seed))}")
+    if do_shrink:
+        for kind, group in kinds.items():
+            o = group[0]
+            out(f"shrinking the schedule of seed {o.seed} ({len(o.schedule or [])} choices): "
+                f"{o.failures[0]}")
+            if o.schedule is None:
+                out("  (no schedule: the run did not finish)")
+                continue
+            s = shrink(name, extra, o.seed, o.schedule, kind, max_runs=shrink_runs,
+                       timeout=timeout, log=lambda msg: out(f"  {msg}"))
+            if not s.reproduced:
+                out("  replaying the recorded schedule did NOT reproduce the failure: "
+                    "a determinism bug")
+                continue
+            policy = parse_args(name, seed_argv(extra, o.seed)).schedule
+            argv = [*seed_argv(extra, o.seed), "--schedule", policy,
+                    "--replay", _conductor.format_schedule(s.schedule)]
+            out(f"  minimal reproducer ({len(s.schedule)} of {s.original} choices, "
+                f"{s.runs} runs): {s.failure}")
+            out(f"  {replay_command(name, argv)}")
+    return 1
+
+
+# == the mutation check ==================================================================
+@dataclass
+class MutantResult:
+    mutant: str
+    bug: str
+    caught: bool
+    scenario: str | None
+    seeds_needed: int | None
+    failure: str
+    seconds: float
+
+
+def mutation_check(max_seeds: int = 20, jobs: int = 1, names: list[str] | None = None,
+                   extra: list[str] | None = None, progress: bool = True,
+                   timeout: float = 60.0) -> list[MutantResult]:
+    """Inject each mutant; stress its scenarios seed by seed until one fails."""
+    results = []
+    for mname in names or _mutants.names():
+        mutant = _mutants.MUTANTS[mname]
+        t0 = time.perf_counter()
+        caught = None
+        for scen in mutant.hunted_by:
+            argv = [*(extra or []), "--mutant", mname]
+            outs = run_seeds(scen, argv, range(max_seeds), jobs, timeout, progress,
+                             stop_at_first=True, label=f"{mname} / {scen}")
+            bad = next((o for o in outs if not o.ok), None)
+            if bad is not None:
+                caught = (scen, bad.seed + 1, bad.failures[0])
+                break
+        dt = time.perf_counter() - t0
+        if caught:
+            results.append(MutantResult(mname, mutant.bug, True, caught[0], caught[1],
+                                        caught[2], dt))
+        else:
+            results.append(MutantResult(mname, mutant.bug, False, None, None, "", dt))
+    return results
+
+
+def print_mutation_table(results: list[MutantResult], max_seeds: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=f"mutation check: each bug injected alone, up to {max_seeds} seeds")
+    for col in ("mutant", "bug", "caught", "by", "seeds needed", "first failure"):
+        table.add_column(col, overflow="fold")
+    for r in results:
+        table.add_row(r.mutant, r.bug, "yes" if r.caught else "[red]NO",
+                      r.scenario or "-", str(r.seeds_needed or "-"),
+                      (r.failure[:90] + "...") if len(r.failure) > 90 else r.failure)
+    Console(file=sys.stdout, width=160).print(table)
+
+
+def invariant_cost(repeats: int = 5) -> dict:
+    """Wall time of a hit-heavy run with the invariant checks on and off (best of N)."""
+    import functools
+    from ._kprobes import Kprobe, Kretprobe
+    from ._system import Machine
+
+    async def one(inv):
+        async with Machine(cpus=4, seed=1, invariants=inv) as m:
+            kp = Kprobe(symbol_name="do_fork", pre_handler=lambda p, r: 0,
+                        post_handler=lambda p, r, f: None)
+            rp = Kretprobe(symbol_name="fib", handler=lambda ri, r: 0, maxactive=8)
+            await m.kprobes.register_kprobe(kp)
+            await m.kprobes.register_kretprobe(rp)
+            t = time.perf_counter()
+            async with trio.open_nursery() as n:
+                for c in range(4):
+                    n.start_soon(functools.partial(m.call, "fork_loop", 2000, cpu=c))
+                    n.start_soon(functools.partial(m.call, "fib", 13, cpu=c))
+            dt = time.perf_counter() - t
+            await m.kprobes.unregister_kprobe(kp)
+            await m.kprobes.unregister_kretprobe(rp)
+        return dt, m.trace_digest(), m.statistics(), m.kprobes.hits
+
+    on, off = [], []
+    for _ in range(repeats):
+        off.append(trio.run(one, False))
+        on.append(trio.run(one, "raise"))
+    best_on, best_off = min(r[0] for r in on), min(r[0] for r in off)
+    st = on[0][2]
+    return {"on": best_on, "off": best_off, "overhead": best_on / best_off - 1,
+            "same_run": on[0][1] == off[0][1], "quanta": st.quanta, "traps": st.traps,
+            "hits": on[0][3]}
