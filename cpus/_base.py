@@ -194,7 +194,8 @@ class CpuBackend:
     # relative to the breakpoint's address (x86: 1, past int3; arm64: 0, at the BRK).
     trap_intno: int
     trap_pc_offset: int
-    # Register names -> Unicorn ids; the regs view exposes exactly these.
+    # Register names -> Unicorn ids; the regs view exposes exactly these.  A negative id is
+    # a register the backend serves itself (`read_special`, `write_special`).
     registers: Mapping[str, int]
     cc: CallingConvention
     flags_reg: str
@@ -310,6 +311,14 @@ class CpuBackend:
         only the PC; an ISA with hidden sequencing state that a stop can leave pending
         (sparc64's nPC, between a branch and its delay slot) resumes through it here."""
         return pc
+
+    def read_special(self, uc, rid: int) -> int:
+        """A register Unicorn's API does not reach, listed in `registers` under a negative
+        id (sparc64: %ccr and %y, kept in Unicorn's CPU state).  None by default."""
+        raise KeyError(rid)
+
+    def write_special(self, uc, rid: int, value: int) -> None:
+        raise KeyError(rid)
 
     def uc_setup(self, uc) -> None:
         """Arch-specific Unicorn setup after the instance is created (CPU model, MSRs)."""

@@ -8,7 +8,7 @@ What Unicorn 2.1.4 gives a sparc64 guest, measured (and what this backend does a
     window counters.  So the backend reaches Unicorn's CPUSPARCState directly: it finds it
     once per CPU (`_CpuState`, a scan for known register values, cross-checked) and saves
     and restores tasks' contexts itself, register windows and condition codes included.
-  * `ta n` raises interrupt 0x100 + n.  In the hook Unicorn has already set PC *and* nPC
+  * `ta n` raises interrupt 0x100 + (n & 0x7f).  In the hook Unicorn has set PC *and* nPC
     to the trap's nPC (the next instruction; nPC is not advanced), so `trap_pc_offset`
     is 4 and the hook must always write PC (which sets nPC = PC + 4).
   * SAVE/RESTORE do not handle window overflow: with CANSAVE = 0 a SAVE raises a spill
@@ -20,8 +20,9 @@ What Unicorn 2.1.4 gives a sparc64 guest, measured (and what this backend does a
     and retried (in a delay slot PC is lost: after `ret; restore` it reads 1).  The
     kernel is therefore built with clang's delay-slot filler off (build.py): every delay
     slot holds a nop, and functions end `restore; retl; nop`.  clang has no -mflat.
-  * An instruction-count stop can fall between a branch and its delay slot (PC = the
-    slot, nPC = the target), and `emu_start` resets nPC = begin + 4.  `emu_start_address`
+  * A stop can fall between a branch and its delay slot (PC = the slot, nPC = the target;
+    with quanta counted in blocks, when the delay slot starts a new page), and
+    `emu_start` resets nPC = begin + 4.  `emu_start_address`
     resumes such a CPU at nPC when the delay slot is a nop, or through a two-instruction
     trampoline (`ba nPC` + a copy of the delay instruction) on a private page otherwise.
   * `emu_start(..., until)` re-executes the instruction before `until` for ever; the
@@ -79,6 +80,10 @@ TRAP_INTNO = 0x100 + 0x70      # Unicorn: TT_TRAP + (immediate & 0x7f)
 _REGNAMES = tuple(f"{k}{i}" for k in "goli" for i in range(8))     # r0..r31
 REGISTERS = {name: getattr(us, "UC_SPARC_REG_" + name.upper()) for name in _REGNAMES}
 REGISTERS["pc"] = us.UC_SPARC_REG_PC
+# Served from Unicorn's CPU state (its register API has neither): the condition codes
+# (xcc << 4 | icc, V9's %ccr) and %y.
+_CCR, _Y = -1, -2
+REGISTERS.update(ccr=_CCR, y=_Y)
 
 
 def _sext(value: int, bits: int) -> int:
@@ -143,6 +148,10 @@ def is_delayed_cti(w: int) -> bool:
     return _op(w) == 2 and _op3(w) in (0x38, 0x39)
 
 
+def _is_restore(w: int) -> bool:
+    return _op(w) == 2 and _op3(w) == 0x3D
+
+
 def _delay_slot_runs(w: int) -> bool:
     """Whether the instruction after CTI `w` ever executes as its delay slot (an annulled
     unconditional branch, taken or never, annuls it)."""
@@ -183,9 +192,48 @@ def _unfit_for_delay_slot(w: int) -> str | None:
     return None
 
 
+# == condition codes ========================================================================
+# QEMU evaluates the condition codes lazily: the last flag-setting operation's kind (cc_op)
+# and operands (cc_src, cc_src2, cc_dst) stand for them until something needs the bits.
+(_CC_FLAGS, _CC_DIV, _CC_ADD, _CC_ADDX, _CC_TADD, _CC_TADDTV, _CC_SUB, _CC_SUBX, _CC_TSUB,
+ _CC_TSUBTV, _CC_LOGIC) = range(1, 12)
+_ADDS = (_CC_ADD, _CC_ADDX, _CC_TADD, _CC_TADDTV)
+_SUBS = (_CC_SUB, _CC_SUBX, _CC_TSUB, _CC_TSUBTV)
+
+
+def _nzvc(op: int, src1: int, src2: int, dst: int, bits: int) -> int:
+    """N, Z, V, C (bits 3..0) of a `bits`-wide result of a cc_op operation (SPARC V9
+    semantics of addcc, addxcc, subcc, subxcc, the tagged forms, logical ops, divcc)."""
+    m, top = (1 << bits) - 1, bits - 1
+    src1, src2, dst = src1 & m, src2 & m, dst & m
+    nz = (dst >> top) << 3 | (dst == 0) << 2
+    if op in _ADDS:
+        v = ((src1 ^ src2 ^ m) & (src1 ^ dst)) >> top
+        if op == _CC_ADDX:
+            c = ((src1 & src2) | (~dst & (src1 | src2))) >> top & 1
+        else:
+            c = int(dst < src1)
+    elif op in _SUBS:
+        v = ((src1 ^ src2) & (src1 ^ dst)) >> top
+        if op == _CC_SUBX:
+            c = ((~src1 & src2) | (dst & (~src1 | src2))) >> top & 1
+        else:
+            c = int(src1 < src2)
+    else:                               # logic; divcc: V is the overflow QEMU keeps in src2
+        v = int(op == _CC_DIV and bits == 32 and src2 != 0)
+        c = 0
+    if bits == 32 and op in (_CC_TADD, _CC_TSUB) and (src1 | src2) & 3:
+        v = 1                           # tag overflow
+    if bits == 32 and op in (_CC_TADDTV, _CC_TSUBTV):
+        v = 0                           # (it would have trapped instead)
+    return nz | v << 1 | c
+
+
 # == Unicorn's CPU state, reached directly ================================================
 # Offsets in CPUSPARCState of Unicorn 2.1.4 (QEMU 5.0.x, TARGET_SPARC64, 64-bit host).
 _OFF_PC, _OFF_NPC, _OFF_REGWPTR = 72, 80, 64
+_OFF_Y, _OFF_CC_SRC, _OFF_CC_SRC2, _OFF_CC_DST, _OFF_CC_OP, _OFF_PSR = 88, 96, 104, 112, 120, 136
+_OFF_XCC = 7232
 _OFF_CWP = 408
 _OFF_REGBASE = 440
 _RESET_END = 4600              # end_reset_fields: registers, windows, CCs, Y, FPU
@@ -244,25 +292,31 @@ class _CpuState:
         hits = []
         with open("/proc/self/maps") as maps:
             regions = [line.split() for line in maps]
-        # The CPU state is heap memory: scan [heap] first, then the other writable mappings
-        # of a plausible size (not the guest's RAM, not Unicorn's code buffers).
+        # The CPU state is heap memory: scan [heap] first, then the other private writable
+        # mappings of a plausible size.  Memory is read through /proc/self/mem, where a
+        # mapping that went away since /proc/self/maps was read is an error, not a SIGSEGV.
         regions.sort(key=lambda parts: parts[-1] != "[heap]")
-        for parts in regions:
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            if not parts[1].startswith("rw") or (hi - lo > 64 << 20 and parts[-1] != "[heap]"):
-                continue
-            buf = ctypes.string_at(lo, hi - lo)
-            for m in pattern.finditer(buf):
-                at = m.start()
-                if at + _OFF_WINSTATE + _WINSTATE_LEN > len(buf):
+        with open("/proc/self/mem", "rb", buffering=0) as mem:
+            for parts in regions:
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                if parts[1] != "rw-p" or (hi - lo > 64 << 20 and parts[-1] != "[heap]"):
                     continue
-                regwptr, spc, snpc = struct.unpack_from("=3Q", buf, at + _OFF_REGWPTR)
-                cwp = struct.unpack_from("=I", buf, at + _OFF_CWP)[0]
-                if spc == pc and snpc == pc + 4 and cwp < 32 \
-                        and regwptr == lo + at + _OFF_REGBASE + cwp * 128:
-                    hits.append(lo + at)
-            if hits:
-                break
+                try:
+                    mem.seek(lo)
+                    buf = mem.read(hi - lo)
+                except (OSError, ValueError, OverflowError):
+                    continue
+                for m in pattern.finditer(buf):
+                    at = m.start()
+                    if at + _OFF_WINSTATE + _WINSTATE_LEN > len(buf):
+                        continue
+                    regwptr, spc, snpc = struct.unpack_from("=3Q", buf, at + _OFF_REGWPTR)
+                    cwp = struct.unpack_from("=I", buf, at + _OFF_CWP)[0]
+                    if spc == pc and snpc == pc + 4 and cwp < 32 \
+                            and regwptr == lo + at + _OFF_REGBASE + cwp * 128:
+                        hits.append(lo + at)
+                if hits:
+                    break
         for i in range(7):
             uc.reg_write(us.UC_SPARC_REG_G1 + i, 0)
         uc.reg_write(us.UC_SPARC_REG_PC, 0)
@@ -286,6 +340,24 @@ class _CpuState:
     def set_cwp(self, cwp: int) -> None:
         self._cwp.value = cwp
         _U64.from_address(self.base + _OFF_REGWPTR).value = self._regbase + cwp * 128
+
+    def ccr(self) -> int:
+        b = self.base
+        op = _U32.from_address(b + _OFF_CC_OP).value
+        if op in (0, _CC_FLAGS):
+            icc = _U32.from_address(b + _OFF_PSR).value >> 20 & 0xF
+            xcc = _U32.from_address(b + _OFF_XCC).value >> 20 & 0xF
+            return xcc << 4 | icc
+        src1, src2, dst = (_U64.from_address(b + off).value
+                           for off in (_OFF_CC_SRC, _OFF_CC_SRC2, _OFF_CC_DST))
+        return _nzvc(op, src1, src2, dst, 64) << 4 | _nzvc(op, src1, src2, dst, 32)
+
+    def set_ccr(self, value: int) -> None:
+        b = self.base
+        psr = _U32.from_address(b + _OFF_PSR)
+        psr.value = (psr.value & ~0xF00000) | (value & 0xF) << 20
+        _U32.from_address(b + _OFF_XCC).value = (value >> 4 & 0xF) << 20
+        _U32.from_address(b + _OFF_CC_OP).value = _CC_FLAGS
 
     # -- register windows --------------------------------------------------------------
     def _slot(self, window: int, reg: int) -> _U64:
@@ -428,7 +500,7 @@ class Sparc64(CpuBackend):
                                         ret_reg="o0", sp_reg="o6", pc_reg="pc",
                                         return_address_reg="o7", stack_args_offset=FRAME_MIN,
                                         stack_align=16),
-            # No condition-code register is readable (see the module docstring).
+            # regs.flags is %ccr (from Unicorn's CPU state: see read_special).
             flags_reg="ccr", fp_reg="i6",
             # A control transfer is planned together with its delay slot.
             max_insn_len=8, fixed_insn_len=4, slot_size=64,
@@ -453,6 +525,23 @@ class Sparc64(CpuBackend):
 
     def context_restore(self, uc, ctx) -> None:
         self._state(uc).restore(ctx)
+
+    def read_special(self, uc, rid: int) -> int:
+        state = self._state(uc)
+        if rid == _CCR:
+            return state.ccr()
+        if rid == _Y:
+            return _U64.from_address(state.base + _OFF_Y).value
+        raise KeyError(rid)
+
+    def write_special(self, uc, rid: int, value: int) -> None:
+        state = self._state(uc)
+        if rid == _CCR:
+            state.set_ccr(value)
+        elif rid == _Y:
+            _U64.from_address(state.base + _OFF_Y).value = value & 0xFFFFFFFF
+        else:
+            raise KeyError(rid)
 
     def emu_start_address(self, uc, pc: int) -> int:
         """Resume at `pc` with the saved nPC.  Only a CPU stopped in a delay slot has
@@ -482,7 +571,7 @@ class Sparc64(CpuBackend):
         except unicorn.UcError:
             return False
         op3 = _op3(insn) if _op(insn) == 2 else -1
-        if intno < 0xC0 and intno >= 0x80 and op3 in (0x3C, 0x2B):     # SAVE, FLUSHW
+        if 0x80 <= intno < 0xC0 and op3 in (0x3C, 0x2B):               # SAVE, FLUSHW
             state.spill(cpu.write_word)
         elif intno >= 0xC0 and op3 in (0x3D, 0x39):                     # RESTORE, RETURN
             state.fill(cpu.read_word)
@@ -512,17 +601,14 @@ class Sparc64(CpuBackend):
 
     def frame_pending(self, code: bytes) -> bool:
         """At the entry `save` the window is still the caller's, and after the closing
-        `restore` (at its `retl` and the delay slot) it is the caller's again: the return
-        address is then %o7 + 8."""
+        `restore` (at its `retl`, and in that one's delay slot) it is the caller's again:
+        the return address is then %o7 + 8."""
         if not code:
             return True
-        words = [int.from_bytes(code[i:i + 4], "big") for i in range(len(code) - 8,
-                                                                        len(code), 4) if i >= 0]
-        is_restore = lambda w: _op(w) == 2 and _op3(w) == 0x3D   # noqa: E731
-        if words and is_restore(words[-1]):
-            return True
-        return len(words) == 2 and is_restore(words[0]) and _op(words[1]) == 2 \
-            and _op3(words[1]) == 0x38
+        last = [int.from_bytes(code[i:i + 4], "big")
+                for i in range(max(0, len(code) - 8), len(code), 4)]
+        return _is_restore(last[-1]) or (len(last) == 2 and _is_restore(last[0])
+                                         and _op(last[1]) == 2 and _op3(last[1]) == 0x38)
 
     # -- stepping ------------------------------------------------------------------------------
     def plan_probe(self, text, addr: int) -> InsnPlan:

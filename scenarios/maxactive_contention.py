@@ -70,9 +70,9 @@ async def contend(m, func: str, fargs: tuple, tasks_per_cpu: int, maxactive: int
 
 async def scenario(m, report, args) -> None:
     n = args.size or 60
-    opts = {k: v for k, v in machine_options(args).items() if k != "conductor" or
-            isinstance(v, str)}
-    # The main machine runs the configuration of the command line; the sweep boots its own.
+    # The main machine runs the configuration of the command line; the sweep boots its own
+    # machines, with the same schedule policy (a --replay schedule is the main machine's).
+    opts = {**machine_options(args), "conductor": args.schedule}
     cpus_axis = sorted({1, 2, m.ncpus})
     actives = sorted({1, 2, m.ncpus, 2 * m.ncpus}) + [0]
     table: dict[tuple[bool, int, int], dict] = {}
@@ -131,14 +131,20 @@ async def scenario(m, report, args) -> None:
 
     # The cases the rule excludes, on the main machine, at maxactive = NR_CPUS.
     sleeping = await contend(m, "sleepy", (1,), 3, m.ncpus)
-    recursive = await contend(m, "fib", (6,), 1, m.ncpus)
+    depth = m.ncpus + 2                 # fib(k) nests k - 1 calls deep: more than NR_CPUS
+    recursive = await contend(m, "fib", (depth,), 1, m.ncpus)
     report.print(f"  at maxactive = NR_CPUS = {m.ncpus}: sleepy(1) x 3 per CPU nmissed "
-                 f"{sleeping['nmissed']} (high water {sleeping['high']}), fib(6) per CPU "
+                 f"{sleeping['nmissed']} (high water {sleeping['high']}), fib({depth}) per CPU "
                  f"nmissed {recursive['nmissed']} (high water {recursive['high']})")
-    report.expect(sleeping["nmissed"] > 0 and recursive["nmissed"] > 0,
-                  "a sleeping or recursive function needs more than NR_CPUS instances")
+    report.expect(sleeping["nmissed"] > 0, "a sleeping function, called by more tasks than "
+                                           "CPUs, needs more than NR_CPUS instances")
+    report.expect(recursive["nmissed"] > 0, "a function recursing deeper than NR_CPUS needs "
+                                            "more than NR_CPUS instances")
+    fib = [0, 1]
+    while len(fib) <= depth:
+        fib.append(fib[-1] + fib[-2])
     report.expect(sleeping["results"] == [1] * 3 * m.ncpus and
-                  recursive["results"] == [8] * m.ncpus, "sleepy and fib returned right")
+                  recursive["results"] == [fib[depth]] * m.ncpus, "sleepy and fib returned right")
     for v in invariant_notes:
         report.expect(False, f"invariant (sweep machine) {v}")
 

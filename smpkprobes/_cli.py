@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--only", nargs="+", metavar="MUTANT", help="just these mutants")
     st.add_argument("--max-seeds", type=int, default=20, help="seeds per mutant (default 20)")
     st.add_argument("--jobs", type=int, default=1)
+    st.add_argument("--first", action="store_true",
+                    help="stop each mutant at its first failing seed (no detection rate)")
     st.add_argument("--invariant-cost", action="store_true",
                     help="time a hit-heavy run with the invariant checks on and off")
     t = sub.add_parser("trace", help="kprobe_events one-liners: define, enable, run, print lines",
@@ -165,7 +167,7 @@ def _selftest(a) -> int:
               f"({c['overhead']:+.1%}) for {c['hits']:,} hits in {c['quanta']:,} quanta on 4 "
               f"CPUs (best of 5); same run with and without: {c['same_run']}")
     if a.mutants:
-        results = _stress.mutation_check(a.max_seeds, a.jobs, a.only)
+        results = _stress.mutation_check(a.max_seeds, a.jobs, a.only, rate=not a.first)
         _stress.print_mutation_table(results, a.max_seeds)
         status = 0 if all(r.caught for r in results) else 1
     return status

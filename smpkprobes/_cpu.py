@@ -118,10 +118,17 @@ class CPU:
         _uc_reg_write(self._uch, rid, self._wval_ref)
 
     def reg_read(self, name: str) -> int:
-        return self.reg_read_id(self._ids[name])
+        rid = self._ids[name]
+        if rid < 0:
+            return self.backend.read_special(self.uc, rid)
+        return self.reg_read_id(rid)
 
     def reg_write(self, name: str, value: int) -> None:
-        self.reg_write_id(self._ids[name], value & self.backend.word_mask)
+        rid = self._ids[name]
+        if rid < 0:
+            self.backend.write_special(self.uc, rid, value & self.backend.word_mask)
+        else:
+            self.reg_write_id(rid, value & self.backend.word_mask)
 
     @property
     def pc(self) -> int:

@@ -74,6 +74,9 @@ class Invariants:
         self._rp_entries: dict[int, int] = {}     # id(kretprobe) -> entries since registered
         self._rps: dict[int, "Kretprobe"] = {}    # the kretprobes registered (or once were)
         self._slot_size = kprobes.slots.slot_size
+        # Each CPU's PC as its last quantum left it: a CPU only moves while it runs, so one
+        # register read per quantum keeps this exact.
+        self._pcs = {cpu.id: 0 for cpu in machine.cpus}
         self._kernel_text = kprobes._kernel_text
         # Hooks: the machine calls the first two; the others wrap the probe core's bound
         # methods on this instance only (the class, and so other machines, are untouched).
@@ -110,18 +113,20 @@ class Invariants:
     # -- after every quantum --------------------------------------------------------------
     def _after_quantum(self, cpu: "CPU") -> None:
         self.checks += 1
-        self.check_slots()
+        self._pcs[cpu.id] = cpu.pc
+        self.check_slots(cached=True)
         if self._rps:
             self.check_pools()
 
-    def check_slots(self) -> None:
+    def check_slots(self, cached: bool = False) -> None:
         """No CPU executes in a freed slot."""
         used = self._k.slots._used
         lo, hi = mem.SLOTS.start, mem.SLOTS.end
+        pcs = self._pcs
         for cpu in self._m.cpus:
             if cpu.current is None:
                 continue
-            pc = cpu.pc
+            pc = pcs[cpu.id] if cached else cpu.pc
             if lo <= pc < hi:
                 base = pc - (pc - lo) % self._slot_size
                 if base not in used:
@@ -190,11 +195,15 @@ class Invariants:
         k = self._k
         site = k._table.get(addr)
         if site is None:
-            kcb = cpu.kprobe_ctlblk
-            if kcb.current is not None and k._slot_lo <= addr < k._slot_hi:
-                self._check_registered(kcb.current, "post_handler")
+            current = cpu.kprobe_ctlblk.current
+            if current is not None and k._slot_lo <= addr < k._slot_hi:
+                for child in current.children:
+                    if not child._registered:
+                        self._unregistered(current, "post_handler")
             return self._trap_handler(cpu, addr)
-        self._check_registered(site, "pre_handler")
+        for child in site.children:
+            if not child._registered:
+                self._unregistered(site, "pre_handler")
         hits, missed, errors = site.hits, k.missed, len(k.simulation_errors)
         handled = self._trap_handler(cpu, addr)
         if site.hits == hits and k.missed == missed and len(k.simulation_errors) == errors:
@@ -202,7 +211,7 @@ class Invariants:
                                       f"was neither a hit nor a miss")
         return handled
 
-    def _check_registered(self, site, which: str) -> None:
+    def _unregistered(self, site, which: str) -> None:
         for child in site.children:
             if not child._registered:
                 self.violation("handlers", f"{which} of {child!r} at "

@@ -29,6 +29,7 @@ import importlib.util
 import multiprocessing
 import re
 import shlex
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ from . import scenario as harness
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 DEFAULT_TIMEOUT = 120.0
+SHRINK_KINDS = 3          # kinds of failure shrunk per stress run (each costs many replays)
+INLINE_CHOICES = 40       # longer schedules go to a file, replayed with --replay @FILE
 
 
 # == scenarios ===========================================================================
@@ -61,16 +64,19 @@ def describe(name: str) -> str:
 @dataclass
 class Loaded:
     name: str
-    scenario: object
+    scenario: object             # None for a standalone script (not on the harness)
     configure: object
     doc: str
+    path: Path
 
 
 _loaded: dict[str, Loaded] = {}
 
 
 def load(name: str) -> Loaded:
-    """Import scenarios/NAME.py as a module (not as __main__) and find its `scenario`."""
+    """Import scenarios/NAME.py as a module (not as __main__) and find its `scenario`.
+    A standalone script (no `scenario` function) is run as a subprocess instead, with no
+    schedule record, so no shrinking."""
     if name in _loaded:
         return _loaded[name]
     path = SCENARIOS / f"{name}.py"
@@ -80,16 +86,15 @@ def load(name: str) -> Loaded:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     fn = getattr(module, "scenario", None)
-    if fn is None:
-        raise LookupError(f"scenario {name!r} is a standalone script, not built on the "
-                          f"harness (no `scenario(m, report, args)`); run it with "
-                          f"`smpkprobes run {name}`")
-    _loaded[name] = Loaded(name, fn, getattr(module, "configure", None), module.__doc__ or "")
+    _loaded[name] = Loaded(name, fn, getattr(module, "configure", None), module.__doc__ or "",
+                           path)
     return _loaded[name]
 
 
 def parse_args(name: str, argv: list[str]) -> argparse.Namespace:
     sc = load(name)
+    if sc.scenario is None:
+        raise LookupError(f"scenario {name!r} is a standalone script, not built on the harness")
     ap = harness.parser(sc.doc)
     if sc.configure is not None:
         sc.configure(ap)
@@ -121,6 +126,8 @@ def run_once(name: str, argv: list[str], timeout: float = DEFAULT_TIMEOUT,
              keep_schedule: bool = False) -> Outcome:
     """Run scenario `name` with command-line `argv` in this process."""
     sc = load(name)
+    if sc.scenario is None:
+        return _run_script(sc, argv, timeout)
     args = parse_args(name, argv)
     t0 = time.perf_counter()         # the host's wall clock, for the summary only
     box: dict = {}
@@ -141,6 +148,25 @@ def run_once(name: str, argv: list[str], timeout: float = DEFAULT_TIMEOUT,
     return Outcome(args.seed, report.ok, list(report.failures), kind, m.trace_digest(), dt,
                    m.statistics().quanta, list(m.schedule) if keep else None,
                    list(report.lines))
+
+
+def _run_script(sc: Loaded, argv: list[str], timeout: float) -> Outcome:
+    """A standalone scenario script: its exit status is the verdict."""
+    seed = int(argv[argv.index("--seed") + 1]) if "--seed" in argv else 0
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, str(sc.path), *argv], capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return Outcome(seed, False, [f"timed out after {timeout:.0f} s (a hang?)"], "timeout",
+                       "", time.perf_counter() - t0, 0)
+    lines = proc.stdout.splitlines()
+    failures = [] if proc.returncode == 0 else (
+        [ln for ln in lines if "FAIL" in ln][:5] or
+        [f"exit status {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1]}"])
+    return Outcome(seed, proc.returncode == 0, failures,
+                   failure_kind(failures[0]) if failures else None, "",
+                   time.perf_counter() - t0, 0, None, lines)
 
 
 def _worker(job: tuple[str, list[str], float]) -> Outcome:
@@ -314,8 +340,9 @@ def stress_main(name: str, seeds: range, extra: list[str], jobs: int = 1,
     """The `smpkprobes stress` command.  Returns the exit status."""
     from rich.console import Console
     from rich.table import Table
-    load(name)                      # fail early, with the reason, for a bad name
-    parse_args(name, seed_argv(extra, seeds.start))      # and for bad scenario flags
+    harnessed = load(name).scenario is not None      # fails early for a bad name
+    if harnessed:
+        parse_args(name, seed_argv(extra, seeds.start))  # and for bad scenario flags
     t0 = time.perf_counter()
     outcomes = run_seeds(name, extra, seeds, jobs, timeout, progress)
     wall = time.perf_counter() - t0
@@ -341,8 +368,13 @@ def stress_main(name: str, seeds: range, extra: list[str], jobs: int = 1,
     out("replay a failing seed with:")
     for o in failed:
         out(f"  {replay_command(name, seed_argv(extra, o.seed))}")
-    if do_shrink:
-        for kind, group in kinds.items():
+    if do_shrink and not harnessed:
+        out(f"({name} is a standalone script: no schedule to shrink)")
+    if do_shrink and harnessed:
+        for number, (kind, group) in enumerate(kinds.items()):
+            if number == SHRINK_KINDS:
+                out(f"(shrinking only the first {SHRINK_KINDS} kinds of failure)")
+                break
             o = group[0]
             out(f"shrinking the schedule of seed {o.seed} ({len(o.schedule or [])} choices): "
                 f"{o.failures[0]}")
@@ -356,10 +388,17 @@ def stress_main(name: str, seeds: range, extra: list[str], jobs: int = 1,
                     "a determinism bug")
                 continue
             policy = parse_args(name, seed_argv(extra, o.seed)).schedule
-            argv = [*seed_argv(extra, o.seed), "--schedule", policy,
-                    "--replay", _conductor.format_schedule(s.schedule)]
+            choices = _conductor.format_schedule(s.schedule)
+            if len(s.schedule) > INLINE_CHOICES:
+                path = Path(f"smpkprobes-replay-{name}-seed{o.seed}.txt")
+                path.write_text(choices + "\n")
+                choices = f"@{path}"
+            argv = [*seed_argv(extra, o.seed), "--schedule", policy, "--replay", choices]
             out(f"  minimal reproducer ({len(s.schedule)} of {s.original} choices, "
-                f"{s.runs} runs): {s.failure}")
+                f"{s.runs} replays): {s.failure}")
+            if not s.schedule:
+                out("  (no choices needed: with the seed's other random decisions, plain "
+                    "round-robin reproduces it)")
             out(f"  {replay_command(name, argv)}")
     return 1
 
@@ -374,31 +413,31 @@ class MutantResult:
     seeds_needed: int | None
     failure: str
     seconds: float
+    caught_in: int = 0          # with rate=True: how many of the seeds tried caught it
+    tried: int = 0
 
 
 def mutation_check(max_seeds: int = 20, jobs: int = 1, names: list[str] | None = None,
                    extra: list[str] | None = None, progress: bool = True,
-                   timeout: float = 60.0) -> list[MutantResult]:
-    """Inject each mutant; stress its scenarios seed by seed until one fails."""
+                   timeout: float = 60.0, rate: bool = False) -> list[MutantResult]:
+    """Inject each mutant; stress the scenarios that hunt it, seed by seed, until one fails
+    (with `rate`, over all `max_seeds` seeds, to count how many catch it)."""
     results = []
     for mname in names or _mutants.names():
         mutant = _mutants.MUTANTS[mname]
         t0 = time.perf_counter()
-        caught = None
+        result = MutantResult(mname, mutant.bug, False, None, None, "", 0.0)
         for scen in mutant.hunted_by:
             argv = [*(extra or []), "--mutant", mname]
             outs = run_seeds(scen, argv, range(max_seeds), jobs, timeout, progress,
-                             stop_at_first=True, label=f"{mname} / {scen}")
-            bad = next((o for o in outs if not o.ok), None)
-            if bad is not None:
-                caught = (scen, bad.seed + 1, bad.failures[0])
+                             stop_at_first=not rate, label=f"{mname} / {scen}")
+            bad = [o for o in outs if not o.ok]
+            if bad:
+                result = MutantResult(mname, mutant.bug, True, scen, bad[0].seed + 1,
+                                      bad[0].failures[0], 0.0, len(bad), len(outs))
                 break
-        dt = time.perf_counter() - t0
-        if caught:
-            results.append(MutantResult(mname, mutant.bug, True, caught[0], caught[1],
-                                        caught[2], dt))
-        else:
-            results.append(MutantResult(mname, mutant.bug, False, None, None, "", dt))
+        result.seconds = time.perf_counter() - t0
+        results.append(result)
     return results
 
 
@@ -406,11 +445,12 @@ def print_mutation_table(results: list[MutantResult], max_seeds: int) -> None:
     from rich.console import Console
     from rich.table import Table
     table = Table(title=f"mutation check: each bug injected alone, up to {max_seeds} seeds")
-    for col in ("mutant", "bug", "caught", "by", "seeds needed", "first failure"):
+    for col in ("mutant", "bug", "caught", "by", "seeds needed", "caught in", "first failure"):
         table.add_column(col, overflow="fold")
     for r in results:
         table.add_row(r.mutant, r.bug, "yes" if r.caught else "[red]NO",
                       r.scenario or "-", str(r.seeds_needed or "-"),
+                      f"{r.caught_in}/{r.tried} seeds" if r.tried else "-",
                       (r.failure[:90] + "...") if len(r.failure) > 90 else r.failure)
     Console(file=sys.stdout, width=160).print(table)
 

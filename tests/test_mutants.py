@@ -1,0 +1,122 @@
+"""Checking the checkers: the always-on invariants, and the mutation check of the stress suite."""
+
+import functools
+
+import pytest
+import trio
+
+from smpkprobes import Kprobe, Kretprobe, Machine, SimulationError
+from smpkprobes import _memory as mem
+from smpkprobes import _mutants, _stress
+from smpkprobes._invariants import InvariantViolation
+from smpkprobes._kprobes import KprobesSubsystem
+from smpkprobes._machine import SMPMachine
+
+
+# -- the invariants ------------------------------------------------------------------------
+async def test_invariants_leave_the_run_unchanged():
+    """The checks only read: a run with them is the same run, event for event."""
+    async def digest(inv):
+        async with Machine(cpus=4, seed=9, invariants=inv) as m:
+            kp = Kprobe(symbol_name="do_fork", pre_handler=lambda p, r: 0)
+            await m.kprobes.register_kprobe(kp)
+            async with trio.open_nursery() as n:
+                for c in range(4):
+                    n.start_soon(functools.partial(m.call, "fork_loop", 50, cpu=c))
+            await m.kprobes.unregister_kprobe(kp)
+        return m.trace_digest(), m.invariants.checks if m.invariants else 0
+    (on, checks), (off, _) = await digest("raise"), await digest(False)
+    assert on == off and checks > 0
+
+
+async def test_a_clobbered_disarmed_address_is_a_text_violation():
+    """Text at an unregistered probe's address that differs from the original is reported,
+    and leaving the machine raises InvariantViolation, a SimulationError."""
+    with pytest.raises(InvariantViolation, match=r"text: disarmed probe address kprobe_target"):
+        async with Machine(cpus=1) as m:
+            kp = Kprobe(symbol_name="kprobe_target")
+            await m.kprobes.register_kprobe(kp)
+            await m.kprobes.unregister_kprobe(kp)
+            m.write_memory(kp.addr, b"\x90")
+    assert issubclass(InvariantViolation, SimulationError)
+
+
+async def test_a_cpu_in_a_free_slot_is_a_slot_violation():
+    """A CPU running at an address of an unallocated instruction slot is reported."""
+    async with Machine(cpus=1, invariants="record") as m:
+        cpu = m.cpus[0]
+        cpu.current, cpu.pc = object(), mem.SLOTS.start + 8
+        m.invariants.check_slots()
+        cpu.current = None
+    assert m.invariants.violations == [f"slots: cpu0 executes at {mem.SLOTS.start + 8:#x} in "
+                                       f"insn slot {mem.SLOTS.start:#x}, which is free"]
+
+
+async def test_a_lost_instance_is_a_pool_violation():
+    """free + in use != maxactive is reported at the next quantum."""
+    async with Machine(cpus=1, invariants="record") as m:
+        rp = Kretprobe(symbol_name="kprobe_target", maxactive=3)
+        await m.kprobes.register_kretprobe(rp)
+        rp._free.pop()
+        await m.call("kprobe_target", 3)
+        await m.kprobes.unregister_kretprobe(rp)
+    assert "pool: <Kretprobe kprobe_target>: free 2 + in use 0 != maxactive 3" in \
+        m.invariants.violations
+
+
+async def test_an_uncounted_entry_is_an_entries_violation():
+    """taken + nmissed must equal the entries into the kretprobe's function."""
+    async with Machine(cpus=1, invariants="record") as m:
+        rp = Kretprobe(symbol_name="kprobe_target", maxactive=1)
+        await m.kprobes.register_kretprobe(rp)
+        await m.call("kprobe_target", 3)
+        rp.nmissed += 1
+        await m.call("kprobe_target", 3)
+        await m.kprobes.unregister_kretprobe(rp)
+    assert any(v.startswith("entries: <Kretprobe kprobe_target>: taken 2 + nmissed 1 != "
+                            "entries 2") for v in m.invariants.violations)
+
+
+async def test_a_return_handler_after_unregister_is_a_handlers_violation():
+    """With orphans not handled, a call asleep at unregister runs the handler later: caught."""
+    with _mutants.injected("orphans_not_handled"):
+        async with Machine(cpus=2, seed=1, invariants="record") as m:
+            rp = Kretprobe(symbol_name="sleepy", handler=lambda ri, r: 0)
+            await m.kprobes.register_kretprobe(rp)
+            async with trio.open_nursery() as n:
+                n.start_soon(m.call, "sleepy", 1)
+                await m.call("fork_loop", 2000)       # sleepy is asleep inside meanwhile
+                await m.kprobes.unregister_kretprobe(rp)
+    assert m.invariants.violations == ["handlers: return handler of <Kretprobe sleepy> about "
+                                       "to run after unregister_kretprobe returned"]
+
+
+# -- the mutation check ------------------------------------------------------------------------
+def test_mutants_are_undone():
+    """Leaving `injected` puts every patched method back."""
+    before = {k: dict(vars(c)) for k, c in (("k", KprobesSubsystem), ("m", SMPMachine))}
+    for name in _mutants.names():
+        with _mutants.injected(name):
+            pass
+    after = {k: dict(vars(c)) for k, c in (("k", KprobesSubsystem), ("m", SMPMachine))}
+    assert before == after
+
+
+def test_every_mutant_is_caught_within_a_few_seeds():
+    """Each known probe-core bug, injected alone, fails a stress scenario within 3 seeds;
+    the same seeds pass without it."""
+    results = _stress.mutation_check(max_seeds=3, progress=False, timeout=60)
+    table = {r.mutant: (r.caught, r.scenario, r.seeds_needed) for r in results}
+    assert sorted(table) == sorted(_mutants.names())
+    assert all(r.caught for r in results), table
+    for r in results:
+        clean = _stress.run_seeds(r.scenario, [], range(r.seeds_needed), progress=False)
+        assert all(o.ok for o in clean), (r.scenario, [o.failures for o in clean])
+
+
+def test_a_mutant_failure_replays_exactly():
+    """The replay command printed for a failing seed reproduces the same failure."""
+    argv = _stress.seed_argv(["--mutant", "slot_reused_at_once"], 0)
+    first = _stress.run_once("unregister_while_firing", argv)
+    again = _stress.run_once("unregister_while_firing", argv)
+    assert not first.ok and (again.failures, again.digest) == (first.failures, first.digest)

@@ -1,0 +1,180 @@
+"""Schedules: recording, exact replay, the PCT policy, shrinking, and Hypothesis-driven choices."""
+
+import functools
+import random
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from smpkprobes import Kprobe, Kretprobe, Machine
+from smpkprobes import _conductor, _stress
+from smpkprobes._conductor import (Conductor, PCTConductor, ReplayConductor, format_schedule,
+                                   make_conductor, parse_schedule, policy_factory,
+                                   replay_factory)
+
+
+async def _run(conductor="random", seed=3, preempt=True, cpus=4):
+    """A small probed workload; returns (digest, schedule, results)."""
+    async with Machine(cpus=cpus, seed=seed, preempt=preempt, conductor=conductor) as m:
+        kp = Kprobe(symbol_name="do_fork", pre_handler=lambda p, r: 0,
+                    post_handler=lambda p, r, f: None)
+        rp = Kretprobe(symbol_name="fib", handler=lambda ri, r: 0, maxactive=3)
+        await m.kprobes.register_kprobe(kp)
+        await m.kprobes.register_kretprobe(rp)
+        results = {}
+
+        async def one(func, arg, cpu):
+            results[(func, cpu)] = await m.call(func, arg, cpu=cpu)
+        async with trio.open_nursery() as n:
+            for c in range(cpus):
+                n.start_soon(one, "fork_loop", 40, c)
+                n.start_soon(one, "fib", 7, c)
+        await m.kprobes.unregister_kprobe(kp)
+        await m.kprobes.unregister_kretprobe(rp)
+    return m.trace_digest(), list(m.schedule), results
+
+
+@pytest.mark.parametrize("policy", ["random", "pct", "pct:5:50"])
+async def test_record_then_replay_gives_the_same_trace_digest(policy):
+    """Replaying a run's recorded schedule with the same seed reproduces it event for event."""
+    digest, schedule, results = await _run(policy)
+    again, schedule2, results2 = await _run(replay_factory(schedule, policy))
+    assert (again, schedule2, results2) == (digest, schedule, results)
+    assert len(schedule) > 20
+
+
+async def test_every_decision_is_recorded_in_order():
+    """m.schedule holds one (cpu, quantum) per quantum run, matching the trace's quanta."""
+    async with Machine(cpus=2, seed=1) as m:
+        async with trio.open_nursery() as n:
+            n.start_soon(functools.partial(m.call, "fork_loop", 300, cpu=0))
+            n.start_soon(functools.partial(m.call, "fork_loop", 300, cpu=1))
+        quanta = [(e[1], e[3]) for e in m.trace if e[0] == "q"]
+    assert m.schedule == quanta and m.statistics().quanta == len(quanta)
+
+
+async def test_a_replayed_prefix_is_followed_then_round_robin():
+    """A truncated schedule is followed to its end, then CPUs take turns with a fixed
+    quantum; two such replays are identical."""
+    _, schedule, results = await _run("random")
+    prefix = schedule[:10]
+    a = await _run(replay_factory(prefix))
+    b = await _run(replay_factory(prefix))
+    assert a == b and a[1][:10] == prefix and a[2] == results
+    assert {q for _, q in a[1][10:]} == {1024}
+
+
+async def test_pct_differs_from_random_and_is_seeded():
+    """PCT makes a different interleaving from the random policy; same seed, same PCT run."""
+    r, p1, p2 = await _run("random"), await _run("pct"), await _run("pct")
+    assert p1 == p2 and p1[0] != r[0] and p1[2] == r[2]
+
+
+def test_pct_priorities_and_change_points():
+    """The highest-priority runnable CPU runs; at a change point it drops below the rest."""
+    class C:
+        def __init__(self, i):
+            self.id, self.clock = i, 0
+    cpus = [C(i) for i in range(3)]
+    pct = PCTConductor(random.Random(7), depth=2, steps=4)
+    step = next(iter(pct.change_points))
+    picks = [pct.pick(cpus)[0].id for _ in range(6)]
+    first = picks[0]
+    assert picks[:step] == [first] * step
+    assert first not in picks[step:] and len(set(picks[step:])) == 1
+    assert pct.schedule[0][0] == first
+
+
+def test_pct_lets_a_laggard_run():
+    """A CPU more than max_lag behind the chosen one runs instead (no starvation for ever)."""
+    class C:
+        def __init__(self, i, clock):
+            self.id, self.clock = i, clock
+    pct = PCTConductor(random.Random(1), depth=1, max_lag=100)
+    cpus = [C(0, 0), C(1, 0)]
+    top = pct.pick(cpus)[0]
+    top.clock = 1000
+    assert pct.pick(cpus)[0] is not top
+
+
+def test_replay_falls_back_when_the_recorded_cpu_cannot_run():
+    """A recorded CPU that is not runnable yields to the policy's choice, keeping the quantum."""
+    class C:
+        def __init__(self, i):
+            self.id, self.clock = i, 0
+    r = ReplayConductor([(5, 99)], Conductor(random.Random(0)))
+    cpu, q = r.pick([C(0), C(1)])
+    assert (cpu.id, q, r.divergences) == (0, 99, 1)
+
+
+def test_schedule_text_round_trips():
+    """format_schedule and parse_schedule are inverses; empty text is the empty schedule."""
+    s = [(0, 16), (3, 4096), (1, 77)]
+    assert parse_schedule(format_schedule(s)) == s and format_schedule(s) == "0:16,3:4096,1:77"
+    assert parse_schedule("") == []
+
+
+def test_conductor_specs():
+    """Machine(conductor=...) takes a policy name, a factory or a Conductor."""
+    rng = random.Random(0)
+    assert type(make_conductor(None, rng, (16, 64))) is Conductor
+    assert isinstance(make_conductor("pct:4:100", rng, (16, 64)), PCTConductor)
+    assert make_conductor("pct:4:100", rng, (16, 64)).describe() == "pct:4:100"
+    c = Conductor(rng)
+    assert make_conductor(c, rng, (16, 64)) is c
+    assert isinstance(make_conductor(replay_factory([(0, 1)]), rng, (16, 64)), ReplayConductor)
+    with pytest.raises(ValueError, match="unknown schedule policy"):
+        policy_factory("fifo")
+
+
+# -- Hypothesis drives the choices ---------------------------------------------------------
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 3000)), max_size=60),
+       st.integers(0, 2**16))
+def test_any_schedule_keeps_the_probe_core_correct(choices, seed):
+    """Whatever interleaving Hypothesis picks, results are exact and no invariant breaks
+    (the machine raises InvariantViolation on exit if one did)."""
+    async def main():
+        async with Machine(cpus=4, seed=seed, conductor=replay_factory(choices)) as m:
+            hits = [0]
+            kp = Kprobe(symbol_name="do_fork",
+                        pre_handler=lambda p, r: hits.__setitem__(0, hits[0] + 1))
+            rp = Kretprobe(symbol_name="sleepy", handler=lambda ri, r: 0, maxactive=2)
+            await m.kprobes.register_kprobe(kp)
+            await m.kprobes.register_kretprobe(rp)
+            out = []
+
+            async def one(func, arg, cpu):
+                out.append((func, await m.call(func, arg, cpu=cpu)))
+            async with trio.open_nursery() as n:
+                for c in range(4):
+                    n.start_soon(one, "fork_loop", 25, c)
+                    n.start_soon(one, "sleepy", 1, None)
+                await trio.sleep(0)
+                await m.kprobes.unregister_kprobe(kp)
+                await m.kprobes.unregister_kretprobe(rp)
+            assert sorted(out) == sorted([("fork_loop", 25)] * 4 + [("sleepy", 1)] * 4)
+            assert hits[0] + kp.nmissed <= 100 and not m.oopses
+    trio.run(main)
+
+
+# -- shrinking ---------------------------------------------------------------------------
+def test_shrinking_keeps_the_failure_and_never_grows():
+    """A failing run's schedule shrinks to one no longer, whose replay fails the same way."""
+    argv = ["--mutant", "no_text_sync", "--size", "40"]
+    out = _stress.run_once("concurrent_hits", _stress.seed_argv(argv, 2))
+    assert not out.ok and out.schedule
+    shrunk = _stress.shrink("concurrent_hits", argv, 2, out.schedule, out.kind, max_runs=30)
+    assert shrunk.reproduced and len(shrunk.schedule) <= len(out.schedule)
+    replay = _stress.run_once("concurrent_hits", [*_stress.seed_argv(argv, 2), "--replay",
+                                                  format_schedule(shrunk.schedule)])
+    assert out.kind in {_stress.failure_kind(f) for f in replay.failures}
+
+
+def test_failure_kinds_ignore_numbers():
+    """Two failures that differ only in CPU numbers and addresses are the same kind."""
+    a = _stress.failure_kind("invariant slots: cpu2 executes at 0x6000d8 in slot 0x6000c0")
+    b = _stress.failure_kind("invariant slots: cpu0 executes at 0x600008 in slot 0x600000")
+    assert a == b != _stress.failure_kind("invariant pool: free 1 + in use 2 != maxactive 4")
