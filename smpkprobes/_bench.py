@@ -73,6 +73,19 @@ def bench_machine(arch: str = "x86_64", n: int = 200_000, cpu_counts=(1, 2, 4, 8
     return rows
 
 
+def bare_hook_cost(n: int = 20_000) -> float:
+    """Microseconds for one no-op Python UC_HOOK_CODE callback on a bare x86_64 instance."""
+    uc, ks, call, _ = _bare("x86_64")
+    target = ks.lookup("bench_target").addr
+    call("bench_loop", n)
+    t = time.perf_counter(); call("bench_loop", n); plain = time.perf_counter() - t
+    uc.hook_add(unicorn.UC_HOOK_CODE, lambda *a: None, None, target, target)
+    uc.ctl_flush_tb()
+    call("bench_loop", 10)
+    t = time.perf_counter(); call("bench_loop", n); hooked = time.perf_counter() - t
+    return (hooked - plain) / n * 1e6
+
+
 def bench_kprobe(arch: str = "x86_64", n: int = 20_000, others: int = 10_000) -> list[dict]:
     from ._kprobes import Kprobe
     uc, ks, call, _ = _bare(arch)
@@ -140,7 +153,78 @@ def bench_kprobe(arch: str = "x86_64", n: int = 20_000, others: int = 10_000) ->
     ]
 
 
-def main(what: str = "all", quick: bool = False) -> int:
+def bench_overhead(arch: str = "x86_64", n: int = 10_000) -> dict[str, float]:
+    """The kprobes document's overhead table for this machine: microseconds of host time per
+    hit on bench_target, for k (kprobe), j (jprobe), r (return probe), kr and jr, plus the
+    stepped (unboosted) kprobe.  Each figure is (probed - unprobed) / hits, best of three."""
+    from ._kprobes import Jprobe, Kprobe, Kretprobe, jprobe_return
+
+    def j_entry(x):
+        jprobe_return()
+
+    def configs():
+        yield "k", lambda: [Kprobe(symbol_name="bench_target", pre_handler=lambda p, r: 0)]
+        yield "k (stepped)", lambda: [Kprobe(symbol_name="bench_target",
+                                             pre_handler=lambda p, r: 0,
+                                             post_handler=lambda p, r, f: None)]
+        yield "j", lambda: [Jprobe(j_entry, symbol_name="bench_target")]
+        yield "r", lambda: [Kretprobe(handler=lambda ri, r: 0, symbol_name="bench_target")]
+        yield "kr", lambda: [Kprobe(symbol_name="bench_target", pre_handler=lambda p, r: 0),
+                             Kretprobe(handler=lambda ri, r: 0, symbol_name="bench_target")]
+        yield "jr", lambda: [Jprobe(j_entry, symbol_name="bench_target"),
+                             Kretprobe(handler=lambda ri, r: 0, symbol_name="bench_target")]
+
+    async def register(m, probes):
+        for p in probes:
+            kind = {Kprobe: "kprobe", Jprobe: "jprobe", Kretprobe: "kretprobe"}[type(p)]
+            await getattr(m.kprobes, f"register_{kind}")(p)
+
+    async def unregister(m, probes):
+        for p in probes:
+            kind = {Kprobe: "kprobe", Jprobe: "jprobe", Kretprobe: "kretprobe"}[type(p)]
+            await getattr(m.kprobes, f"unregister_{kind}")(p)
+
+    async def run():
+        out = {}
+        async with Machine(arch=arch, cpus=1, seed=1, trap_delay=0) as m:
+            async def timed():
+                best = float("inf")
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    await m.call("bench_loop", n, cpu=0)
+                    best = min(best, time.perf_counter() - t0)
+                return best
+            base = await timed()
+            for name, make in configs():
+                probes = make()
+                await register(m, probes)
+                out[name] = (await timed() - base) / n * 1e6
+                await unregister(m, probes)
+        return out
+    return trio.run(run)
+
+
+def print_overhead(rows: dict[str, dict[str, float]], hook_us: float) -> None:
+    print("bench overhead: us per hit on bench_target (1 CPU), as the kprobes document's table")
+    print("  k = unboosted kprobe (trap + single-step, as in 2.6.25); kb = boosted kprobe (later "
+          "kernels)")
+    cols = ["k", "j", "r", "kr", "jr", "kb"]
+    print(f"  {'arch':<9}" + "".join(f"{c:>8}" for c in cols) +
+          f"{'j/k':>7}{'r/k':>7}{'kr/r':>7}{'r/kb':>7}")
+    print(f"  {'document':<9}" + "".join(f"{v:>8}" for v in
+                                         ("0.49", "0.76", "0.80", "0.82", "1.07", "-")) +
+          f"{'1.55':>7}{'1.63':>7}{'1.03':>7}{'-':>7}   (x86_64, Opteron 246)")
+    for arch, r in rows.items():
+        k = r["k (stepped)"]
+        vals = [k, r["j"], r["r"], r["kr"], r["jr"], r["k"]]
+        print(f"  {arch:<9}" + "".join(f"{v:>8.2f}" for v in vals) +
+              f"{r['j'] / k:>7.2f}{r['r'] / k:>7.2f}{r['kr'] / r['r']:>7.2f}"
+              f"{r['r'] / r['k']:>7.2f}")
+    print(f"  baseline: a bare Unicorn UC_HOOK_CODE Python callback costs {hook_us:.2f} us")
+    print("  targets (the document's rules): j and r <= 1.75 x k; kr <= 1.1 x r")
+
+
+def main(what: str = "all", quick: bool = False, arches=None) -> int:
     if what in ("all", "machine"):
         rows = bench_machine(n=50_000 if quick else 200_000)
         print("bench machine: guest instructions per second, probe-free bench_loop on every CPU")
@@ -148,6 +232,11 @@ def main(what: str = "all", quick: bool = False) -> int:
         for r in rows:
             print(f"  {r['config']:<32} {r['ips'] / 1e6:>9.1f} {r['ratio']:>7.1%}")
         print("  target: 8 CPUs keep >= 50% of the bare instance")
+    if what in ("all", "overhead"):
+        from cpus import available
+        rows = {arch: bench_overhead(arch, n=3_000 if quick else 10_000)
+                for arch in (arches or available())}
+        print_overhead(rows, bare_hook_cost(n=5_000 if quick else 20_000))
     if what in ("all", "kprobe"):
         rows = bench_kprobe(n=5_000 if quick else 20_000, others=2_000 if quick else 10_000)
         print("bench kprobe: cost per hit on bench_target (1 CPU)")

@@ -64,8 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--seed", type=int, default=1)
         p.add_argument("--preempt", action="store_true")
     b = sub.add_parser("bench", help="benchmarks: machine throughput, kprobe hit cost")
-    b.add_argument("what", nargs="?", default="all", choices=["all", "machine", "kprobe"])
+    b.add_argument("what", nargs="?", default="all",
+                   choices=["all", "machine", "kprobe", "overhead"])
     b.add_argument("--quick", action="store_true", help="smaller runs")
+    b.add_argument("--arch", action="append", help="overhead table for this arch only "
+                   "(repeatable; default: every available arch)")
     r = sub.add_parser("run", help="run a scenario from scenarios/")
     r.add_argument("scenario")
     r.add_argument("args", nargs=argparse.REMAINDER)
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "demo":
         return trio.run(functools.partial(demo, a.arch, a.cpus, a.seed, a.preempt))
     if a.cmd == "bench":
-        return _bench.main(a.what, quick=a.quick)
+        return _bench.main(a.what, quick=a.quick, arches=a.arch)
     if a.cmd == "trace":
         return _trace(a)
     if a.cmd == "list":

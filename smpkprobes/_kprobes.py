@@ -289,6 +289,7 @@ class KprobesSubsystem:
         self._pc_reg = machine.backend.cc.pc_reg
         k = machine.kallsyms
         self._trampoline = k.lookup("kretprobe_trampoline").addr
+        self._trampoline_site = _Site(self._trampoline, None, b"")
         self._jprobe_return = k.lookup("jprobe_return").addr
         text = machine.kernel.sections[".text"]
         self._kernel_text = (text[0], text[0] + text[1])
@@ -707,8 +708,7 @@ class KprobesSubsystem:
             # the CPU enters the slot; grace periods still wait for it to leave (PC check).
             self._trace.append(("ss", cpu.id, site.addr, cpu.clock + cpu.intra, "boost"))
             site.boost_used = True
-            if regs._dirty:
-                regs.flush()
+            regs.flush_except_pc()
             cpu.pc = site.slot + self._slot_stride
             kcb.current = None
             kcb.status = Status.NONE
@@ -721,7 +721,7 @@ class KprobesSubsystem:
         if not reenter:
             kcb.set_status(Status.HIT_SS)
         kcb.ss_addr = site.slot + plan.length
-        regs.flush()
+        regs.flush_except_pc()
         cpu.pc = site.slot
 
     def _post_kprobe_handler(self, cpu: "CPU", kcb: KprobeCtlblk, resume: int) -> None:
@@ -758,7 +758,7 @@ class KprobesSubsystem:
         site = kcb.current
         self._trace.append(("done", cpu.id, site.addr if site is not None else 0,
                             cpu.clock + cpu.intra))
-        regs.flush()
+        regs.flush_except_pc()
         cpu.pc = resume
         kcb.reset()
         cpu.preempt_count -= 1
@@ -919,7 +919,7 @@ class KprobesSubsystem:
         regs = Regs(cpu)
         regs.write("ip", correct)
         cpu.preempt_count += 1
-        kcb.current = _Site(self._trampoline, None, b"")     # probes hit here are missed
+        kcb.current = self._trampoline_site      # probes hit in the handlers are missed
         kcb.set_status(Status.HIT_ACTIVE)
         try:
             for ri in batch:
@@ -973,9 +973,13 @@ class KprobesSubsystem:
         sp, size = cc.stack_window(regs, MAX_STACK_SIZE)
         task = cpu.current
         size = min(size, task.stack_top - sp) if task is not None else size
-        saved = (cpu.context_save(), sp, self._m.memory.peek(sp, max(0, size)))
+        stack = self._m.memory.peek(sp, max(0, size))
         if callable(jp.entry) and not isinstance(jp.entry, (int, str)):
-            nargs = _arity(jp.entry)
+            # A Python entry gets copies of the arguments and no regs, so only the stack
+            # (reachable through guest memory) needs saving: no CPU context round trip.
+            nargs = jp.__dict__.get("_nargs")
+            if nargs is None:
+                nargs = jp._nargs = _arity(jp.entry)
             args = [cc.arg(regs, i) for i in range(nargs)]
             try:
                 jp.entry(*args)
@@ -986,10 +990,9 @@ class KprobesSubsystem:
                 raise RuntimeError(f"jprobe handler {name} returned without calling "
                                    f"jprobe_return()")
             finally:
-                cpu.context_restore(saved[0])
-                self._m.memory.poke(sp, saved[2])
+                self._m.memory.poke(sp, stack)
             return 0
-        kcb.jprobe_saved = saved
+        kcb.jprobe_saved = (cpu.context_save(), sp, stack)
         regs.write("ip", self._m.resolve_function(jp.entry))
         return 1
 

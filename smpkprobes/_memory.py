@@ -56,6 +56,7 @@ class PhysicalMemory:
     def __init__(self, regions: tuple[Region, ...] = REGIONS):
         self.regions = regions
         self.size = max(r.end for r in regions)
+        self._bounds = tuple((r.start, r.end) for r in regions)
         self._mm = mmap.mmap(-1, self.size)
         self._base = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
 
@@ -70,9 +71,12 @@ class PhysicalMemory:
         return None
 
     def _check(self, addr: int, size: int) -> None:
-        r = self.region_of(addr)
-        if r is None or addr + size > r.end:
-            raise GuestMemoryError(f"guest access {addr:#x}+{size:#x} is not mapped")
+        # On the hit path (return addresses, stack words): plain int compares, no calls.
+        end = addr + size
+        for start, stop in self._bounds:
+            if start <= addr and end <= stop:
+                return
+        raise GuestMemoryError(f"guest access {addr:#x}+{size:#x} is not mapped")
 
     def read(self, addr: int, size: int) -> bytes:
         self._check(addr, size)

@@ -85,6 +85,13 @@ class Regs:
         """Seed the cache without marking the register dirty (the probe core knows it)."""
         self._cache[name] = value
 
+    def flush_except_pc(self) -> None:
+        """Write back every dirty register but the PC, which the caller sets itself (a PC
+        write inside a Unicorn hook forces a translation-block exit: do it once)."""
+        if self._dirty:
+            self._dirty.discard(self.cpu.backend.cc.pc_reg)
+            self.flush()
+
     def flush(self) -> None:
         if self._dirty:
             for name in self._dirty:
