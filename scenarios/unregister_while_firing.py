@@ -3,7 +3,8 @@
 A kprobe on every instruction of do_fork and bench_target (every other one with a
 post_handler, so some are boosted and some single-stepped), then, for the last phase, a
 kretprobe on sleepy with calls asleep inside it and (batch mode) a jprobe on do_fork whose
-handler is the guest's jdo_fork (CPUs spend long stretches inside it, printk-ing).  Each mode (batch, then one-by-one) runs three phases:
+handler is the guest's jdo_fork (CPUs spend long stretches inside it, printk-ing).  Each
+mode (batch, then one-by-one) runs three phases:
 
   1. warm   every CPU runs fork_loop and bench_loop unprobed, so its translation cache
             holds the code about to be patched;
@@ -38,7 +39,6 @@ except ImportError:      # run from a source checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import smpkprobes
 
-from cpus import UnsteppableError
 from smpkprobes import Jprobe, Kprobe, KprobeError, Kretprobe
 from smpkprobes.scenario import scenario_main
 
@@ -50,36 +50,47 @@ def vnow(m) -> int:
     return max(c.clock for c in m.cpus)
 
 
-def make_probes(m, counts, late, gone):
-    """A kprobe on each instruction boundary of FUNCS that the arch can step."""
-    probes = []
+async def probeable(m) -> list[tuple[str, int, int]]:
+    """(function, address, index) of each instruction boundary of FUNCS that the arch lets
+    a kprobe sit on (a trial registration asks; sparc64, say, refuses delay slots)."""
+    spots = []
     for func in FUNCS:
         sym = m.kallsyms.lookup(func)
         for i, addr in enumerate(sorted(m.kprobes._insn_boundaries(sym))):
+            trial = Kprobe(addr=addr)
             try:
-                m.backend.plan_insn(m.kprobes.original_text(addr, m.backend.max_insn_len), addr)
-            except UnsteppableError:
+                await m.kprobes.register_kprobe(trial)
+            except KprobeError:
                 continue
-            def pre(p, regs):
-                counts[id(p)] = counts.get(id(p), 0) + 1
-                if id(p) in gone:
-                    late.append((p.symbol_name or hex(p.addr), "pre", regs.cpu.id))
-                return 0
+            await m.kprobes.unregister_kprobe(trial)
+            spots.append((func, addr, i))
+    return spots
 
-            def post(p, regs, flags):
-                if id(p) in gone:
-                    late.append((hex(p.addr), "post", regs.cpu.id))
-            probes.append((func, Kprobe(addr=addr, pre_handler=pre,
-                                        post_handler=post if i % 2 else None)))
+
+def make_probes(spots, counts, late, gone):
+    """A kprobe on each spot, every other one with a post_handler."""
+    def pre(p, regs):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+        if id(p) in gone:
+            late.append((hex(p.addr), "pre", regs.cpu.id))
+        return 0
+
+    def post(p, regs, flags):
+        if id(p) in gone:
+            late.append((hex(p.addr), "post", regs.cpu.id))
+    probes = []
+    for func, addr, i in spots:
+        probes.append((func, Kprobe(addr=addr, pre_handler=pre,
+                                    post_handler=post if i % 2 else None)))
     return probes
 
 
-async def one_mode(m, report, args, mode: str) -> dict:
+async def one_mode(m, report, args, mode: str, spots) -> dict:
     n = args.size or 20
     counts: dict[int, int] = {}
     late: list = []
     gone: set[int] = set()
-    probes = make_probes(m, counts, late, gone)
+    probes = make_probes(spots, counts, late, gone)
     kps = [p for _, p in probes]
 
     # -- a batch that fails half-way rolls back ---------------------------------------
@@ -224,8 +235,9 @@ async def one_mode(m, report, args, mode: str) -> dict:
 
 
 async def scenario(m, report, args) -> None:
-    rows = [await one_mode(m, report, args, "batch"),
-            await one_mode(m, report, args, "one-by-one")]
+    spots = await probeable(m)
+    rows = [await one_mode(m, report, args, "batch", spots),
+            await one_mode(m, report, args, "one-by-one", spots)]
     report.print(f"unregister_while_firing: {m.ncpus} CPUs firing fork_loop/bench_loop "
                  f"({args.size or 20} iterations per call) while the probes go")
     report.print(f"  {'mode':<11} {'probes':>6} {'grace periods':>13} {'text syncs':>10} "

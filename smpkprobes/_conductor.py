@@ -1,4 +1,5 @@
-"""The conductor: which CPU runs next, and for how many instructions.
+"""The conductor: which CPU runs next, for how many instructions, and every other coin the
+machine tosses.
 
 Every CPU keeps a virtual clock (one ns per instruction).  The default policy is a
 discrete-event simulation: the runnable CPU whose clock is furthest behind runs next, for a
@@ -7,24 +8,36 @@ range from a handful of instructions (fine enough for real races) to thousands (
 enough to be fast).  Ties go to the lower CPU id.  Nothing here reads the wall clock or
 depends on trio's own scheduling order.
 
+The machine's other random decisions go through the conductor too, as coins: whether a
+trap is handled a quantum late ("defer", the window of the removal race), how many quanta
+an IPI takes ("ipi"), whether a task is preempted ("preempt").  By default they are drawn
+from the same seeded generator, in the same order as always.
+
 Schedules
 ---------
 Whatever the policy, every decision is written down: `conductor.schedule` (also
-`Machine.schedule`) is the run's list of `(cpu id, quantum)` choices, in order.  Three
-policies make the space of interleavings something one can explore and replay:
+`Machine.schedule`) is the run's list of `(cpu id, quantum)` choices, in order, and
+`conductor.coins` its list of `(kind, value, step)` coins (step: how many quanta had been
+chosen when the coin was tossed).  Three policies make the space of interleavings something one can
+explore and replay:
 
   * `Conductor` ("random"): the seeded discrete-event policy above;
   * `PCTConductor` ("pct"): probabilistic concurrency testing, Burckhardt et al. (ASPLOS
     2010): each CPU gets a random priority, the highest-priority runnable CPU runs, and at
     d-1 random change points the running CPU drops below every other.  A bug that needs d
     particular orderings is found with probability at least 1/(n * k^(d-1)) per run;
-  * `ReplayConductor`: follows a recorded schedule exactly, then hands over to a plain
-    round-robin.  It still asks the recorded policy for its choice at every step, and
-    ignores it, so that the policy's draws from the machine's generator (which the machine
-    shares for trap deferral, IPI delays and preemption) line up: replaying a full schedule
-    with the same seed reproduces the run event for event.
+  * `ReplayConductor`: follows a recording: its choices and its coins.  Wherever the
+    recording says nothing, it does the simplest thing: the next CPU in id order for a fixed
+    quantum, and every coin 0 (no deferred trap, no IPI delay, no preemption).  So a full
+    recording replays the run event for event, and a few choices and coins on top of
+    round-robin (what shrinking leaves) are a readable reproducer.
 
-Choose one with `Machine(conductor=...)`: a name ("random", "pct", "pct:D" or
+A recording's text form ("0:120,2:16,#2.0=1"): "CPU:QUANTUM" items give the choices in
+order, "STEP@CPU:QUANTUM" items give the choice at one step, "#STEP.K=V" gives the K-th
+coin tossed at that step the value V (coins left out are 0).  Coins are addressed by step
+so that taking one override out of a recording does not move the others.
+
+Choose a policy with `Machine(conductor=...)`: a name ("random", "pct", "pct:D" or
 "pct:D:STEPS"), a factory called as `factory(rng, qmin, qmax)`, or a ready `Conductor`.
 """
 
@@ -32,7 +45,8 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
 
 Choice = tuple[int, int]        # (cpu id, quantum in instructions)
 
@@ -46,9 +60,11 @@ class Conductor:
         if not 1 <= qmin <= qmax:
             raise ValueError(f"bad quantum range {qmin}..{qmax}")
         self.rng = rng
+        self.coin_rng = rng          # the machine's generator: coins are tossed with it
         self.qmin, self.qmax = qmin, qmax
         self._lo, self._hi = math.log(qmin), math.log(qmax + 1)
         self.schedule: list[Choice] = []
+        self.coins: list[tuple[str, int, int]] = []
 
     def quantum(self) -> int:
         return min(self.qmax, int(math.exp(self.rng.uniform(self._lo, self._hi))))
@@ -64,8 +80,36 @@ class Conductor:
         cpu = min(runnable, key=lambda c: (c.clock, c.id))
         return cpu, self.quantum()
 
+    # -- coins ------------------------------------------------------------------------------
+    def chance(self, kind: str, p: float) -> bool:
+        """True with probability `p` (a trap deferred, a task preempted), recorded.  Draws
+        exactly what the machine always drew: `rng.random() < p`."""
+        value = int(self.coin_rng.random() < p)
+        self.coins.append((kind, value, len(self.schedule)))
+        return bool(value)
+
+    def randint(self, kind: str, lo: int, hi: int) -> int:
+        """An integer in [lo, hi] (an IPI's delay in quanta), recorded."""
+        value = self.coin_rng.randint(lo, hi)
+        self.coins.append((kind, value, len(self.schedule)))
+        return value
+
     def describe(self) -> str:
         return self.name
+
+    def recording(self) -> str:
+        """This run's choices and non-zero coins, as text for `--replay`."""
+        return format_recording(self.schedule, {k: v for k, v in coin_keys(self.coins) if v})
+
+
+def coin_keys(coins) -> list[tuple[tuple[int, int], int]]:
+    """((step, ordinal within the step), value) for each (kind, value, step) coin."""
+    out, last, k = [], None, 0
+    for _, value, step in coins:
+        k = k + 1 if step == last else 0
+        last = step
+        out.append(((step, k), value))
+    return out
 
 
 class PCTConductor(Conductor):
@@ -89,8 +133,9 @@ class PCTConductor(Conductor):
         if depth < 1 or steps < 1:
             raise ValueError(f"PCT needs depth >= 1 and steps >= 1, not {depth}, {steps}")
         # One draw from the machine's generator seeds PCT's own stream, so that PCT's
-        # choices do not shift the machine's other random decisions.
+        # choices do not shift the machine's coins.
         super().__init__(random.Random(rng.getrandbits(64)), qmin, qmax)
+        self.coin_rng = rng
         self.depth, self.steps, self.max_lag = depth, steps, max_lag
         points = self.rng.sample(range(1, steps + 1), min(depth - 1, steps))
         self.change_points = {step: i + 1 for i, step in enumerate(sorted(points))}
@@ -116,50 +161,89 @@ class PCTConductor(Conductor):
         return f"pct:{self.depth}:{self.steps}"
 
 
-class ReplayConductor(Conductor):
-    """Follow `schedule` exactly, then continue round-robin with `tail_quantum`.
+@dataclass
+class Recording:
+    """What a `ReplayConductor` follows: choices by step, and coins by (step, ordinal);
+    everything else round-robin and 0."""
 
-    `policy` is the conductor the schedule was recorded with, built on the same generator:
-    it is consulted at every recorded step (its answer discarded) so the generator advances
-    exactly as it did in the recorded run.  A recorded CPU that is not runnable at that
-    point (possible once a schedule has been edited, e.g. by shrinking) yields to the
-    policy's choice, with the recorded quantum.
+    choices: dict[int, Choice] = field(default_factory=dict)
+    coins: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.choices) + len(self.coins)
+
+
+class ReplayConductor(Conductor):
+    """Follow a recording exactly; where it says nothing, go round-robin with
+    `tail_quantum` and toss every coin 0.
+
+    `schedule` is a `Recording`, a list of choices (step i gets the i-th) or a mapping
+    {step: choice}.  `policy` is the conductor the run was recorded with: a recorded CPU that
+    is not runnable at that step (possible once a recording has been edited, e.g. by
+    shrinking) yields to the policy's choice, with the recorded quantum.
     """
 
     name = "replay"
 
-    def __init__(self, schedule: Sequence[Choice], policy: Conductor, tail_quantum: int = 1024):
+    def __init__(self, schedule, policy: Conductor, tail_quantum: int = 1024,
+                 coins: Mapping[tuple[int, int], int] | None = None):
         super().__init__(policy.rng, policy.qmin, policy.qmax)
-        self.recorded = [(int(c), int(q)) for c, q in schedule]
+        rec = as_recording(schedule)
+        self.recorded = rec.choices
+        self.recorded_coins = {**rec.coins, **(coins or {})}
+        self.end = max(self.recorded, default=-1) + 1
         self.policy = policy
         self.tail_quantum = tail_quantum
-        self.position = 0
         self.divergences = 0
         self._rr = -1
+        self._coin_at = (-1, -1)         # (step, ordinal) of the last coin tossed
 
     def choose(self, runnable: Sequence) -> tuple[object, int]:
-        i = self.position
-        self.position += 1
-        if i < len(self.recorded):
-            fallback, _ = self.policy.choose(runnable)
-            cid, q = self.recorded[i]
+        choice = self.recorded.get(len(self.schedule))
+        if choice is not None:
+            cid, q = choice
             cpu = next((c for c in runnable if c.id == cid), None)
             if cpu is None:
                 self.divergences += 1
-                cpu = fallback
+                cpu, _ = self.policy.choose(runnable)
             return cpu, q
-        # Past the recording: a plain round-robin over CPU ids, fixed quantum, no draws.
+        # Not recorded: a plain round-robin over CPU ids, fixed quantum.
         later = [c for c in runnable if c.id > self._rr]
         cpu = later[0] if later else runnable[0]
         self._rr = cpu.id
         return cpu, self.tail_quantum
 
+    def _next_coin(self) -> tuple[int, int]:
+        step, k = self._coin_at
+        now = len(self.schedule)
+        self._coin_at = (now, k + 1 if step == now else 0)
+        return self._coin_at
+
+    def chance(self, kind: str, p: float) -> bool:
+        value = 1 if self.recorded_coins.get(self._next_coin(), 0) else 0
+        self.coins.append((kind, value, len(self.schedule)))
+        return bool(value)
+
+    def randint(self, kind: str, lo: int, hi: int) -> int:
+        value = min(hi, max(lo, self.recorded_coins.get(self._next_coin(), lo)))
+        self.coins.append((kind, value, len(self.schedule)))
+        return value
+
     @property
     def exhausted(self) -> bool:
-        return self.position >= len(self.recorded)
+        return len(self.schedule) >= self.end
 
     def describe(self) -> str:
-        return f"replay of {len(self.recorded)} choices over {self.policy.describe()}"
+        return (f"replay of {len(self.recorded)} choices and {len(self.recorded_coins)} "
+                f"coins over {self.policy.describe()}")
+
+
+def as_recording(schedule) -> Recording:
+    if isinstance(schedule, Recording):
+        return schedule
+    if isinstance(schedule, Mapping):
+        return Recording({int(i): (int(c), int(q)) for i, (c, q) in schedule.items()})
+    return Recording({i: (int(c), int(q)) for i, (c, q) in enumerate(schedule)})
 
 
 def policy_factory(name: str) -> Callable[[random.Random, int, int], Conductor]:
@@ -178,12 +262,14 @@ def policy_factory(name: str) -> Callable[[random.Random, int, int], Conductor]:
     raise ValueError(f"unknown schedule policy {name!r}: use random, pct, pct:D or pct:D:STEPS")
 
 
-def replay_factory(schedule: Sequence[Choice], policy: str = "random",
-                   tail_quantum: int = 1024) -> Callable[[random.Random, int, int], Conductor]:
-    """A factory for `Machine(conductor=...)` that replays `schedule` recorded under
-    `policy`."""
+def replay_factory(schedule, policy: str = "random", tail_quantum: int = 1024,
+                   coins: Mapping[tuple[int, int], int] | None = None
+                   ) -> Callable[[random.Random, int, int], Conductor]:
+    """A factory for `Machine(conductor=...)` that replays `schedule` (a `Recording`, a
+    list of choices or {step: choice}; plus `coins`) recorded under `policy`."""
     make = policy_factory(policy)
-    return lambda rng, qmin, qmax: ReplayConductor(schedule, make(rng, qmin, qmax), tail_quantum)
+    return lambda rng, qmin, qmax: ReplayConductor(schedule, make(rng, qmin, qmax),
+                                                   tail_quantum, coins)
 
 
 def make_conductor(spec, rng: random.Random, quantum: tuple[int, int]) -> Conductor:
@@ -199,17 +285,51 @@ def make_conductor(spec, rng: random.Random, quantum: tuple[int, int]) -> Conduc
     raise TypeError(f"conductor must be a policy name, a factory or a Conductor, not {spec!r}")
 
 
-def format_schedule(schedule: Sequence[Choice]) -> str:
-    """A compact, command-line friendly form: "0:120,2:16,1:4096"."""
-    return ",".join(f"{c}:{q}" for c, q in schedule)
+# == text forms ===========================================================================
+def format_recording(schedule, coins: Mapping[tuple[int, int], int] | None = None) -> str:
+    """"0:120,2:16,1:4096,#2.0=1": choices in order (or "STEP@CPU:Q" when some steps are
+    left to round-robin), then the non-zero coins as "#STEP.K=VALUE"."""
+    rec = as_recording(schedule)
+    allc = {**rec.coins, **(coins or {})}
+    ch = rec.choices
+    if list(ch) == list(range(len(ch))) or sorted(ch) == list(range(len(ch))):
+        items = [f"{c}:{q}" for c, q in (ch[i] for i in range(len(ch)))]
+    else:
+        items = [f"{i}@{c}:{q}" for i, (c, q) in sorted(ch.items())]
+    items += [f"#{st}.{k}={v}" for (st, k), v in sorted(allc.items()) if v]
+    return ",".join(items)
 
 
-def parse_schedule(text: str) -> list[Choice]:
-    """The inverse of `format_schedule`; empty text is the empty schedule."""
-    out = []
-    for item in text.replace(" ", "").split(","):
+def parse_recording(text: str) -> Recording:
+    """The inverse of `format_recording`; empty text is the empty recording."""
+    dense, rec = [], Recording()
+    for item in text.replace(" ", "").replace("\n", "").split(","):
         if not item:
             continue
-        c, _, q = item.partition(":")
-        out.append((int(c), int(q)))
-    return out
+        if item.startswith("#"):
+            key, _, v = item[1:].partition("=")
+            st, _, k = key.partition(".")
+            rec.coins[(int(st), int(k or 0))] = int(v)
+            continue
+        step, at, choice = item.rpartition("@")
+        c, _, q = choice.partition(":")
+        if at:
+            rec.choices[int(step)] = (int(c), int(q))
+        else:
+            dense.append((int(c), int(q)))
+    if dense and rec.choices:
+        raise ValueError("choices are either all CPU:QUANTUM or all STEP@CPU:QUANTUM")
+    if dense:
+        rec.choices = dict(enumerate(dense))
+    return rec
+
+
+def format_schedule(schedule) -> str:
+    """Choices only: "0:120,2:16,1:4096" (or "STEP@CPU:QUANTUM,..." when sparse)."""
+    return format_recording(as_recording(schedule).choices)
+
+
+def parse_schedule(text: str) -> "list[Choice] | dict[int, Choice]":
+    """The choices of a recording's text: a list when dense, else {step: choice}."""
+    ch = parse_recording(text).choices
+    return [ch[i] for i in range(len(ch))] if sorted(ch) == list(range(len(ch))) else ch

@@ -156,6 +156,7 @@ class SMPMachine:
         self._now = 0
         self._decision: tuple[CPU, int] | None = None
         self._host_woken = True
+        self._settled = False
         self._idle_event = trio.Event()
         self._sync_waiters: list[list] = []      # [remaining cpu ids, event, acked at]
         self._gp_waiters: list[list] = []
@@ -242,8 +243,9 @@ class SMPMachine:
 
     @property
     def schedule(self) -> list[tuple[int, int]]:
-        """The conductor's decisions so far, (cpu id, quantum) in order: replay them with
-        `conductor=_conductor.replay_factory(schedule, policy)` and the same seed."""
+        """The conductor's decisions so far, (cpu id, quantum) in order.  With its coins
+        (`conductor.recording()`) it replays the run: `--replay TEXT`, or
+        `conductor=replay_factory(parse_recording(text), policy)` and the same seed."""
         return self.conductor.schedule
 
     def trace_digest(self) -> str:
@@ -308,7 +310,7 @@ class SMPMachine:
                 for a, b in ranges:
                     cpu.flush_tb(a, b)
             else:
-                delay = self.rng.randint(0, self.ipi_delay) if self.ipi_delay else 0
+                delay = self.conductor.randint("ipi", 0, self.ipi_delay) if self.ipi_delay else 0
                 cpu.pending_flush.append([ranges, delay])
                 remaining.add(cpu.id)
         waiter = [remaining, trio.Event(), self._now]     # [2]: when the last CPU acked
@@ -447,6 +449,7 @@ class SMPMachine:
             if self._decision is None:
                 if self._host_woken:
                     self._host_woken = False
+                    self._settled = True
                     await trio.testing.wait_all_tasks_blocked()
                     continue
                 self._admit()
@@ -454,6 +457,11 @@ class SMPMachine:
                 runnable = [c for c in self.cpus if c.online and self._has_work(c)]
                 if not runnable:
                     if self._sleepers:
+                        if not self._settled:
+                            # Host tasks a handler woke (a trio Event set inside a probe)
+                            # get their turn before virtual time leaps forward.
+                            self._host_woken = True
+                            continue
                         self._jump_to_next_wake()
                         continue
                     if self._deliver_idle_ipis():
@@ -470,6 +478,7 @@ class SMPMachine:
                 cpu._baton.set()
                 return
             self._decision = None
+            self._settled = False
             self._run_quantum(me, q)
             # Let trio deliver cancellation without giving host tasks a turn.
             if self._c.quanta % 256 == 0:
@@ -581,11 +590,11 @@ class SMPMachine:
             # leaked preempt count must not make a runaway guest run for ever).
             if task.instructions > self.call_budget and (
                     cpu.preempt_count == 0 or task.instructions > 2 * self.call_budget):
+                atomic = " with preemption disabled" if cpu.preempt_count else ""
                 self.kill_current(cpu, f"runaway: instruction budget of {self.call_budget} "
-                                       f"exhausted (a guest infinite loop?"
-                                       f"{' with preemption disabled' if cpu.preempt_count else ''})")
+                                       f"exhausted (a guest infinite loop?{atomic})")
             elif self.preempt and cpu.preemptible() and cpu.pc not in mem.SLOTS \
-                    and self.rng.random() < self.preempt_prob:
+                    and self.conductor.chance("preempt", self.preempt_prob):
                 self._c.preemptions += 1
                 task.context = cpu.context_save()
                 cpu.current = None
@@ -610,7 +619,7 @@ class SMPMachine:
             self.kill_current(cpu, f"unhandled trap {intno} at {self.format_addr(cpu.pc)}")
             return
         addr = cpu.reg_read_id(cpu._pc_id) - self._trap_pc_offset
-        if self.trap_delay and not cpu.nesting and self.rng.random() < self.trap_delay \
+        if self.trap_delay and not cpu.nesting and self.conductor.chance("defer", self.trap_delay) \
                 and self.trap_handler is not None:
             # The trap is taken now but handled in the CPU's next quantum, with other CPUs
             # running in between: the window in which a probe can be removed under it.

@@ -94,8 +94,8 @@ def _slot_reused_at_once():
 def _pool_not_atomic():
     """Taking a kretprobe instance is a plain read then a write that other CPUs see only
     later (no lock): the take sits in the taking CPU's store buffer until the end of that
-    CPU's next quantum (or until its task leaves it), and meanwhile the other CPUs still see the instance on the free
-    list and can take it too."""
+    CPU's next quantum (or until its task leaves it), and meanwhile the other CPUs still
+    see the instance on the free list and can take it too."""
     orig = KprobesSubsystem._pre_handler_kretprobe
 
     def pre_handler(self, p, regs):

@@ -5,13 +5,15 @@ parallel processes with --jobs), with a progress bar, then a summary.  For each 
 seed it prints the command that replays it: same seed, same flags, so the same run event
 for event.  It then shrinks the first failure of each kind:
 
-  1. the failing run's schedule (its list of (cpu, quantum) choices) is replayed in full,
-     to check that it reproduces the failure;
-  2. delta debugging over that list: the shortest prefix that still fails (past the end
-     of a schedule the replaying conductor goes round-robin with a fixed quantum, drawing
-     nothing from the generator), then chunks removed, halving their size down to one,
-     then neighbouring choices of one CPU merged, as long as the same failure remains;
-  3. the result is printed as a command with `--replay`, which reproduces that failure.
+  1. the failing run's recording (its (cpu, quantum) choices, and its coins: deferred
+     traps, IPI delays, preemptions; see `_conductor`) is replayed in full, to check that
+     it reproduces the failure;
+  2. delta debugging over that recording, seen as overrides of the simplest run (each step
+     without a choice runs the next CPU in id order for a fixed quantum, each coin without
+     a value is 0): the shortest prefix that still fails, then overrides taken out in
+     chunks halving down to one, as long as the same failure remains;
+  3. the result, a few STEP@CPU:QUANTUM choices and #STEP.K=V coins, is printed as a command
+     with `--replay`, which reproduces that failure.
 
 A failure's kind is its first failed expectation with the numbers taken out, so
 "cpu2 ... slot 0x3f000030" and "cpu0 ... slot 0x3f000000" are the same kind.
@@ -43,7 +45,7 @@ from . import scenario as harness
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 DEFAULT_TIMEOUT = 120.0
 SHRINK_KINDS = 3          # kinds of failure shrunk per stress run (each costs many replays)
-INLINE_CHOICES = 40       # longer schedules go to a file, replayed with --replay @FILE
+INLINE_CHOICES = 40       # longer recordings go to a file, replayed with --replay @FILE
 
 
 # == scenarios ===========================================================================
@@ -113,6 +115,7 @@ class Outcome:
     quanta: int
     schedule: list[tuple[int, int]] | None = None   # kept for failures only
     lines: list[str] = field(default_factory=list)
+    coins: list[tuple[str, int, int]] | None = None     # (kind, value, step), with schedule
 
 
 def failure_kind(failure: str) -> str:
@@ -147,7 +150,7 @@ def run_once(name: str, argv: list[str], timeout: float = DEFAULT_TIMEOUT,
     keep = keep_schedule or not report.ok
     return Outcome(args.seed, report.ok, list(report.failures), kind, m.trace_digest(), dt,
                    m.statistics().quanta, list(m.schedule) if keep else None,
-                   list(report.lines))
+                   list(report.lines), list(m.conductor.coins) if keep else None)
 
 
 def _run_script(sc: Loaded, argv: list[str], timeout: float) -> Outcome:
@@ -187,79 +190,97 @@ def replay_command(name: str, argv: list[str]) -> str:
 # == shrinking ===========================================================================
 @dataclass
 class Shrunk:
-    schedule: list[tuple[int, int]]
-    original: int
+    recording: _conductor.Recording     # choices by step and coins by index; the rest simple
+    original: int                       # choices + non-zero coins before shrinking
     runs: int
     reproduced: bool
     failure: str
 
+    def __len__(self) -> int:
+        return len(self.recording)
+
 
 def shrink(name: str, extra: list[str], seed: int, schedule: list[tuple[int, int]],
-           kind: str, max_runs: int = 120, max_seconds: float = 90.0,
-           timeout: float = DEFAULT_TIMEOUT, log=None) -> Shrunk:
-    """Delta-debug `schedule` (the choices of a run of `name` with `extra` and `seed` that
-    failed with `kind`) down to a short list that still fails the same way."""
+           coins: list[tuple[str, int, int]], kind: str, max_runs: int = 120,
+           max_seconds: float = 90.0, timeout: float = DEFAULT_TIMEOUT, log=None) -> Shrunk:
+    """Delta-debug the recording (`schedule` and `coins`) of a run of `name` with `extra`
+    and `seed` that failed with `kind`, down to a few overrides that still fail that way.
+
+    Each choice and each non-zero coin is one override of the simplest run (round-robin,
+    coins 0); taking one out does not move any other, which is what lets delta debugging
+    converge."""
     policy = parse_args(name, seed_argv(extra, seed)).schedule
-    base = [a for a in seed_argv(extra, seed)]
+    base = seed_argv(extra, seed)
     t_end = time.perf_counter() + max_seconds
     runs = [0]
     last_failure = [""]
+    # (step, key, value): key ("q", step) for a choice, ("c", index) for a coin.
+    items = [(step, ("q", step), ch) for step, ch in enumerate(schedule)]
+    items += [(key[0], ("c", key), v) for key, v in _conductor.coin_keys(coins) if v]
+    items.sort(key=lambda it: (it[0], it[1][0] == "q"))
 
-    def fails(cand: list[tuple[int, int]]) -> bool:
+    def recording(its) -> _conductor.Recording:
+        rec = _conductor.Recording()
+        for _, (what, n), v in its:
+            if what == "q":
+                rec.choices[n] = v
+            else:
+                rec.coins[n] = v
+        return rec
+
+    def fails(its) -> bool:
         if runs[0] >= max_runs or time.perf_counter() > t_end:
             return False
         runs[0] += 1
-        argv = [*base, "--schedule", policy, "--replay", _conductor.format_schedule(cand)]
+        argv = [*base, "--schedule", policy, "--replay",
+                _conductor.format_recording(recording(its))]
         out = run_once(name, argv, timeout)
-        hit = any(failure_kind(f) == kind for f in out.failures)
+        hit = [f for f in out.failures if failure_kind(f) == kind]
         if hit:
-            last_failure[0] = next(f for f in out.failures if failure_kind(f) == kind)
-        return hit
+            last_failure[0] = hit[0]
+        return bool(hit)
 
-    reproduced = fails(schedule)
-    if not reproduced:
-        return Shrunk(list(schedule), len(schedule), runs[0], False, "")
-    best = list(schedule)
-    best_failure = last_failure[0]
-    # 1. the shortest failing prefix (binary search, then it is verified as it goes)
-    lo, hi = 0, len(best)
+    best = items
+    if not fails(best):
+        return Shrunk(recording(best), len(items), runs[0], False, "")
+    failure = last_failure[0]
+    # 1. the shortest failing prefix, by step: prefixes of 0, 1, 2, 4... steps first (a
+    # failure need not be monotone in the prefix), then a binary search below the first
+    # that fails.  Every prefix kept was replayed.
+    n = len(schedule)
+    lo, hi = 0, n
+    length = 0
+    while length < n:
+        if fails([it for it in best if it[0] < length]):
+            hi, failure = length, last_failure[0]
+            break
+        lo = length + 1
+        length = min(n, max(1, 2 * length))
     while lo < hi:
         mid = (lo + hi) // 2
-        if fails(best[:mid]):
-            hi = mid
-            best_failure = last_failure[0]
+        if fails([it for it in best if it[0] < mid]):
+            hi, failure = mid, last_failure[0]
         else:
             lo = mid + 1
-    best = best[:hi]
+    best = [it for it in best if it[0] < hi]
     if log:
-        log(f"prefix: {len(best)} of {len(schedule)} choices")
-    # 2. remove chunks, halving the chunk size
+        log(f"prefix: {hi} of {len(schedule)} steps, {len(best)} of {len(items)} overrides")
+    # 2. take overrides out, in chunks halving down to one
     size = max(1, len(best) // 2)
-    while size >= 1 and best:
+    while best:
         i = 0
         while i < len(best):
             cand = best[:i] + best[i + size:]
             if fails(cand):
-                best = cand
-                best_failure = last_failure[0]
+                best, failure = cand, last_failure[0]
             else:
                 i += size
         if size == 1:
             break
         size //= 2
-    # 3. merge neighbouring choices of one CPU
-    i = 0
-    while i + 1 < len(best):
-        if best[i][0] == best[i + 1][0]:
-            cand = best[:i] + [(best[i][0], best[i][1] + best[i + 1][1])] + best[i + 2:]
-            if fails(cand):
-                best = cand
-                best_failure = last_failure[0]
-                continue
-        i += 1
     if log:
-        log(f"shrunk: {len(best)} choices after {runs[0]} runs")
-    return Shrunk(best, len(schedule), runs[0], True, best_failure)
+        log(f"shrunk: {len(best)} overrides after {runs[0]} replays")
+    return Shrunk(recording(best), len(items), runs[0], True, failure)
 
 
 # == many seeds ==========================================================================
@@ -376,29 +397,30 @@ def stress_main(name: str, seeds: range, extra: list[str], jobs: int = 1,
                 out(f"(shrinking only the first {SHRINK_KINDS} kinds of failure)")
                 break
             o = group[0]
-            out(f"shrinking the schedule of seed {o.seed} ({len(o.schedule or [])} choices): "
-                f"{o.failures[0]}")
+            out(f"shrinking the schedule of seed {o.seed} ({len(o.schedule or [])} choices, "
+                f"{sum(1 for c in o.coins or [] if c[1])} non-zero coins): {o.failures[0]}")
             if o.schedule is None:
                 out("  (no schedule: the run did not finish)")
                 continue
-            s = shrink(name, extra, o.seed, o.schedule, kind, max_runs=shrink_runs,
+            s = shrink(name, extra, o.seed, o.schedule, o.coins, kind, max_runs=shrink_runs,
                        timeout=timeout, log=lambda msg: out(f"  {msg}"))
             if not s.reproduced:
                 out("  replaying the recorded schedule did NOT reproduce the failure: "
                     "a determinism bug")
                 continue
             policy = parse_args(name, seed_argv(extra, o.seed)).schedule
-            choices = _conductor.format_schedule(s.schedule)
-            if len(s.schedule) > INLINE_CHOICES:
+            choices = _conductor.format_recording(s.recording)
+            if len(s) > INLINE_CHOICES:
                 path = Path(f"smpkprobes-replay-{name}-seed{o.seed}.txt")
                 path.write_text(choices + "\n")
                 choices = f"@{path}"
             argv = [*seed_argv(extra, o.seed), "--schedule", policy, "--replay", choices]
-            out(f"  minimal reproducer ({len(s.schedule)} of {s.original} choices, "
+            out(f"  minimal reproducer ({len(s.recording.choices)} choices and "
+                f"{len(s.recording.coins)} coins on top of round-robin, from {s.original}; "
                 f"{s.runs} replays): {s.failure}")
-            if not s.schedule:
-                out("  (no choices needed: with the seed's other random decisions, plain "
-                    "round-robin reproduces it)")
+            if not s.recording:
+                out("  (the empty recording reproduces it: plain round-robin, no deferred "
+                    "trap, no IPI delay, no preemption)")
             out(f"  {replay_command(name, argv)}")
     return 1
 

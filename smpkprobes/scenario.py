@@ -84,10 +84,10 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--schedule", default="random", metavar="POLICY",
                    help="conductor policy: random (default), pct, pct:D or pct:D:STEPS")
     s.add_argument("--replay", default=None, metavar="CHOICES",
-                   help="follow this recorded schedule ('cpu:quantum,...' or @FILE), then "
-                        "round-robin")
+                   help="follow this recording ('cpu:quantum,...,#coin=value' or @FILE); "
+                        "round-robin and coins 0 where it says nothing")
     s.add_argument("--record", default=None, metavar="FILE",
-                   help="write the run's schedule (cpu:quantum,...) to FILE")
+                   help="write the run's recording (choices and coins) to FILE")
     s.add_argument("--mutant", default=None, choices=_mutants.names(),
                    help="inject a known probe-core bug (the mutation check of the stress suite)")
     x = ap.add_argument_group("what happened (written after the run)")
@@ -109,9 +109,9 @@ def machine_options(args: argparse.Namespace) -> dict:
     replay = getattr(args, "replay", None)
     policy = getattr(args, "schedule", "random")
     conductor = policy
-    if replay:
+    if replay is not None:          # "" is the empty recording: round-robin, coins 0
         text = open(replay[1:]).read() if replay.startswith("@") else replay
-        conductor = _conductor.replay_factory(_conductor.parse_schedule(text), policy)
+        conductor = _conductor.replay_factory(_conductor.parse_recording(text), policy)
     return {"conductor": conductor, "call_budget": CALL_BUDGET}
 
 
@@ -157,12 +157,12 @@ def scenario_main(scenario: Scenario, description: str | None = None,
             print(line)
     if args.record:
         with open(args.record, "w") as f:
-            f.write(_conductor.format_schedule(m.schedule) + "\n")
+            f.write(m.conductor.recording() + "\n")
     verdict = "PASS" if report.ok else "FAIL"
     print(f"{verdict}: {report.checks - len(report.failures)}/{report.checks} expectations held "
           f"(arch {args.arch}, {args.cpus} CPUs, seed {args.seed}"
           f"{', preempt' if args.preempt else ''}"
-          f"{', schedule ' + m.conductor.describe() if args.schedule != 'random' or args.replay else ''}"
+          f"{', schedule ' + m.conductor.describe() if m.conductor.name != 'random' else ''}"
           f"{', MUTANT ' + args.mutant if args.mutant else ''}; trace {m.trace_digest()})")
     _trace_export.export_all(m, trace=getattr(args, "trace", None),
                              perfetto=getattr(args, "perfetto", None),

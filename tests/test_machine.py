@@ -185,3 +185,23 @@ async def test_synchronize_waits_for_cpus_in_a_probe():
             n.start_soon(functools.partial(m.call, "fork_loop", 3000, cpu=1))
             n.start_soon(sync_loop)
         assert m.statistics().grace_periods == 20 and len(done) == 20
+
+
+async def test_host_woken_by_a_handler_runs_before_time_leaps():
+    """A host task woken by a handler (a trio Event set in a probe) runs before virtual time
+    jumps to the next sleeper's wake-up."""
+    async with Machine(cpus=1, seed=1) as m:
+        ev = trio.Event()
+        kp = Kprobe(symbol_name="msleep", pre_handler=lambda p, r: ev.set())
+        await m.kprobes.register_kprobe(kp)
+        seen = []
+
+        async def waiter():
+            await ev.wait()
+            seen.append(max(c.clock for c in m.cpus))
+        async with trio.open_nursery() as n:
+            n.start_soon(waiter)
+            n.start_soon(functools.partial(m.call, "sleepy", 1000, cpu=0))
+        # The handler ran on the way into msleep(1000): the host must see it then, not
+        # after the 1000 ms of virtual sleep.
+        assert len(seen) == 1 and seen[0] < 1_000_000_000

@@ -92,8 +92,8 @@ def test_stress_with_a_mutant_prints_replay_commands_that_reproduce(capsys):
     assert commands[:2] == [f"smpkprobes run concurrent_hits --mutant no_text_sync --size 40 "
                             f"--seed {s}" for s in (3, 4)]
     assert "minimal reproducer" in out and "--replay" in commands[-1]
-    first_failure = re.search(r"shrinking the schedule of seed 3 \(\d+ choices\): (.*)",
-                              out).group(1)
+    first_failure = re.search(r"shrinking the schedule of seed 3 \(\d+ choices, \d+ "
+                              r"non-zero coins\): (.*)", out).group(1)
     for cmd in (commands[0], commands[-1]):
         argv = shlex.split(cmd)[1:]
         assert _cli.main(argv) == 1

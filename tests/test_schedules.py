@@ -10,13 +10,14 @@ from hypothesis import strategies as st
 
 from smpkprobes import Kprobe, Kretprobe, Machine
 from smpkprobes import _conductor, _stress
-from smpkprobes._conductor import (Conductor, PCTConductor, ReplayConductor, format_schedule,
-                                   make_conductor, parse_schedule, policy_factory,
+from smpkprobes._conductor import (Conductor, PCTConductor, Recording, ReplayConductor,
+                                   format_recording, format_schedule, make_conductor,
+                                   parse_recording, parse_schedule, policy_factory,
                                    replay_factory)
 
 
 async def _run(conductor="random", seed=3, preempt=True, cpus=4):
-    """A small probed workload; returns (digest, schedule, results)."""
+    """A small probed workload; returns (digest, schedule, results, recording text)."""
     async with Machine(cpus=cpus, seed=seed, preempt=preempt, conductor=conductor) as m:
         kp = Kprobe(symbol_name="do_fork", pre_handler=lambda p, r: 0,
                     post_handler=lambda p, r, f: None)
@@ -33,16 +34,35 @@ async def _run(conductor="random", seed=3, preempt=True, cpus=4):
                 n.start_soon(one, "fib", 7, c)
         await m.kprobes.unregister_kprobe(kp)
         await m.kprobes.unregister_kretprobe(rp)
-    return m.trace_digest(), list(m.schedule), results
+    return m.trace_digest(), list(m.schedule), results, m.conductor.recording()
 
 
 @pytest.mark.parametrize("policy", ["random", "pct", "pct:5:50"])
 async def test_record_then_replay_gives_the_same_trace_digest(policy):
-    """Replaying a run's recorded schedule with the same seed reproduces it event for event."""
-    digest, schedule, results = await _run(policy)
-    again, schedule2, results2 = await _run(replay_factory(schedule, policy))
-    assert (again, schedule2, results2) == (digest, schedule, results)
-    assert len(schedule) > 20
+    """Replaying a run's recording (choices and coins) with the same seed reproduces it
+    event for event."""
+    digest, schedule, results, text = await _run(policy)
+    again = await _run(replay_factory(parse_recording(text), policy))
+    assert again == (digest, schedule, results, text)
+    assert len(schedule) > 20 and "#" in text
+
+
+async def test_coins_are_the_machines_other_random_decisions():
+    """Trap deferrals, IPI delays and preemptions are recorded as coins, tossed from the
+    machine's generator exactly as before (so default runs did not change)."""
+    async with Machine(cpus=4, seed=3, preempt=True) as m:
+        kp = Kprobe(symbol_name="do_fork", pre_handler=lambda p, r: 0)
+        await m.kprobes.register_kprobe(kp)
+        async with trio.open_nursery() as n:
+            for c in range(4):
+                n.start_soon(functools.partial(m.call, "fork_loop", 400, cpu=c))
+            await m.call("fork_loop", 10)
+            await m.kprobes.unregister_kprobe(kp)
+        st = m.statistics()
+    kinds = {k for k, _, _ in m.conductor.coins}
+    assert kinds == {"defer", "ipi", "preempt"}
+    assert sum(v for k, v, _ in m.conductor.coins if k == "defer") == st.deferred_traps
+    assert sum(v for k, v, _ in m.conductor.coins if k == "preempt") == st.preemptions
 
 
 async def test_every_decision_is_recorded_in_order():
@@ -58,17 +78,19 @@ async def test_every_decision_is_recorded_in_order():
 async def test_a_replayed_prefix_is_followed_then_round_robin():
     """A truncated schedule is followed to its end, then CPUs take turns with a fixed
     quantum; two such replays are identical."""
-    _, schedule, results = await _run("random")
+    _, schedule, results, _ = await _run("random")
     prefix = schedule[:10]
     a = await _run(replay_factory(prefix))
     b = await _run(replay_factory(prefix))
     assert a == b and a[1][:10] == prefix and a[2] == results
     assert {q for _, q in a[1][10:]} == {1024}
+    assert "#" not in a[3]                   # coins not given are 0: no deferral, no delay
 
 
 async def test_pct_differs_from_random_and_is_seeded():
     """PCT makes a different interleaving from the random policy; same seed, same PCT run."""
     r, p1, p2 = await _run("random"), await _run("pct"), await _run("pct")
+    r, p1, p2 = r[:3], p1[:3], p2[:3]
     assert p1 == p2 and p1[0] != r[0] and p1[2] == r[2]
 
 
@@ -110,10 +132,15 @@ def test_replay_falls_back_when_the_recorded_cpu_cannot_run():
 
 
 def test_schedule_text_round_trips():
-    """format_schedule and parse_schedule are inverses; empty text is the empty schedule."""
+    """The text forms round-trip: dense choices, sparse choices, coins; empty is empty."""
     s = [(0, 16), (3, 4096), (1, 77)]
     assert parse_schedule(format_schedule(s)) == s and format_schedule(s) == "0:16,3:4096,1:77"
     assert parse_schedule("") == []
+    rec = Recording({3: (1, 16), 40: (0, 4096)}, {(7, 0): 1, (7, 1): 2})
+    assert format_recording(rec) == "3@1:16,40@0:4096,#7.0=1,#7.1=2"
+    assert parse_recording(format_recording(rec)) == rec
+    with pytest.raises(ValueError, match="either all"):
+        parse_recording("0:16,3@1:16")
 
 
 def test_conductor_specs():
@@ -132,12 +159,14 @@ def test_conductor_specs():
 # -- Hypothesis drives the choices ---------------------------------------------------------
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 3000)), max_size=60),
-       st.integers(0, 2**16))
-def test_any_schedule_keeps_the_probe_core_correct(choices, seed):
-    """Whatever interleaving Hypothesis picks, results are exact and no invariant breaks
-    (the machine raises InvariantViolation on exit if one did)."""
+       st.dictionaries(st.tuples(st.integers(0, 60), st.integers(0, 8)), st.integers(0, 2),
+                       max_size=30))
+def test_any_schedule_keeps_the_probe_core_correct(choices, coins):
+    """Whatever interleaving and coins (deferred traps, IPI delays) Hypothesis picks,
+    results are exact and no invariant breaks (the machine raises InvariantViolation on
+    exit if one did)."""
     async def main():
-        async with Machine(cpus=4, seed=seed, conductor=replay_factory(choices)) as m:
+        async with Machine(cpus=4, conductor=replay_factory(choices, coins=coins)) as m:
             hits = [0]
             kp = Kprobe(symbol_name="do_fork",
                         pre_handler=lambda p, r: hits.__setitem__(0, hits[0] + 1))
@@ -161,16 +190,46 @@ def test_any_schedule_keeps_the_probe_core_correct(choices, seed):
 
 
 # -- shrinking ---------------------------------------------------------------------------
-def test_shrinking_keeps_the_failure_and_never_grows():
-    """A failing run's schedule shrinks to one no longer, whose replay fails the same way."""
-    argv = ["--mutant", "no_text_sync", "--size", "40"]
-    out = _stress.run_once("concurrent_hits", _stress.seed_argv(argv, 2))
-    assert not out.ok and out.schedule
-    shrunk = _stress.shrink("concurrent_hits", argv, 2, out.schedule, out.kind, max_runs=30)
-    assert shrunk.reproduced and len(shrunk.schedule) <= len(out.schedule)
-    replay = _stress.run_once("concurrent_hits", [*_stress.seed_argv(argv, 2), "--replay",
-                                                  format_schedule(shrunk.schedule)])
-    assert out.kind in {_stress.failure_kind(f) for f in replay.failures}
+NEEDS_A_DEFERRED_TRAP = '''"""needs_a_deferred_trap: fails once a trap is deferred."""
+import functools
+import trio
+from smpkprobes import Kprobe
+
+
+async def scenario(m, report, args):
+    kp = Kprobe(symbol_name="do_fork", pre_handler=lambda p, r: 0)
+    await m.kprobes.register_kprobe(kp)
+    async with trio.open_nursery() as n:
+        for c in range(m.ncpus):
+            n.start_soon(functools.partial(m.call, "fork_loop", 50, cpu=c))
+    await m.kprobes.unregister_kprobe(kp)
+    deferred = m.statistics().deferred_traps
+    report.expect(deferred == 0, f"no trap deferred ({deferred} were)")
+'''
+
+
+@pytest.fixture
+def synthetic(tmp_path, monkeypatch):
+    """A scenarios/ directory holding one scenario that a single coin makes fail."""
+    (tmp_path / "needs_a_deferred_trap.py").write_text(NEEDS_A_DEFERRED_TRAP)
+    monkeypatch.setattr(_stress, "SCENARIOS", tmp_path)
+    monkeypatch.setattr(_stress, "_loaded", {})
+    return "needs_a_deferred_trap"
+
+
+def test_shrinking_finds_the_one_coin_that_matters(synthetic):
+    """A run with many choices and coins shrinks to one deferred trap on top of round-robin;
+    replaying that fails the same way, and the empty recording passes."""
+    out = _stress.run_once(synthetic, ["--seed", "1"])
+    assert not out.ok and len(out.schedule) > 20
+    shrunk = _stress.shrink(synthetic, [], 1, out.schedule, out.coins, out.kind)
+    assert shrunk.reproduced and shrunk.recording.choices == {}
+    assert list(shrunk.recording.coins.values()) == [1]
+    assert shrunk.failure == "no trap deferred (1 were)"
+    again = _stress.run_once(synthetic, ["--seed", "1", "--replay",
+                                         format_recording(shrunk.recording)])
+    assert again.failures == ["no trap deferred (1 were)"]
+    assert _stress.run_once(synthetic, ["--seed", "1", "--replay", ""]).ok
 
 
 def test_failure_kinds_ignore_numbers():
