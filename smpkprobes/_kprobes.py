@@ -622,6 +622,9 @@ class KprobesSubsystem:
     # == the hit path (runs inside a Unicorn callback) ====================================
     def _kprobe_handler(self, cpu: "CPU", addr: int) -> bool:
         kcb: KprobeCtlblk = cpu.kprobe_ctlblk
+        site = self._table.get(addr)
+        if site is not None and site.children:
+            return self._kprobe_hit(cpu, kcb, site, addr)
         if self._slot_lo <= addr < self._slot_hi:
             if kcb.status in (Status.HIT_SS, Status.REENTER):
                 if addr == kcb.ss_addr:
@@ -638,21 +641,22 @@ class KprobesSubsystem:
             return False
         if addr == self._trampoline:
             return self._trampoline_handler(cpu, kcb)
-        site = self._table.get(addr)
-        if site is None or not site.children:
-            if addr == self._jprobe_return and kcb.jprobe_saved is not None:
-                self._longjmp(cpu, kcb)
-                return True
-            code = self._m.memory.peek(addr, len(self._bp))
-            if not self._backend.is_trap_insn(code):
-                # The probe was removed after this CPU trapped: re-execute the original
-                # instruction.  The trap serialises this CPU, so drop its stale translation.
-                cpu.flush_tb(addr, addr + len(self._bp))
-                cpu.pc = addr
-                self._m.count_stray_trap()
-                self._m.trace_event("stray", cpu.id, addr, cpu.clock + cpu.intra)
-                return True
-            return False
+        if addr == self._jprobe_return and kcb.jprobe_saved is not None:
+            self._longjmp(cpu, kcb)
+            return True
+        code = self._m.memory.peek(addr, len(self._bp))
+        if not self._backend.is_trap_insn(code):
+            # The probe was removed after this CPU trapped: re-execute the original
+            # instruction.  The trap serialises this CPU, so drop its stale translation.
+            cpu.flush_tb(addr, addr + len(self._bp))
+            cpu.pc = addr
+            self._m.count_stray_trap()
+            self._m.trace_event("stray", cpu.id, addr, cpu.clock + cpu.intra)
+            return True
+        return False
+
+    def _kprobe_hit(self, cpu: "CPU", kcb: KprobeCtlblk, site: _Site, addr: int) -> bool:
+        """A breakpoint of a registered probe: the normal hit, or a reentry."""
         self.traps += 1
         if kcb.current is not None:
             self._reenter_kprobe(cpu, kcb, site)
@@ -668,7 +672,7 @@ class KprobesSubsystem:
         regs = Regs(cpu)
         regs._cache[self._pc_reg] = addr
         for child in site.children:
-            if child.disabled or child.pre_handler is None:
+            if child.flags & KPROBE_FLAG_DISABLED or child.pre_handler is None:
                 continue
             try:
                 ret = child.pre_handler(child, regs)
