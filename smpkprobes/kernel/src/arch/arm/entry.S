@@ -29,73 +29,12 @@
 #define ENDFUNC(name)		\
 	.size name, . - name
 
-	.section .kprobes.text, "ax", %progbits
+/* What entry-common.S needs in this arch's syntax. */
+#define ARCH_RET		bx	lr
+#define ARCH_IDLE		1:	b	1b
+#define ARCH_BREAKPOINT		bkpt	#0
 
-	.globl __hypercall_start
-__hypercall_start:
-
-/* void __hc_console_write(const char *buf, unsigned long len) */
-FUNC(__hc_console_write)
-	bx	lr
-ENDFUNC(__hc_console_write)
-
-/* void __hc_msleep(unsigned long ms) */
-FUNC(__hc_msleep)
-	bx	lr
-ENDFUNC(__hc_msleep)
-
-/* void __hc_schedule(void) */
-FUNC(__hc_schedule)
-	bx	lr
-ENDFUNC(__hc_schedule)
-
-/* void __hc_do_exit(long code) -- never returns */
-FUNC(__hc_do_exit)
-	bx	lr
-ENDFUNC(__hc_do_exit)
-
-/* unsigned long __hc_ktime_get_ns(void) */
-FUNC(__hc_ktime_get_ns)
-	bx	lr
-ENDFUNC(__hc_ktime_get_ns)
-
-/* Return address of every task's top frame: the task's function returned. */
-FUNC(__hc_task_return)
-	bx	lr
-ENDFUNC(__hc_task_return)
-
-/* Return address of calls the machine makes into the guest (nested calls). */
-FUNC(__hc_call_return)
-	bx	lr
-ENDFUNC(__hc_call_return)
-
-	.globl __hypercall_end
-__hypercall_end:
-
-/* Idle loop for CPUs with nothing to run. */
-FUNC(cpu_idle)
-1:	b	1b
-ENDFUNC(cpu_idle)
-
-/*
- * A jprobe handler ends with a call here; the probe core traps on the BKPT,
- * restores the registers and stack saved at the probe hit and resumes the
- * probed function.  The bx is not normally reached.
- */
-FUNC(jprobe_return)
-	bkpt	#0
-	bx	lr
-ENDFUNC(jprobe_return)
-
-/*
- * kretprobes redirect return addresses (lr at entry) here.  The probe core
- * traps on the BKPT, runs the return handlers and resumes at the real
- * return address.
- */
-FUNC(kretprobe_trampoline)
-	bkpt	#0
-	nop
-ENDFUNC(kretprobe_trampoline)
+#include "../entry-common.S"
 
 /*
  * u64 __aeabi_uldivmod(u64 n, u64 d): quotient in r0:r1, remainder in r2:r3.

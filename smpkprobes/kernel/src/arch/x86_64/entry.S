@@ -19,75 +19,11 @@
 #define ENDFUNC(name)		\
 	.size name, . - name
 
-	.section .kprobes.text, "ax", @progbits
+/* What entry-common.S needs in this arch's syntax. */
+#define ARCH_RET		ret
+#define ARCH_IDLE		1:	jmp	1b
+#define ARCH_BREAKPOINT		int3
 
-	.globl __hypercall_start
-__hypercall_start:
-
-/* void __hc_console_write(const char *buf, unsigned long len) */
-FUNC(__hc_console_write)
-	ret
-ENDFUNC(__hc_console_write)
-
-/* void __hc_msleep(unsigned long ms) */
-FUNC(__hc_msleep)
-	ret
-ENDFUNC(__hc_msleep)
-
-/* void __hc_schedule(void) */
-FUNC(__hc_schedule)
-	ret
-ENDFUNC(__hc_schedule)
-
-/* void __hc_do_exit(long code) -- never returns */
-FUNC(__hc_do_exit)
-	ret
-ENDFUNC(__hc_do_exit)
-
-/* unsigned long __hc_ktime_get_ns(void) */
-FUNC(__hc_ktime_get_ns)
-	ret
-ENDFUNC(__hc_ktime_get_ns)
-
-/* Return address of every task's top frame: the task's function returned. */
-FUNC(__hc_task_return)
-	ret
-ENDFUNC(__hc_task_return)
-
-/* Return address of calls the machine makes into the guest (nested calls). */
-FUNC(__hc_call_return)
-	ret
-ENDFUNC(__hc_call_return)
-
-	.globl __hypercall_end
-__hypercall_end:
-
-/*
- * Idle loop for CPUs with nothing to run.  A local label keeps the jump the
- * two-byte short form (EB FE); a jump to a global symbol may be emitted as a
- * relocated near jump.
- */
-FUNC(cpu_idle)
-1:	jmp	1b
-ENDFUNC(cpu_idle)
-
-/*
- * A jprobe handler ends with a call here; the probe core traps on the int3,
- * restores the registers and stack saved at the probe hit and resumes the
- * probed function.  The ret is not normally reached.
- */
-FUNC(jprobe_return)
-	int3
-	ret
-ENDFUNC(jprobe_return)
-
-/*
- * kretprobes redirect return addresses here.  The probe core traps on the
- * int3, runs the return handlers and resumes at the real return address.
- */
-FUNC(kretprobe_trampoline)
-	int3
-	nop
-ENDFUNC(kretprobe_trampoline)
+#include "../entry-common.S"
 
 	.section .note.GNU-stack, "", @progbits
