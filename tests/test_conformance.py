@@ -73,6 +73,9 @@ async def test_kprobe_handlers_and_missed(arch):
 
 TRANSPARENCY = {
     "kprobe_target": [(7,), (0xFFFFFFFF,)],
+    "kprobe_target2": [(100,)],
+    "sys_open": [(0, 0, 0)],
+    "bench_loop": [(4,)],
     "fib": [(7,)],
     "do_sys_open": [(-100, 0, 0, 0)],
     "open_loop": [(6, 2)],

@@ -84,50 +84,7 @@ async def test_exact_accounting_under_smp():
     assert switches > 20 and sorted(set(hits)) == [0, 1, 2, 3]
 
 
-# -- transparency ------------------------------------------------------------------------
-CASES = {
-    "kprobe_target": [(7,), (0xFFFFFFFF,)],
-    "kprobe_target2": [(100,)],
-    "fib": [(7,)],
-    "do_sys_open": [(-100, 0, 0, 0)],
-    "sys_open": [(0, 0, 0)],
-    "stacktrace_internal_target": [()],
-    "open_loop": [(6, 2)],
-    "fork_loop": [(3,)],
-    "jprobe_stackargs_caller": [(5,)],
-    "bench_loop": [(4,)],
-}
-
-
-async def test_probe_on_every_instruction_is_transparent():
-    """A kprobe on each instruction boundary, with and without a post_handler, leaves every
-    function's results unchanged; only refused instructions (with a reason) are skipped."""
-    async with Machine(cpus=2, seed=2) as m:
-        expected = {f: [await m.call(f, *a) for a in args] for f, args in CASES.items()}
-        refused, probed = [], 0
-        for func in CASES:
-            sym = m.kallsyms.lookup(func)
-            for addr in sorted(m.kprobes._insn_boundaries(sym)):
-                for post in (None, lambda p, r, f: None):
-                    hits = []
-                    kp = Kprobe(addr=addr, pre_handler=lambda p, r: hits.append(1),
-                                post_handler=post)
-                    try:
-                        await m.kprobes.register_kprobe(kp)
-                    except KprobeError as e:
-                        assert e.errno in (errno.EOPNOTSUPP, errno.EINVAL) and "cannot" in str(e)
-                        refused.append((func, addr))
-                        continue
-                    got = [await m.call(func, *a) for a in CASES[func]]
-                    await m.kprobes.unregister_kprobe(kp)
-                    assert got == expected[func], (func, m.format_addr(addr), post)
-                    probed += 1
-        assert probed > 300 and m.oopses == []
-        # Functions re-read after all that: every byte was restored.
-        for func in CASES:
-            sym = m.kallsyms.lookup(func)
-            assert m.read_memory(sym.addr, sym.size) == m.kprobes.original_text(sym.addr, sym.size)
-
+# -- transparency: tests/test_conformance.py::test_transparency_on_every_instruction ---------
 
 # -- batch unregistration while firing -----------------------------------------------------
 async def _fire_and_unregister(batch: bool, seed: int, trap_delay: float):
