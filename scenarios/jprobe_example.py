@@ -15,14 +15,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import trio
 
 try:
     import smpkprobes
 except ImportError:      # run from a source checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import smpkprobes
-from smpkprobes.scenario import scenario_main
+from smpkprobes.scenario import on_every_cpu, scenario_main
 
 SYMBOL = "do_fork"
 
@@ -56,13 +55,7 @@ async def scenario(m, report, args) -> None:
         return int.from_bytes(m.read_memory(last_pid, m.backend.word_bytes), m.backend.endian)
     first = read_last_pid()
     log_start = len(m.printk_log)
-    results = {}
-
-    async def fork_loop(cpu):
-        results[cpu] = await m.call("fork_loop", loops, cpu=cpu)
-    async with trio.open_nursery() as n:
-        for cpu in range(m.ncpus):
-            n.start_soon(fork_loop, cpu)
+    results = await on_every_cpu(m, "fork_loop", loops)
 
     await m.kprobes.unregister_jprobe(jp)
     last = read_last_pid()

@@ -13,14 +13,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import trio
 
 try:
     import smpkprobes
 except ImportError:      # run from a source checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import smpkprobes
-from smpkprobes.scenario import scenario_main
+from smpkprobes.scenario import on_every_cpu, scenario_main
 
 SYMBOL = "do_fork"
 
@@ -50,13 +49,7 @@ async def scenario(m, report, args) -> None:
     addr = kp.addr
     report.print(f"Planted kprobe at {addr:0{pw}x}")
 
-    results = {}
-
-    async def fork_loop(cpu):
-        results[cpu] = await m.call("fork_loop", loops, cpu=cpu)
-    async with trio.open_nursery() as n:
-        for cpu in range(m.ncpus):
-            n.start_soon(fork_loop, cpu)
+    results = await on_every_cpu(m, "fork_loop", loops)
 
     await m.kprobes.unregister_kprobe(kp)
     report.print(f"kprobe at {addr:0{pw}x} unregistered")

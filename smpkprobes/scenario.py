@@ -71,6 +71,18 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 Scenario = Callable[[Machine, Report, argparse.Namespace], Awaitable[None]]
 
 
+async def on_every_cpu(m: Machine, func: str, *args: int) -> dict[int, int]:
+    """Call `func(*args)` pinned to each CPU, all at once; {cpu: result}."""
+    results: dict[int, int] = {}
+
+    async def one(cpu: int) -> None:
+        results[cpu] = await m.call(func, *args, cpu=cpu)
+    async with trio.open_nursery() as n:
+        for cpu in range(m.ncpus):
+            n.start_soon(one, cpu)
+    return results
+
+
 def parser(description: str | None = None) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=description,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -13,6 +13,7 @@ import trio
 import cpus
 from smpkprobes import (Jprobe, Kprobe, KprobeError, Kretprobe, Machine, jprobe_return,
                         regs_return_value)
+from _probes import register_where_possible
 
 ARCHES = cpus.available()
 
@@ -123,14 +124,7 @@ async def test_smp_accounting_and_batch_unregister(arch, stress_seeds):
 
             def pre(p, r):
                 (late if after[0] else hits).append(p.addr)
-            probes = []
-            for a in spots:
-                kp = Kprobe(addr=a, pre_handler=pre)
-                try:
-                    await m.kprobes.register_kprobe(kp)
-                    probes.append(kp)
-                except KprobeError:
-                    pass
+            probes = await register_where_possible(m, spots, pre_handler=pre)
             results = {}
 
             async def worker(c):

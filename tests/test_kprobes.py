@@ -7,6 +7,7 @@ import pytest
 import trio
 
 from smpkprobes import Kprobe, KprobeError, Machine, Oops
+from _probes import register_where_possible
 from smpkprobes._kprobes import Status
 
 
@@ -99,14 +100,7 @@ async def _fire_and_unregister(batch: bool, seed: int, trap_delay: float):
         def pre(p, regs):
             if unregistered[0]:
                 late.append(p.addr)
-        probes = []
-        for a in spots:
-            kp = Kprobe(addr=a, pre_handler=pre)
-            try:
-                await m.kprobes.register_kprobe(kp)
-                probes.append(kp)
-            except KprobeError:
-                pass
+        probes = await register_where_possible(m, spots, pre_handler=pre)
         results = {}
 
         async def worker(c):
