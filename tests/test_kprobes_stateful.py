@@ -8,6 +8,8 @@ rule calls, as Hypothesis does.
 
 import threading
 
+import cpus
+
 import trio
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -24,14 +26,15 @@ CALLS = {"kprobe_target": (30,), "fib": (6,), "do_fork": (0, 0, 0, 0, 0, 0), "be
 class _Host:
     """A machine running in trio on its own thread."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, arch: str):
         self.ready = threading.Event()
-        self.thread = threading.Thread(target=trio.run, args=(self._main, seed), daemon=True)
+        self.thread = threading.Thread(target=trio.run, args=(self._main, seed, arch),
+                                       daemon=True)
         self.thread.start()
         self.ready.wait()
 
-    async def _main(self, seed):
-        async with Machine(cpus=3, seed=seed, quantum=(4, 300)) as m:
+    async def _main(self, seed, arch):
+        async with Machine(arch=arch, cpus=3, seed=seed, quantum=(4, 300)) as m:
             self.m = m
             self.token = trio.lowlevel.current_trio_token()
             self.stop = trio.Event()
@@ -49,15 +52,16 @@ class _Host:
 class KprobesMachine(RuleBasedStateMachine):
     probes = Bundle("probes")
 
-    @initialize(seed=st.integers(0, 2**16))
-    def boot(self, seed):
-        self.host = _Host(seed)
+    @initialize(seed=st.integers(0, 2**16), arch=st.sampled_from(cpus.available()))
+    def boot(self, seed, arch):
+        self.host = _Host(seed, arch)
         m = self.host.m
         self.m = m
         self.spots = []
         for f in FUNCS:
             self.spots += sorted(m.kprobes._insn_boundaries(m.kallsyms.lookup(f)))[:6]
-        self.original = {a: m.read_memory(a, 1) for a in self.spots}
+        self.bp = m.backend.breakpoint
+        self.original = {a: m.read_memory(a, len(self.bp)) for a in self.spots}
         self.calls = {f: None for f in FUNCS}
         self.handler_runs = 0
         self.live: set[int] = set()
@@ -143,12 +147,12 @@ class KprobesMachine(RuleBasedStateMachine):
         if not hasattr(self, "m"):
             return
         k = self.m.kprobes
-        bp = self.m.backend.breakpoint
+        bp = self.bp
         for addr in self.spots:
             site = k._table.get(addr)
             should = site is not None and k.enabled and site.enabled()
             assert (site is not None and site.armed) == should
-            text = self.m.read_memory(addr, 1)
+            text = self.m.read_memory(addr, len(bp))
             assert text == (bp if should else self.original[addr]), hex(addr)
 
     @invariant()
