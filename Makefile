@@ -22,8 +22,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n $(JOBS) -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/smpkprobes bench machine
-	$(BIN)/smpkprobes bench kprobe
+	$(BIN)/smpkprobes bench
 
 # Rebuild the committed kernel images (needs clang and ld.lld; `make test` does not).
 kernels:
