@@ -1,4 +1,4 @@
-"""The `smpkprobes` command: demo, run, list, bench."""
+"""The `smpkprobes` command: demo, run, list, stress, selftest, trace, bench."""
 
 from __future__ import annotations
 
@@ -55,6 +55,19 @@ async def demo(arch: str = "x86_64", cpus: int = 4, seed: int = 1, preempt: bool
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; bad input (an unknown or unsupported arch, a bad probe definition)
+    is one line on stderr and exit status 2, not a traceback."""
+    from cpus import UnsupportedArchError
+
+    from ._errors import KprobeError
+    try:
+        return _main(argv)
+    except (UnsupportedArchError, KprobeError) as err:
+        print(f"smpkprobes: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="smpkprobes", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="the main job: a 4-CPU machine with a probe, summarised")

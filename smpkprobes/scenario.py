@@ -18,6 +18,8 @@ from typing import Awaitable, Callable
 
 import trio
 
+from cpus import UnsupportedArchError
+
 from . import _conductor, _mutants, _trace_export
 from ._system import Machine
 
@@ -163,7 +165,11 @@ def scenario_main(scenario: Scenario, description: str | None = None,
         except _trace_export.PlotUnavailable as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-    report, m = trio.run(functools.partial(run, scenario, args))
+    try:
+        report, m = trio.run(functools.partial(run, scenario, args))
+    except UnsupportedArchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if not args.quiet:
         for line in report.lines:
             print(line)
