@@ -168,23 +168,31 @@ async def test_statistics_is_a_frozen_record():
 
 
 async def test_synchronize_waits_for_cpus_in_a_probe():
-    """A grace period waits until a CPU that is inside a single-step has left it."""
+    """A grace period requested while a CPU is inside a single-step ends only after that CPU
+    has run on and passed a quiescent state; one requested while it is quiescent ends at
+    once."""
     async with Machine(cpus=2, seed=9, trap_delay=0) as m:
         kp = Kprobe(symbol_name="do_fork", pre_handler=lambda p, r: 0,
                     post_handler=lambda p, r, f: None)
         await m.kprobes.register_kprobe(kp)
-        done = []
+        cpu1 = m.cpus[1]
+        waited, immediate = [], []
 
         async def sync_loop():
-            for _ in range(20):
+            while len(waited) < 10:
+                await m.call("msleep", 0, cpu=0)        # let CPU 1 run a little
+                busy = not m.quiescent(cpu1)
+                before = cpu1.quanta
                 await m.synchronize()
-                # A GP that ends while CPU 1 loops through the probe: CPU 1 has passed a
-                # quiescent state, so right now it is not half-way through a step.
-                done.append(m.cpus[1].kprobe_ctlblk.status.name in ("NONE", "HIT_SS"))
+                (waited if busy else immediate).append(cpu1.quanta - before)
+                if busy:
+                    assert m.quiescent(cpu1) or cpu1.quanta > before
         async with trio.open_nursery() as n:
-            n.start_soon(functools.partial(m.call, "fork_loop", 3000, cpu=1))
+            n.start_soon(functools.partial(m.call, "fork_loop", 100_000, cpu=1))
             n.start_soon(sync_loop)
-        assert m.statistics().grace_periods == 20 and len(done) == 20
+        # Mid-step when asked: the grace period had to wait for CPU 1 to run on.
+        assert len(waited) == 10 and min(waited) >= 1
+        assert all(d == 0 for d in immediate)
 
 
 async def test_host_woken_by_a_handler_runs_before_time_leaps():
