@@ -210,10 +210,6 @@ class CpuBackend:
     fixed_insn_len: int = 0
     # Functions whose return kretprobes must refuse (arch-specific blacklist).
     kretprobe_blacklist: tuple[str, ...] = ()
-    # Count a quantum's instructions in whole translation blocks (a block hook) instead of
-    # with emu_start's count, which Unicorn implements as a hook on every instruction; on
-    # sparc64 that hook clobbers nPC in the delay slot of every jmpl (each `retl`).
-    count_in_blocks: bool = False
     # The default kernel image's clang target and flags live in smpkprobes/kernel/build.py.
     extra: Mapping[str, object] = field(default_factory=dict)
 

@@ -29,8 +29,9 @@ What Unicorn 2.1.4 gives a sparc64 guest, measured (and what this backend does a
     machine's nested calls end through the __hc_call_return hook instead.
   * `emu_start(..., count)` is implemented with a code hook on every instruction, and a
     code hook on the delay slot of a `jmpl` (every `retl`) replaces the computed nPC with
-    QEMU's "dynamic" marker 1: the CPU jumps to address 1.  So quanta are counted in
-    whole translation blocks (`count_in_blocks`), which block hooks leave intact.
+    QEMU's "dynamic" marker 1: the CPU jumps to address 1.  The machine never uses it:
+    quanta are counted in whole translation blocks on every arch (smpkprobes/_blockbudget),
+    and block hooks leave nPC intact.
 
 Calling convention (SPARC V9 64-bit ABI): arguments in %o0-%o5 (%i0-%i5 after `save`),
 the 7th on at %sp + 2047 + 176 (16-word window save area, 6 argument home words), result
@@ -507,8 +508,6 @@ class Sparc64(CpuBackend):
             # The window save area of the frame at (real) address fp: %i6 at +112,
             # %i7 at +120 (see unwind_frame).
             frame_saved_fp_offset=14 * 8, frame_ret_offset=15 * 8,
-            # emu_start's instruction count breaks every `retl` (module docstring).
-            count_in_blocks=True,
         )
 
     # -- Unicorn setup and the CPU state -----------------------------------------------------

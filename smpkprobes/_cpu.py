@@ -21,6 +21,7 @@ from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
 
 from cpus import CpuBackend
 
+from ._blockbudget import BlockBudget
 from ._regs import Regs
 
 _uc_reg_read = uclib.uc_reg_read
@@ -48,7 +49,8 @@ class CPU:
     """Public surface for handlers: `.id`, `.now_ns()`, `.preemptible()`, `.call()`."""
 
     def __init__(self, cpu_id: int, backend: CpuBackend, memory, host: CpuHost,
-                 hypercall_range: tuple[int, int], call_return: int, call_budget: int):
+                 hypercall_range: tuple[int, int], call_return: int, call_budget: int,
+                 insn_starts):
         self.id = cpu_id
         self.backend = backend
         self._memory = memory
@@ -91,18 +93,20 @@ class CPU:
         self._raw_hook(unicorn.UC_HOOK_INTR, _INTR_CB(self._hook_intr), 1, 0)
         self._raw_hook(unicorn.UC_HOOK_CODE, _CODE_CB(self._hook_hypercall),
                        hypercall_range[0], hypercall_range[1] - 1)
-        # Instructions left in this emu_start, when the backend counts in blocks.
-        self._budget = 0
-        self._count_in_blocks = backend.count_in_blocks
-        if self._count_in_blocks:
-            self._insn_bytes = backend.fixed_insn_len or 1
-            self._raw_hook(unicorn.UC_HOOK_BLOCK, _CODE_CB(self._hook_block), 1, 0)
+        # Quanta end at block starts once their instruction budget is spent (_blockbudget).
+        self._budget = BlockBudget(insn_starts)
+        self._budget_ctx = self._budget.ctx
+        self._unspent = 0
+        self.charged = 0               # instructions the latest run() was charged
+        self._budget.install(self._uch, lambda htype, fptr, user: self._raw_hook(
+            htype, fptr, 1, 0, user))
         self.initial_context = self.context_save()
 
-    def _raw_hook(self, htype: int, fptr, begin: int, end: int) -> None:
+    def _raw_hook(self, htype: int, fptr, begin: int, end: int, user=None) -> None:
         handle = uc_hook_h()
         err = uclib.uc_hook_add(self._uch, ctypes.byref(handle), htype, fptr,
-                                ctypes.c_void_p(0), ctypes.c_uint64(begin), ctypes.c_uint64(end))
+                                user if user is not None else ctypes.c_void_p(0),
+                                ctypes.c_uint64(begin), ctypes.c_uint64(end))
         if err != unicorn.UC_ERR_OK:
             raise unicorn.UcError(err)
         self._hooks.append(fptr)      # keep the callback alive as long as the CPU
@@ -167,19 +171,31 @@ class CPU:
         self.uc.ctl_remove_cache(start, end)
 
     def run(self, count: int) -> unicorn.UcError | None:
-        """Run up to `count` instructions from the current PC.  Returns the Unicorn error
-        if emulation faulted, else None."""
+        """Run `count` instructions from the current PC, rounded up to a whole block, or
+        fewer if something stops the CPU first.  Returns the Unicorn error if emulation
+        faulted, else None."""
         self.stop_requested = False
         begin = self.backend.emu_start_address(self.uc, self.reg_read_id(self._pc_id))
-        if self._count_in_blocks:
-            self._budget, count = count, 0
-        err = _uc_emu_start(self._uch, begin, 0, 0, count)
+        self._budget_ctx.budget = count
+        self._unspent = 0
+        err = _uc_emu_start(self._uch, begin, 0, 0, 0)
+        # What the blocks that started took off the budget (the last one is counted whole).
+        self.charged = count - self._unspent - self._budget_ctx.budget
         if err != unicorn.UC_ERR_OK:
             return unicorn.UcError(err)
         return None
 
     def stop(self) -> None:
         """Stop the current emulation at the next instruction boundary."""
+        self._stop_now()
+
+    def _stop_now(self) -> None:
+        # Unicorn drops a stop requested in the same callback that moved the PC (it
+        # restarts at the new PC instead); a spent budget stops at the next block regardless.
+        ctx = self._budget_ctx
+        if ctx.budget > 0:
+            self._unspent += ctx.budget
+            ctx.budget = 0
         _uc_emu_stop(self._uch)
 
     # -- what handlers may use ------------------------------------------------------------
@@ -204,10 +220,8 @@ class CPU:
         try:
             # No `until`: the __hc_call_return hook stops the CPU before the stub runs (and
             # Unicorn 2.1.4's sparc64 loops on the instruction before an `until` address).
-            budget = self._call_budget
-            if self._count_in_blocks:
-                self._budget, budget = budget, 0
-            err = _uc_emu_start(self._uch, addr, 0, 0, budget)
+            self._budget_ctx.budget = self._call_budget
+            err = _uc_emu_start(self._uch, addr, 0, 0, 0)
             pc = self.reg_read_id(self._pc_id)
             if err != unicorn.UC_ERR_OK:
                 raise GuestFault(f"guest fault in nested call of {self._host.format_addr(addr)}"
@@ -219,8 +233,8 @@ class CPU:
         finally:
             self.nesting -= 1
             self.context_restore(saved)
-            # The nested emu_start reset Unicorn's instruction counter; end the outer
-            # quantum when the current callback returns rather than let it run on unbounded.
+            # The nested emu_start used up the quantum's budget; end the outer quantum
+            # when the current callback returns.
             self.stop_requested = True
         return result
 
@@ -268,15 +282,7 @@ class CPU:
         except BaseException as exc:       # never lose an exception inside Unicorn
             self._host.on_hook_exception(self, exc)
         if self.stop_requested:
-            _uc_emu_stop(self._uch)
-
-    def _hook_block(self, _uc, addr, size, _user):
-        """The quantum's end, counted in whole blocks: stop before the block that would
-        start past the budget."""
-        if self._budget <= 0:
-            _uc_emu_stop(self._uch)
-        else:
-            self._budget -= size // self._insn_bytes
+            self._stop_now()
 
     def _hook_hypercall(self, _uc, addr, size, _user):
         try:
@@ -284,7 +290,7 @@ class CPU:
         except BaseException as exc:
             self._host.on_hook_exception(self, exc)
         if self.stop_requested:
-            _uc_emu_stop(self._uch)
+            self._stop_now()
 
     def __repr__(self) -> str:
         return f"<cpu{self.id}>"

@@ -77,6 +77,7 @@ class Invariants:
         # Each CPU's PC as its last quantum left it: a CPU only moves while it runs, so one
         # register read per quantum keeps this exact.
         self._pcs = {cpu.id: 0 for cpu in machine.cpus}
+        self._in_slots: set[int] = set()     # ids of the CPUs whose _pcs are in the slot area
         self._kernel_text = kprobes._kernel_text
         # Hooks: the machine calls the first two; the others wrap the probe core's bound
         # methods on this instance only (the class, and so other machines, are untouched).
@@ -113,8 +114,14 @@ class Invariants:
     # -- after every quantum --------------------------------------------------------------
     def _after_quantum(self, cpu: "CPU") -> None:
         self.checks += 1
-        self._pcs[cpu.id] = cpu.pc
-        self.check_slots(cached=True)
+        pc = self._pcs[cpu.id] = cpu.pc
+        # Only a CPU inside the slot area can break the law; most quanta end elsewhere.
+        if mem.SLOTS.start <= pc < mem.SLOTS.end:
+            self._in_slots.add(cpu.id)
+        else:
+            self._in_slots.discard(cpu.id)
+        if self._in_slots:
+            self.check_slots(cached=True)
         if self._rps:
             self.check_pools()
 

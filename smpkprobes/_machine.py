@@ -37,6 +37,7 @@ import unicorn
 from cpus import get_backend
 
 from . import _memory as mem
+from ._blockbudget import InsnStarts
 from ._conductor import Conductor, make_conductor
 from ._cpu import CPU
 from ._errors import Oops, OopsRecord, RunawayError
@@ -47,6 +48,37 @@ NS_PER_MS = 1_000_000
 # Virtual cost of taking a trap or a hypercall inside a quantum, so that time read in a
 # handler moves on between two traps of the same quantum.
 TRAP_COST_NS = 50
+
+
+class _Baton:
+    """How one CPU task hands the machine to another: a wake-up with a single waiter.
+    A trio.Event would do, but this is the machine's hottest path (most quanta end with a
+    hand-over) and rescheduling the waiting task directly costs a fifth less."""
+
+    __slots__ = ("_task", "_pending")
+
+    def __init__(self):
+        self._task = None
+        self._pending = False
+
+    def set(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+        else:
+            self._pending = True
+
+    async def wait(self) -> None:
+        if self._pending:
+            self._pending = False
+            await trio.lowlevel.checkpoint()
+            return
+        self._task = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort)
+
+    def _abort(self, _raise_cancel):
+        self._task = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 @dataclass(frozen=True)
@@ -119,6 +151,12 @@ class SMPMachine:
         # A policy name ("random", "pct"), a factory f(rng, qmin, qmax) or a Conductor.
         self.conductor: Conductor = make_conductor(conductor, self.rng, quantum)
         self.memory = mem.PhysicalMemory()
+        # Where instructions start, for counting quanta in blocks (_blockbudget).
+        code_regions = [r for r in self.memory.regions if r.perms & mem.X]
+        self.insn_starts = InsnStarts(max(r.end for r in code_regions),
+                                      self.backend.fixed_insn_len, self.backend.insn_length)
+        for r in code_regions:
+            self.insn_starts.mark_executable(r.start, r.end)
         self.kallsyms = Kallsyms()
         kernel_path = Path(kernel) if kernel is not None else IMAGES / arch / "vmlinux"
         self.kernel = Image.load(kernel_path)
@@ -136,11 +174,12 @@ class SMPMachine:
         self._trap_pc_offset = self.backend.trap_pc_offset
         self.task_return_addr = ksym("__hc_task_return")
         self.cpus = [CPU(i, self.backend, self.memory, self, (hc_start, hc_end),
-                         ksym("__hc_call_return"), call_budget) for i in range(cpus)]
+                         ksym("__hc_call_return"), call_budget, self.insn_starts)
+                     for i in range(cpus)]
         for cpu in self.cpus:
             cpu.pc = self.idle_addr
             cpu.initial_context = cpu.context_save()
-            cpu._baton = trio.Event()
+            cpu._baton = _Baton()
             cpu._line = ""
         self.modules: dict[str, Module] = {}
         self.printk_log: list[str] = []
@@ -232,6 +271,12 @@ class SMPMachine:
 
     def write_memory(self, addr: int, data: bytes) -> None:
         self.memory.write(addr, data)
+        self._code_written(addr, data)
+
+    def _code_written(self, addr: int, data: bytes) -> None:
+        region = self.memory.region_of(addr)
+        if region is not None and region.perms & mem.X:
+            self.insn_starts.code_written(addr, data)
 
     def statistics(self) -> MachineStatistics:
         c = self._c
@@ -296,6 +341,7 @@ class SMPMachine:
             return
         for addr, data in patches:
             self.memory.poke(addr, data)
+            self._code_written(addr, data)
         self._c.text_syncs += 1
         sync = self._c.text_syncs
         self.trace_event("poke", tuple((a, d.hex()) for a, d in patches), sync, self._now)
@@ -427,6 +473,7 @@ class SMPMachine:
     def _load_image(self, image: Image) -> None:
         for addr, data, memsz in image.segments:
             self.memory.write(addr, data)
+            self._code_written(addr, data)
             if memsz > len(data):
                 self.memory.fill(addr + len(data), memsz - len(data), 0)
 
@@ -440,7 +487,6 @@ class SMPMachine:
     async def _cpu_main(self, me: CPU) -> None:
         while True:
             await me._baton.wait()
-            me._baton = trio.Event()
             await self._conduct(me)
 
     async def _conduct(self, me: CPU) -> None:
@@ -452,9 +498,12 @@ class SMPMachine:
                     self._settled = True
                     await trio.testing.wait_all_tasks_blocked()
                     continue
-                self._admit()
-                self._wake_sleepers()
-                runnable = [c for c in self.cpus if c.online and self._has_work(c)]
+                if self._pending:
+                    self._admit()
+                if self._sleepers:
+                    self._wake_sleepers()
+                runnable = [c for c in self.cpus if c.online and (
+                    c.current is not None or c.deferred_trap or self._has_work(c))]
                 if not runnable:
                     if self._sleepers:
                         if not self._settled:
@@ -556,7 +605,9 @@ class SMPMachine:
         self.trace_event("run", cpu.id, task.pid, cpu.clock)
 
     def _run_quantum(self, cpu: CPU, q: int) -> None:
-        self._now = max(self._now, cpu.clock)
+        # (The hot loop of the machine: once per quantum, so kept free of needless calls.)
+        if cpu.clock > self._now:
+            self._now = cpu.clock
         if cpu.pending_flush:
             self._deliver_ipis(cpu)
         if cpu.current is None and not cpu.deferred_trap:
@@ -565,10 +616,11 @@ class SMPMachine:
                 return
             self._switch_in(cpu, task)
         task = cpu.current
+        c = self._c
         cpu.intra = 0
-        self._c.quanta += 1
+        c.quanta += 1
         cpu.quanta += 1
-        self.trace_event("q", cpu.id, task.pid if task else 0, q, cpu.clock)
+        self._trace.append(("q", cpu.id, task.pid if task else 0, q, cpu.clock))
         if cpu.deferred_trap:
             cpu.deferred_trap = False
             cpu.stop_requested = False
@@ -578,9 +630,9 @@ class SMPMachine:
             err = cpu.run(q)
         # Traps inside the quantum advanced now_ns() by TRAP_COST_NS each; never let the
         # clock run backwards when they add up to more than the quantum.
-        cpu.clock += max(q, cpu.intra)
+        cpu.clock += q if q >= cpu.intra else cpu.intra
         cpu.instructions += q
-        self._c.instructions += q
+        c.instructions += q
         if err is not None and cpu.current is not None:
             self._on_fault(cpu, err)
         task = cpu.current
@@ -600,12 +652,13 @@ class SMPMachine:
                 cpu.current = None
                 cpu.pc = self.idle_addr
                 self._make_runnable(task, cpu.clock)
-        if self._gp_waiters and self.quiescent(cpu):
-            self._ack(self._gp_waiters, cpu.id, cpu.clock)
         if self._gp_waiters:
-            for other in self.cpus:
-                if other.current is None and not other.deferred_trap:
-                    self._ack(self._gp_waiters, other.id, cpu.clock)
+            if self.quiescent(cpu):
+                self._ack(self._gp_waiters, cpu.id, cpu.clock)
+            if self._gp_waiters:
+                for other in self.cpus:
+                    if other.current is None and not other.deferred_trap:
+                        self._ack(self._gp_waiters, other.id, cpu.clock)
         for notify in self.quantum_notifiers:
             notify(cpu)
 
@@ -719,6 +772,8 @@ class SMPMachine:
         task = cpu.current
         cpu.current = None
         cpu.pc = self.idle_addr
+        # The rest of the quantum is idle time: charged, not emulated.
+        cpu.stop_requested = True
         task.state = TaskState.DEAD
         task.result = result
         task.oops = oops
