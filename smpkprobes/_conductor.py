@@ -3,9 +3,10 @@ machine tosses.
 
 Every CPU keeps a virtual clock (one ns per instruction).  The default policy is a
 discrete-event simulation: the runnable CPU whose clock is furthest behind runs next, for a
-quantum drawn log-uniformly from [qmin, qmax] by the machine's seeded generator, so quanta
-range from a handful of instructions (fine enough for real races) to thousands (coarse
-enough to be fast).  Ties go to the lower CPU id.  Nothing here reads the wall clock or
+quantum drawn from [qmin, qmax] by the machine's seeded generator: a quarter of them
+log-uniformly over the whole range, so quanta go down to a handful of instructions (fine
+enough for real races), the rest from its top half, thousands (coarse enough to be fast:
+see `Conductor.quantum`).  Ties go to the lower CPU id.  Nothing here reads the wall clock or
 depends on trio's own scheduling order.
 
 The machine's other random decisions go through the conductor too, as coins: whether a
@@ -66,8 +67,20 @@ class Conductor:
         self.schedule: list[Choice] = []
         self.coins: list[tuple[str, int, int]] = []
 
+    # Quanta are a mixture: a share `fine` of them log-uniform over the whole range
+    # [qmin, qmax] (half of those are under sqrt(qmin * qmax): the fine interleavings races
+    # need), the rest uniform over its top half (the coarse ones that keep the machine
+    # fast: a quantum costs several microseconds of host time whatever its length).  With
+    # the default 16..4096 the mean is about 2,500 instructions.  One draw per quantum.
+    fine = 0.25
+
     def quantum(self) -> int:
-        return min(self.qmax, int(math.exp(self.rng.uniform(self._lo, self._hi))))
+        u = self.rng.random()
+        if u < self.fine:
+            log_q = self._lo + u / self.fine * (self._hi - self._lo)
+            return min(self.qmax, int(math.exp(log_q)))
+        lo = max(self.qmin, self.qmax // 2)
+        return lo + int((u - self.fine) / (1 - self.fine) * (self.qmax - lo + 1))
 
     def pick(self, runnable: Sequence) -> tuple[object, int]:
         """`runnable` are CPUs (with `.clock` and `.id`), in id order.  Returns the CPU to
@@ -77,7 +90,11 @@ class Conductor:
         return cpu, q
 
     def choose(self, runnable: Sequence) -> tuple[object, int]:
-        cpu = min(runnable, key=lambda c: (c.clock, c.id))
+        # The CPU furthest behind; on a tie the first, i.e. the lowest id.
+        cpu = runnable[0]
+        for c in runnable:
+            if c.clock < cpu.clock:
+                cpu = c
         return cpu, self.quantum()
 
     # -- coins ------------------------------------------------------------------------------

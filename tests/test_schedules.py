@@ -30,8 +30,8 @@ async def _run(conductor="random", seed=3, preempt=True, cpus=4):
             results[(func, cpu)] = await m.call(func, arg, cpu=cpu)
         async with trio.open_nursery() as n:
             for c in range(cpus):
-                n.start_soon(one, "fork_loop", 40, c)
-                n.start_soon(one, "fib", 7, c)
+                n.start_soon(one, "fork_loop", 100, c)
+                n.start_soon(one, "fib", 11, c)
         await m.kprobes.unregister_kprobe(kp)
         await m.kprobes.unregister_kretprobe(rp)
     return m.trace_digest(), list(m.schedule), results, m.conductor.recording()
