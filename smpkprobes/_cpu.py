@@ -21,7 +21,7 @@ from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
 
 from cpus import CpuBackend
 
-from ._regs import Regs
+from ._regs import Regs, regs_class
 
 _uc_reg_read = uclib.uc_reg_read
 _uc_reg_write = uclib.uc_reg_write
@@ -151,7 +151,7 @@ class CPU:
     write = reg_write
 
     def regs(self) -> Regs:
-        return Regs(self)
+        return regs_class(self.backend)(self)
 
     # -- running ------------------------------------------------------------------------
     def context_save(self):

@@ -33,7 +33,7 @@ from cpus import InsnPlan, StepKind, UnsteppableError
 
 from . import _memory as mem
 from ._errors import KprobeError, SimulationError
-from ._regs import Regs
+from ._regs import Regs, regs_class
 from ._slots import InsnSlots
 
 if TYPE_CHECKING:    # pragma: no cover
@@ -287,6 +287,7 @@ class KprobesSubsystem:
         self._slot_lo, self._slot_hi = mem.SLOTS.start, mem.SLOTS.end
         self._trace = machine.trace
         self._pc_reg = machine.backend.cc.pc_reg
+        self._Regs = regs_class(machine.backend)
         k = machine.kallsyms
         self._trampoline = k.lookup("kretprobe_trampoline").addr
         self._trampoline_site = _Site(self._trampoline, None, b"")
@@ -669,8 +670,7 @@ class KprobesSubsystem:
         site.hits += 1
         self.hits += 1
         self._trace.append(("hit", cpu.id, addr, cpu.clock + cpu.intra))
-        regs = Regs(cpu)
-        regs._cache[self._pc_reg] = addr
+        regs = self._Regs(cpu, addr)
         for child in site.children:
             if child.flags & KPROBE_FLAG_DISABLED or child.pre_handler is None:
                 continue
@@ -736,8 +736,7 @@ class KprobesSubsystem:
             cpu.pc = resume
             self._restore_previous_kprobe(kcb)
             return
-        regs = Regs(cpu)
-        regs.preset(self._backend.cc.pc_reg, resume)
+        regs = self._Regs(cpu, resume)
         cpu.pc = resume
         self._run_post_handlers(cpu, kcb, site, regs)
 
@@ -782,8 +781,7 @@ class KprobesSubsystem:
         kcb.prev = (kcb.current, kcb.status, kcb.ss_addr)
         kcb.current = site
         kcb.set_status(Status.REENTER)
-        regs = Regs(cpu)
-        regs.preset(self._backend.cc.pc_reg, site.addr)
+        regs = self._Regs(cpu, site.addr)
         self._prepare_singlestep(cpu, kcb, site, regs)
 
     def _restore_previous_kprobe(self, kcb: KprobeCtlblk) -> None:
@@ -920,7 +918,7 @@ class KprobesSubsystem:
         self._trace.append(("ret", cpu.id, correct, cpu.clock + cpu.intra))
         for ri in batch:
             ri.ret_addr = correct     # the chained ones recorded the trampoline at entry
-        regs = Regs(cpu)
+        regs = self._Regs(cpu)
         regs.write("ip", correct)
         cpu.preempt_count += 1
         kcb.current = self._trampoline_site      # probes hit in the handlers are missed
@@ -1008,8 +1006,7 @@ class KprobesSubsystem:
         cpu.context_restore(ctx)
         self._m.memory.poke(sp, stack)
         site = kcb.current
-        regs = Regs(cpu)
-        regs.preset(self._backend.cc.pc_reg, site.addr)
+        regs = self._Regs(cpu, site.addr)
         self._prepare_singlestep(cpu, kcb, site, regs)
 
 
