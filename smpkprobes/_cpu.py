@@ -39,7 +39,7 @@ class CpuHost(Protocol):
     task_return_addr: int          # where every task's outermost frame returns to
 
     def on_hypercall(self, cpu: "CPU", addr: int) -> None: ...
-    def on_trap(self, cpu: "CPU", intno: int) -> None: ...
+    def on_trap(self, cpu: "CPU", intno: int, pc: int) -> int | None: ...
     def on_hook_exception(self, cpu: "CPU", exc: BaseException) -> None: ...
     def resolve_return_address(self, cpu: "CPU", addr: int, depth: int) -> int: ...
 
@@ -130,13 +130,18 @@ class CPU:
         else:
             self.reg_write_id(rid, value & self.backend.word_mask)
 
+    # The PC is read and written on every trap: one call into Unicorn each, no more.
     @property
     def pc(self) -> int:
-        return self.reg_read_id(self._pc_id)
+        val = self._val
+        val.value = 0
+        _uc_reg_read(self._uch, self._pc_id, self._val_ref)
+        return val.value
 
     @pc.setter
     def pc(self, value: int) -> None:
-        self.reg_write_id(self._pc_id, value)
+        self._wval.value = value
+        _uc_reg_write(self._uch, self._pc_id, self._wval_ref)
 
     def read_word(self, addr: int) -> int:
         self._memory._check(addr, self._word.size)
@@ -264,7 +269,15 @@ class CPU:
     # -- Unicorn callbacks ---------------------------------------------------------------
     def _hook_intr(self, _uc, intno, _user):
         try:
-            self._host.on_trap(self, intno)
+            # The probe hit path: the host wants the PC and may give one to resume at;
+            # both are done here, with no further Python call.
+            val = self._val
+            val.value = 0
+            _uc_reg_read(self._uch, self._pc_id, self._val_ref)
+            resume = self._host.on_trap(self, intno, val.value)
+            if resume is not None:
+                val.value = resume
+                _uc_reg_write(self._uch, self._pc_id, self._val_ref)
         except BaseException as exc:       # never lose an exception inside Unicorn
             self._host.on_hook_exception(self, exc)
         if self.stop_requested:
