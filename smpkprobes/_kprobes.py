@@ -3,7 +3,8 @@
 Where the kernel's code would be:
   register_kprobe / unregister_kprobes ......... KprobesSubsystem.register_* / unregister_*
   arm_kprobe / disarm_kprobe ................... _arm / _disarm (text_poke + cross-CPU sync)
-  kprobe_handler (do_int3) ..................... KprobesSubsystem._kprobe_handler
+  kprobe_handler (do_int3) ..................... KprobesSubsystem._kprobe_handler (a hit),
+                                                 _other_trap (step end, trampoline, stray)
   post_kprobe_handler / resume_execution ....... _post_kprobe_handler
   reenter_kprobe ............................... _reenter_kprobe
   kprobe_fault_handler ......................... _fault_fixup, _handler_fault
@@ -58,6 +59,10 @@ class Status(enum.Enum):
     HIT_SS = 2
     HIT_SSDONE = 3
     REENTER = 4
+
+
+# The hit path compares against these module globals rather than Status.X attribute lookups.
+_NONE, _HIT_ACTIVE, _REENTER = Status.NONE, Status.HIT_ACTIVE, Status.REENTER
 
 
 # == the user-facing probe objects ====================================================
@@ -201,9 +206,14 @@ def regs_return_value(regs: Regs) -> int:
 
 # == the per-CPU control block ========================================================
 class KprobeCtlblk:
-    """`struct kprobe_ctlblk`: what one CPU is doing with probes right now."""
+    """`struct kprobe_ctlblk`: what one CPU is doing with probes right now.
 
-    __slots__ = ("current", "status", "ss_addr", "prev", "jprobe_saved", "transitions")
+    Setting `transitions` to a list records every status change into it, as (address of
+    the current probe or 0, status name), until it is set back to None.  Recording swaps
+    in a subclass meanwhile, so that the hit path's plain `kcb.status = ...` costs nothing
+    more when it is off."""
+
+    __slots__ = ("current", "status", "ss_addr", "prev", "jprobe_saved", "_log")
 
     def __init__(self):
         self.current: _Site | None = None
@@ -211,36 +221,60 @@ class KprobeCtlblk:
         self.ss_addr = 0
         self.prev = None            # one level of prev_kprobe: (current, status, ss_addr)
         self.jprobe_saved = None    # (context, sp, stack bytes)
-        self.transitions: list | None = None   # opt-in recording for scenarios
+        self._log = None
 
-    def set_status(self, status: Status) -> None:
-        self.status = status
-        if self.transitions is not None:
-            self.transitions.append((self.current.addr if self.current else 0, status.name))
+    @property
+    def transitions(self) -> list | None:
+        return self._log
+
+    @transitions.setter
+    def transitions(self, log: list | None) -> None:
+        self._log = log
+        self.__class__ = KprobeCtlblk if log is None else _RecordingCtlblk
 
     def reset(self) -> None:
         self.current = None
-        self.set_status(Status.NONE)
+        self.status = Status.NONE
         self.ss_addr = 0
         self.jprobe_saved = None
+
+
+_status_slot = KprobeCtlblk.status      # the slot itself, beneath the recording property
+
+
+class _RecordingCtlblk(KprobeCtlblk):
+    """A control block that logs its status changes to `transitions`."""
+
+    __slots__ = ()
+
+    @property
+    def status(self) -> Status:
+        return _status_slot.__get__(self)
+
+    @status.setter
+    def status(self, status: Status) -> None:
+        _status_slot.__set__(self, status)
+        self._log.append((self.current.addr if self.current else 0, status.name))
 
 
 class _Site:
     """Everything at one probed address: the aggregate kprobe."""
 
-    __slots__ = ("addr", "plan", "orig", "slot", "children", "armed", "gone", "boost_used",
-                 "hits")
+    __slots__ = ("addr", "plan", "boostable", "orig", "slot", "children", "armed", "gone",
+                 "boost_used")
 
     def __init__(self, addr: int, plan: InsnPlan, orig: bytes):
         self.addr = addr
         self.plan = plan
+        # Stepped out of line with a jump back allowed (still never with a post_handler).
+        self.boostable = plan is not None and plan.kind is StepKind.OUT_OF_LINE \
+            and plan.boostable
         self.orig = orig
         self.slot: int | None = None
         self.children: tuple[Kprobe, ...] = ()
         self.armed = False
         self.gone = False
         self.boost_used = False
-        self.hits = 0
 
     def enabled(self) -> bool:
         return not self.gone and any(not c.disabled for c in self.children)
@@ -280,13 +314,17 @@ class KprobesSubsystem:
         self._mutex = trio.Lock()           # kprobe_mutex
         self.enabled = True                 # kprobes/enabled
         self._boundaries: dict[int, frozenset[int]] = {}
-        self.hits = self.missed = self.traps = 0
+        # Traps at a registered probe, and how each ended: a hit, a miss (reentry) or an
+        # unrecoverable reentry.  The invariant checker compares them after every quantum.
+        self.hits = self.missed = self.traps = self.unrecoverable = 0
+        # Handlers of unregistered probes that were about to run: a bug, recorded where it
+        # happens for the invariant checker to report ((address, probe, "pre_handler")).
+        self.stale_handlers: list[tuple[int, Kprobe, str]] = []
         self._slot_stride = self._backend.slot_size // 2
         self.slots = InsnSlots(self._backend.slot_size, machine.synchronize, self._cpu_in_range)
         # Hot-path constants, looked up once.
         self._slot_lo, self._slot_hi = mem.SLOTS.start, mem.SLOTS.end
         self._trace = machine.trace
-        self._pc_reg = machine.backend.cc.pc_reg
         self._Regs = regs_class(machine.backend)
         k = machine.kallsyms
         self._trampoline = k.lookup("kretprobe_trampoline").addr
@@ -621,11 +659,79 @@ class KprobesSubsystem:
                 site.slot = None
 
     # == the hit path (runs inside a Unicorn callback) ====================================
-    def _kprobe_handler(self, cpu: "CPU", addr: int) -> bool:
-        kcb: KprobeCtlblk = cpu.kprobe_ctlblk
+    def _kprobe_handler(self, cpu: "CPU", addr: int) -> bool | int:
+        """kprobe_int3_handler: a breakpoint trap at `addr`.  Returns False if it is no
+        breakpoint of ours, else True, or the address to resume at for the CPU's hook to
+        set (see SMPMachine.trap_handler).
+
+        A hit on a registered probe is the hot path, written out in one function on
+        purpose (every call and attribute chain here is paid on each hit): the normal hit,
+        its pre_handlers and, when allowed, the boosted step.  Everything else goes to
+        `_other_trap`."""
         site = self._table.get(addr)
-        if site is not None and site.children:
-            return self._kprobe_hit(cpu, kcb, site, addr)
+        if site is None:
+            return self._other_trap(cpu, addr)
+        children = site.children
+        if not children:
+            return self._other_trap(cpu, addr)
+        self.traps += 1
+        kcb: KprobeCtlblk = cpu.kprobe_ctlblk
+        if kcb.current is not None:
+            self._reenter_kprobe(cpu, kcb, site)
+            return True
+        cpu.preempt_count += 1
+        kcb.current = site
+        kcb.status = _HIT_ACTIVE
+        self.hits += 1
+        trace = self._trace
+        trace.append(("hit", cpu.id, addr, cpu.clock + cpu.intra))
+        regs = self._Regs(cpu, addr)
+        for child in children:
+            if not child._registered:
+                self.stale_handlers.append((addr, child, "pre_handler"))
+            if child.flags & KPROBE_FLAG_DISABLED or child.pre_handler is None:
+                continue
+            try:
+                ret = child.pre_handler(child, regs)
+            except _JprobeReturn:
+                ret = 0
+            except BaseException as exc:
+                if not self._handler_fault(cpu, child, regs, exc):
+                    return True
+                continue
+            if kcb.current is None:
+                return True               # the task died inside the handler
+            if ret:
+                # The handler redirected execution: no single-step (and for a jprobe, the
+                # CPU is sent to the jprobe's entry with this probe still current).
+                if kcb.jprobe_saved is not None:
+                    regs.flush()
+                    cpu.pc = regs.read("ip")
+                    return True
+                self._finish(cpu, kcb, regs, resume=regs.read("ip"))
+                return True
+        if site.boostable and kcb.status is not _REENTER:
+            for child in children:
+                if child.post_handler is not None and not child.flags & KPROBE_FLAG_DISABLED:
+                    break
+            else:
+                # Boosted (see _prepare_singlestep), written out here.
+                trace.append(("ss", cpu.id, addr, cpu.clock + cpu.intra, "boost"))
+                site.boost_used = True
+                if regs._dirty:
+                    regs.flush_except_pc()
+                kcb.current = None
+                kcb.status = _NONE
+                kcb.jprobe_saved = None
+                cpu.preempt_count -= 1
+                return site.slot + self._slot_stride
+        self._prepare_singlestep(cpu, kcb, site, regs)
+        return True
+
+    def _other_trap(self, cpu: "CPU", addr: int) -> bool:
+        """A breakpoint trap at no registered probe: the end of a single-step, the kretprobe
+        trampoline, jprobe_return(), or a stray trap whose probe is already gone."""
+        kcb: KprobeCtlblk = cpu.kprobe_ctlblk
         if self._slot_lo <= addr < self._slot_hi:
             if kcb.status in (Status.HIT_SS, Status.REENTER):
                 if addr == kcb.ss_addr:
@@ -656,53 +762,13 @@ class KprobesSubsystem:
             return True
         return False
 
-    def _kprobe_hit(self, cpu: "CPU", kcb: KprobeCtlblk, site: _Site, addr: int) -> bool:
-        """A breakpoint of a registered probe: the normal hit, or a reentry."""
-        self.traps += 1
-        if kcb.current is not None:
-            self._reenter_kprobe(cpu, kcb, site)
-            return True
-        cpu.preempt_count += 1
-        kcb.current = site
-        kcb.status = Status.HIT_ACTIVE
-        if kcb.transitions is not None:
-            kcb.transitions.append((addr, "HIT_ACTIVE"))
-        site.hits += 1
-        self.hits += 1
-        self._trace.append(("hit", cpu.id, addr, cpu.clock + cpu.intra))
-        regs = self._Regs(cpu, addr)
-        for child in site.children:
-            if child.flags & KPROBE_FLAG_DISABLED or child.pre_handler is None:
-                continue
-            try:
-                ret = child.pre_handler(child, regs)
-            except _JprobeReturn:
-                ret = 0
-            except BaseException as exc:
-                if not self._handler_fault(cpu, child, regs, exc):
-                    return True
-                continue
-            if kcb.current is None:
-                return True               # the task died inside the handler
-            if ret:
-                # The handler redirected execution: no single-step (and for a jprobe, the
-                # CPU is sent to the jprobe's entry with this probe still current).
-                if kcb.jprobe_saved is not None:
-                    regs.flush()
-                    cpu.pc = regs.read("ip")
-                    return True
-                self._finish(cpu, kcb, regs, resume=regs.read("ip"))
-                return True
-        self._prepare_singlestep(cpu, kcb, site, regs)
-        return True
-
     def _prepare_singlestep(self, cpu: "CPU", kcb: KprobeCtlblk, site: _Site, regs: Regs) -> None:
         plan = site.plan
         reenter = kcb.status is Status.REENTER
         if plan.kind is StepKind.SIMULATE:
             self._trace.append(("ss", cpu.id, site.addr, cpu.clock + cpu.intra, "simulate"))
             if not reenter:
-                kcb.set_status(Status.HIT_SS)
+                kcb.status = Status.HIT_SS
             regs.write("ip", site.addr)
             plan.simulate(regs)
             self._run_post_handlers(cpu, kcb, site, regs)
@@ -717,13 +783,11 @@ class KprobesSubsystem:
             kcb.current = None
             kcb.status = Status.NONE
             kcb.jprobe_saved = None
-            if kcb.transitions is not None:
-                kcb.transitions.append((0, "NONE"))
             cpu.preempt_count -= 1
             return
         self._trace.append(("ss", cpu.id, site.addr, cpu.clock + cpu.intra, "slot"))
         if not reenter:
-            kcb.set_status(Status.HIT_SS)
+            kcb.status = Status.HIT_SS
         kcb.ss_addr = site.slot + plan.length
         regs.flush_except_pc()
         cpu.pc = site.slot
@@ -746,8 +810,10 @@ class KprobesSubsystem:
             cpu.pc = regs.read("ip")
             self._restore_previous_kprobe(kcb)
             return
-        kcb.set_status(Status.HIT_SSDONE)
+        kcb.status = Status.HIT_SSDONE
         for child in site.children:
+            if not child._registered:
+                self.stale_handlers.append((site.addr, child, "post_handler"))
             if child.disabled or child.post_handler is None:
                 continue
             try:
@@ -770,6 +836,7 @@ class KprobesSubsystem:
         if kcb.status is Status.REENTER:
             msg = (f"Unrecoverable kprobe detected at {self._m.format_addr(site.addr)} "
                    f"({', '.join(repr(c) for c in site.children)})")
+            self.unrecoverable += 1
             self.simulation_errors.append(msg)
             self._m.printk_log.append(msg)
             self._m.kill_current(cpu, msg)
@@ -780,14 +847,14 @@ class KprobesSubsystem:
         self._m.trace_event("miss", cpu.id, site.addr, cpu.clock + cpu.intra)
         kcb.prev = (kcb.current, kcb.status, kcb.ss_addr)
         kcb.current = site
-        kcb.set_status(Status.REENTER)
+        kcb.status = Status.REENTER
         regs = self._Regs(cpu, site.addr)
         self._prepare_singlestep(cpu, kcb, site, regs)
 
     def _restore_previous_kprobe(self, kcb: KprobeCtlblk) -> None:
         kcb.current, status, kcb.ss_addr = kcb.prev
         kcb.prev = None
-        kcb.set_status(status)
+        kcb.status = status
 
     # -- faults ---------------------------------------------------------------------------
     def _handler_fault(self, cpu: "CPU", child: Kprobe, regs: Regs, exc: BaseException) -> bool:
@@ -922,7 +989,7 @@ class KprobesSubsystem:
         regs.write("ip", correct)
         cpu.preempt_count += 1
         kcb.current = self._trampoline_site      # probes hit in the handlers are missed
-        kcb.set_status(Status.HIT_ACTIVE)
+        kcb.status = Status.HIT_ACTIVE
         try:
             for ri in batch:
                 rp = ri.rp
