@@ -725,8 +725,7 @@ class KprobesSubsystem:
                 kcb.jprobe_saved = None
                 cpu.preempt_count -= 1
                 return site.slot + self._slot_stride
-        self._prepare_singlestep(cpu, kcb, site, regs)
-        return True
+        return self._prepare_singlestep(cpu, kcb, site, regs) or True
 
     def _other_trap(self, cpu: "CPU", addr: int) -> bool:
         """A breakpoint trap at no registered probe: the end of a single-step, the kretprobe
@@ -762,7 +761,10 @@ class KprobesSubsystem:
             return True
         return False
 
-    def _prepare_singlestep(self, cpu: "CPU", kcb: KprobeCtlblk, site: _Site, regs: Regs) -> None:
+    def _prepare_singlestep(self, cpu: "CPU", kcb: KprobeCtlblk, site: _Site,
+                            regs: Regs) -> int | None:
+        """Step the probed instruction: returns the address the CPU goes on at (a slot),
+        for the caller to set, or None when the step is over already (simulated)."""
         plan = site.plan
         reenter = kcb.status is Status.REENTER
         if plan.kind is StepKind.SIMULATE:
@@ -772,25 +774,24 @@ class KprobesSubsystem:
             regs.write("ip", site.addr)
             plan.simulate(regs)
             self._run_post_handlers(cpu, kcb, site, regs)
-            return
+            return None
         if plan.boostable and not site.has_post_handler() and not reenter:
             # Boosted: the slot jumps back by itself.  Preemption is enabled again before
             # the CPU enters the slot; grace periods still wait for it to leave (PC check).
             self._trace.append(("ss", cpu.id, site.addr, cpu.clock + cpu.intra, "boost"))
             site.boost_used = True
             regs.flush_except_pc()
-            cpu.pc = site.slot + self._slot_stride
             kcb.current = None
             kcb.status = Status.NONE
             kcb.jprobe_saved = None
             cpu.preempt_count -= 1
-            return
+            return site.slot + self._slot_stride
         self._trace.append(("ss", cpu.id, site.addr, cpu.clock + cpu.intra, "slot"))
         if not reenter:
             kcb.status = Status.HIT_SS
         kcb.ss_addr = site.slot + plan.length
         regs.flush_except_pc()
-        cpu.pc = site.slot
+        return site.slot
 
     def _post_kprobe_handler(self, cpu: "CPU", kcb: KprobeCtlblk, resume: int) -> None:
         site = kcb.current
@@ -802,9 +803,10 @@ class KprobesSubsystem:
             return
         regs = self._Regs(cpu, resume)
         cpu.pc = resume
-        self._run_post_handlers(cpu, kcb, site, regs)
+        self._run_post_handlers(cpu, kcb, site, regs, resume)
 
-    def _run_post_handlers(self, cpu: "CPU", kcb: KprobeCtlblk, site: _Site, regs: Regs) -> None:
+    def _run_post_handlers(self, cpu: "CPU", kcb: KprobeCtlblk, site: _Site, regs: Regs,
+                           pc: int | None = None) -> None:
         if kcb.status is Status.REENTER:
             regs.flush()
             cpu.pc = regs.read("ip")
@@ -814,21 +816,28 @@ class KprobesSubsystem:
         for child in site.children:
             if not child._registered:
                 self.stale_handlers.append((site.addr, child, "post_handler"))
-            if child.disabled or child.post_handler is None:
+            if child.flags & KPROBE_FLAG_DISABLED or child.post_handler is None:
                 continue
             try:
                 child.post_handler(child, regs, 0)
             except BaseException as exc:
                 if not self._handler_fault(cpu, child, regs, exc):
                     return
-        self._finish(cpu, kcb, regs, resume=regs.read("ip"))
+        self._finish(cpu, kcb, regs, resume=regs.read("ip"), pc=pc)
 
-    def _finish(self, cpu: "CPU", kcb: KprobeCtlblk, regs: Regs, resume: int) -> None:
+    def _finish(self, cpu: "CPU", kcb: KprobeCtlblk, regs: Regs, resume: int,
+                pc: int | None = None) -> None:
+        """The probe is done on this CPU: resume at `resume`.  `pc` is where the caller has
+        already put the PC (the end of a step, set before the post_handlers ran, so that
+        they and an oops see it): when nothing moved it, the CPU is not written again, a
+        call into Unicorn the stepped path would otherwise pay on every hit."""
         site = kcb.current
         self._trace.append(("done", cpu.id, site.addr if site is not None else 0,
                             cpu.clock + cpu.intra))
-        regs.flush_except_pc()
-        cpu.pc = resume
+        if regs._dirty:
+            regs.flush_except_pc()
+        if resume != pc:
+            cpu.pc = resume
         kcb.reset()
         cpu.preempt_count -= 1
 
@@ -849,7 +858,9 @@ class KprobesSubsystem:
         kcb.current = site
         kcb.status = Status.REENTER
         regs = self._Regs(cpu, site.addr)
-        self._prepare_singlestep(cpu, kcb, site, regs)
+        pc = self._prepare_singlestep(cpu, kcb, site, regs)
+        if pc is not None:
+            cpu.pc = pc
 
     def _restore_previous_kprobe(self, kcb: KprobeCtlblk) -> None:
         kcb.current, status, kcb.ss_addr = kcb.prev
@@ -1074,7 +1085,9 @@ class KprobesSubsystem:
         self._m.memory.poke(sp, stack)
         site = kcb.current
         regs = self._Regs(cpu, site.addr)
-        self._prepare_singlestep(cpu, kcb, site, regs)
+        pc = self._prepare_singlestep(cpu, kcb, site, regs)
+        if pc is not None:
+            cpu.pc = pc
 
 
 def _arity(fn: Callable) -> int:
