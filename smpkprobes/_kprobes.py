@@ -683,8 +683,14 @@ class KprobesSubsystem:
         kcb.current = site
         kcb.status = _HIT_ACTIVE
         self.hits += 1
+        # The trace keeps its events for ever, and much of what a hit costs is the memory
+        # they take: name the site's own address object rather than the int made from
+        # this trap's PC, and share the timestamp object between the hit and its step.
+        addr = site.addr
         trace = self._trace
-        trace.append(("hit", cpu.id, addr, cpu.clock + cpu.intra))
+        t = cpu.clock + cpu.intra
+        hit = ("hit", cpu.id, addr, t)
+        trace.append(hit)
         regs = self._Regs(cpu, addr)
         for child in children:
             if not child._registered:
@@ -716,7 +722,14 @@ class KprobesSubsystem:
                     break
             else:
                 # Boosted (see _prepare_singlestep), written out here.
-                trace.append(("ss", cpu.id, addr, cpu.clock + cpu.intra, "boost"))
+                t_ss = cpu.clock + cpu.intra
+                if t_ss == t:
+                    t_ss = t
+                if trace and trace[-1] is hit:
+                    # Nothing traced since the hit: one "boost" event stands for both.
+                    trace[-1] = ("boost", hit[1], addr, t, t_ss)
+                else:
+                    trace.append(("ss", cpu.id, addr, t_ss, "boost"))
                 site.boost_used = True
                 if regs._dirty:
                     regs.flush_except_pc()
