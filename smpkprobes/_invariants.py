@@ -15,15 +15,14 @@ KASAN watches the kernel, and checks five laws:
 
 Where they are checked:
   * after every quantum (`Machine.quantum_notifiers`): slots, the pools of the registered
-    kretprobes, and the entries and handlers laws of kprobe hits.  Those two are not
-    checked around each trap, which would put a wrapper call on the hit path: the probe
-    core counts each trap at a registered probe and each way one ends (`traps`, `hits`,
-    `missed`, `unrecoverable`), and records a handler of an unregistered probe that is
-    about to run (`stale_handlers`); the checker compares and reports after the quantum
-    in which it happened;
+    kretprobes (with their entries), and the entries and handlers laws of kprobe hits.
+    Those are not checked around each trap or call, which would put a wrapper on the hit
+    path: the probe core counts each trap at a registered probe and each way one ends
+    (`traps`, `hits`, `missed`, `unrecoverable`) and each entry into a kretprobe's
+    function (`Kretprobe._entries`), and records a pre, post or return handler of an
+    unregistered probe that is about to run (`stale_handlers`); the checker compares and
+    reports after the quantum in which it happened;
   * after every arm and disarm, on the sites patched (text only changes there);
-  * at each kretprobe trampoline: that no instance about to run a handler belongs to an
-    unregistered kretprobe;
   * once more when the machine shuts down.
 
 A violation is recorded (`violations`), printed to `printk_log` and traced as an
@@ -74,7 +73,6 @@ class Invariants:
         self.checks = 0
         self._seen: set[str] = set()
         self._tracked: dict[int, bytes] = {}      # every address ever probed -> original bytes
-        self._rp_entries: dict[int, int] = {}     # id(kretprobe) -> entries since registered
         self._rps: dict[int, "Kretprobe"] = {}    # the kretprobes registered (or once were)
         self._slot_size = kprobes.slots.slot_size
         # Each CPU's PC as its last quantum left it: a CPU only moves while it runs, so one
@@ -86,12 +84,8 @@ class Invariants:
         machine.quantum_notifiers.append(self._after_quantum)
         machine.module_notifiers.append(self._module_event)
         self._lost_traps = 0                      # traps already reported as neither hit nor miss
-        self._trampoline = kprobes._trampoline_handler
-        kprobes._trampoline_handler = self._checked_trampoline
-        self._rp_pre = kprobes._pre_handler_kretprobe
-        kprobes._pre_handler_kretprobe = self._counted_rp_entry
         self._register_rp = kprobes._register_kretprobe
-        kprobes._register_kretprobe = self._reset_rp_entries
+        kprobes._register_kretprobe = self._track_kretprobe
         self._arm, self._disarm = kprobes._arm, kprobes._disarm
         kprobes._arm, kprobes._disarm = self._checked_arm, self._checked_disarm
 
@@ -189,7 +183,7 @@ class Invariants:
             if free + used != rp.maxactive:
                 self.violation("pool", f"{rp!r}: free {free} + in use {used} != maxactive "
                                        f"{rp.maxactive}")
-            entries = self._rp_entries.get(key, 0)
+            entries = rp._entries
             if rp._taken + rp.nmissed != entries:
                 self.violation("entries", f"{rp!r}: taken {rp._taken} + nmissed {rp.nmissed} "
                                           f"!= entries {entries}")
@@ -208,31 +202,16 @@ class Invariants:
                                       f"{-lost} more hits and misses than traps at probed "
                                       f"addresses {where}")
         if k.stale_handlers:
-            for addr, child, which in k.stale_handlers:
-                self.violation("handlers", f"{which} of {child!r} at "
-                                           f"{self._m.format_addr(addr)} about to run after "
-                                           f"it was unregistered")
+            for addr, probe, which in k.stale_handlers:
+                if which == "return handler":
+                    self.violation("handlers", f"return handler of {probe!r} about to run "
+                                               f"after unregister_kretprobe returned")
+                else:
+                    self.violation("handlers", f"{which} of {probe!r} at "
+                                               f"{self._m.format_addr(addr)} about to run "
+                                               f"after it was unregistered")
             k.stale_handlers.clear()
 
-    def _checked_trampoline(self, cpu: "CPU", kcb) -> bool:
-        task = cpu.current
-        if task is not None:
-            for ri in reversed(task.kretprobe_instances):
-                rp = ri.rp
-                if rp is not None and rp.handler is not None and not rp.kp._registered:
-                    self.violation("handlers", f"return handler of {rp!r} about to run after "
-                                               f"unregister_kretprobe returned")
-                if ri.ret_addr != self._k._trampoline:
-                    break
-        return self._trampoline(cpu, kcb)
-
-    def _counted_rp_entry(self, p, regs) -> int:
-        key = id(p._owner)
-        self._rp_entries[key] = self._rp_entries.get(key, 0) + 1
-        return self._rp_pre(p, regs)
-
-    async def _reset_rp_entries(self, rp: "Kretprobe") -> None:
-        if not rp.kp._registered:
-            self._rp_entries[id(rp)] = 0
+    async def _track_kretprobe(self, rp: "Kretprobe") -> None:
         await self._register_rp(rp)
         self._rps[id(rp)] = rp

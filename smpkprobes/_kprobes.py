@@ -175,7 +175,8 @@ class Kretprobe:
         self.kp._type = "r"
         self._free: list[KretprobeInstance] = []
         self._used: list[KretprobeInstance] = []
-        self._taken = self._returned = self._high = 0
+        # Entries into the function since registration: each takes an instance or misses.
+        self._entries = self._taken = self._returned = self._high = 0
         self._taken_per_cpu: list[int] = []
 
     def __repr__(self) -> str:
@@ -318,7 +319,8 @@ class KprobesSubsystem:
         # unrecoverable reentry.  The invariant checker compares them after every quantum.
         self.hits = self.missed = self.traps = self.unrecoverable = 0
         # Handlers of unregistered probes that were about to run: a bug, recorded where it
-        # happens for the invariant checker to report ((address, probe, "pre_handler")).
+        # happens for the invariant checker to report: (address, probe, "pre_handler",
+        # "post_handler" or "return handler"; the probe is the Kretprobe for the last).
         self.stale_handlers: list[tuple[int, Kprobe, str]] = []
         self._slot_stride = self._backend.slot_size // 2
         self.slots = InsnSlots(self._backend.slot_size, machine.synchronize, self._cpu_in_range)
@@ -841,9 +843,10 @@ class KprobesSubsystem:
     def _finish(self, cpu: "CPU", kcb: KprobeCtlblk, regs: Regs, resume: int,
                 pc: int | None = None) -> None:
         """The probe is done on this CPU: resume at `resume`.  `pc` is where the caller has
-        already put the PC (the end of a step, set before the post_handlers ran, so that
-        they and an oops see it): when nothing moved it, the CPU is not written again, a
-        call into Unicorn the stepped path would otherwise pay on every hit."""
+        put the PC, or will (the end of a step, set before the post_handlers ran, so that
+        they and an oops see it; or the address a trap handler returns for the CPU's hook
+        to set): when it is `resume`, the CPU is not written here, a call into Unicorn
+        the stepped path would otherwise pay twice on every hit."""
         site = kcb.current
         self._trace.append(("done", cpu.id, site.addr if site is not None else 0,
                             cpu.clock + cpu.intra))
@@ -947,7 +950,7 @@ class KprobesSubsystem:
         size = rp.data_size if 0 <= rp.data_size <= KRETPROBE_MAX_DATA_SIZE else 0
         rp._free = [KretprobeInstance(rp, size) for _ in range(rp.maxactive)]
         rp._used = []
-        rp._taken = rp._returned = rp._high = 0
+        rp._entries = rp._taken = rp._returned = rp._high = 0
         rp._taken_per_cpu = [0] * self._m.ncpus
         rp.nmissed = 0
         try:
@@ -958,6 +961,7 @@ class KprobesSubsystem:
 
     def _pre_handler_kretprobe(self, p: Kprobe, regs: Regs) -> int:
         rp: Kretprobe = p._owner
+        rp._entries += 1
         cpu = regs.cpu
         # Taking an instance happens inside the trap, with preemption disabled: it is
         # atomic with respect to every other simulated CPU.
@@ -987,7 +991,7 @@ class KprobesSubsystem:
         cpu.current.kretprobe_instances.append(ri)
         return 0
 
-    def _trampoline_handler(self, cpu: "CPU", kcb: KprobeCtlblk) -> bool:
+    def _trampoline_handler(self, cpu: "CPU", kcb: KprobeCtlblk) -> bool | int:
         task = cpu.current
         stack = task.kretprobe_instances if task is not None else []
         if not stack:
@@ -1009,29 +1013,36 @@ class KprobesSubsystem:
         self._trace.append(("ret", cpu.id, correct, cpu.clock + cpu.intra))
         for ri in batch:
             ri.ret_addr = correct     # the chained ones recorded the trampoline at entry
-        regs = self._Regs(cpu)
-        regs.write("ip", correct)
+        regs = self._Regs(cpu, correct)      # the handlers see regs.ip == the real return
         cpu.preempt_count += 1
         kcb.current = self._trampoline_site      # probes hit in the handlers are missed
         kcb.status = Status.HIT_ACTIVE
         try:
             for ri in batch:
                 rp = ri.rp
-                if rp is not None and rp.handler is not None and not rp.kp.disabled:
-                    try:
-                        rp.handler(ri, regs)
-                    except BaseException as exc:
-                        for later in batch[batch.index(ri):]:
-                            if later.rp is not None:
-                                later.rp._recycle(later)
-                        self._handler_fault(cpu, rp.kp, regs, exc)
-                        return True
+                if rp is not None and rp.handler is not None:
+                    if not rp.kp._registered:
+                        self.stale_handlers.append((rp.kp.addr, rp, "return handler"))
+                    if not rp.kp.flags & KPROBE_FLAG_DISABLED:
+                        try:
+                            rp.handler(ri, regs)
+                        except BaseException as exc:
+                            for later in batch[batch.index(ri):]:
+                                if later.rp is not None:
+                                    later.rp._recycle(later)
+                            self._handler_fault(cpu, rp.kp, regs, exc)
+                            break
                 if rp is not None:
                     rp._recycle(ri)
-        finally:
+        except BaseException:
             if kcb.current is not None:
                 self._finish(cpu, kcb, regs, resume=regs.read("ip"))
-        return True
+            raise
+        if kcb.current is None:
+            return True                      # the task died in a handler
+        resume = regs.read("ip")
+        self._finish(cpu, kcb, regs, resume, pc=resume)
+        return resume                        # for the CPU's hook to set (see _kprobe_handler)
 
     def _kprobe_flush_task(self, task) -> None:
         for ri in task.kretprobe_instances:

@@ -38,26 +38,32 @@ class Regs:
 
     # -- the RegAccess protocol used by calling conventions and simulations -------------
     def read(self, name: str) -> int:
-        name = self.cpu.reg_aliases.get(name, name)
-        cache = self._regs()
-        try:
-            return cache[name]
-        except KeyError:
-            pass
-        if name not in self.cpu.backend.registers:
-            raise AttributeError(f"no register {name!r} on {self.cpu.backend.name}")
-        v = cache[name] = self.cpu.reg_read(name)
+        cpu = self.cpu
+        name = cpu.reg_aliases.get(name, name)
+        cache = self._cache
+        if cache is None:
+            cache = self._regs()
+        v = cache.get(name)         # (a register's value is an int, never None)
+        if v is None:
+            if name not in cpu.backend.registers:
+                raise AttributeError(f"no register {name!r} on {cpu.backend.name}")
+            v = cache[name] = cpu.reg_read(name)
         return v
 
     def write(self, name: str, value: int) -> None:
         cpu = self.cpu
         name = cpu.reg_aliases.get(name, name)
-        if name not in cpu.backend.registers:
-            raise AttributeError(f"no register {name!r} on {cpu.backend.name}")
-        self._regs()[name] = value & cpu.backend.word_mask
-        if self._dirty is None:
-            self._dirty = set()
-        self._dirty.add(name)
+        backend = cpu.backend
+        if name not in backend.registers:
+            raise AttributeError(f"no register {name!r} on {backend.name}")
+        cache = self._cache
+        if cache is None:
+            cache = self._regs()
+        cache[name] = value & backend.word_mask
+        dirty = self._dirty
+        if dirty is None:
+            dirty = self._dirty = set()
+        dirty.add(name)
 
     def read_word(self, addr: int) -> int:
         return self.cpu.read_word(addr)
@@ -122,8 +128,10 @@ class Regs:
 def _register(name: str) -> property:
     def get(self) -> int:
         cache = self._cache
-        if cache is not None and name in cache:
-            return cache[name]
+        if cache is not None:
+            v = cache.get(name)
+            if v is not None:
+                return v
         return self.read(name)
 
     def set(self, value: int) -> None:
