@@ -40,6 +40,7 @@ class CpuHost(Protocol):
 
     def on_hypercall(self, cpu: "CPU", addr: int) -> None: ...
     def on_trap(self, cpu: "CPU", intno: int, pc: int) -> int | None: ...
+    def on_unowned_trap(self, cpu: "CPU", addr: int) -> None: ...
     def on_hook_exception(self, cpu: "CPU", exc: BaseException) -> None: ...
     def resolve_return_address(self, cpu: "CPU", addr: int, depth: int) -> int: ...
 
@@ -267,14 +268,34 @@ class CPU:
         return trace
 
     # -- Unicorn callbacks ---------------------------------------------------------------
+    # Set by the host when breakpoint traps may go straight to its trap handler, with no
+    # call through on_trap (SMPMachine does when it never defers a trap): (interrupt number,
+    # PC offset of the trap, virtual ns a trap costs, handler).  The CPU then does what
+    # on_trap would: counts the trap in `traps`, moves `intra` on, calls handler(cpu, addr)
+    # and, if it returns False, tells the host (on_unowned_trap).
+    breakpoint_vector = None
+    traps = 0
+
     def _hook_intr(self, _uc, intno, _user):
         try:
-            # The probe hit path: the host wants the PC and may give one to resume at;
-            # both are done here, with no further Python call.
+            # The probe hit path: the PC read, the handler's call and the PC write it may
+            # ask for (an int returned: resume there) are all made here.
             val = self._val
             val.value = 0
             _uc_reg_read(self._uch, self._pc_id, self._val_ref)
-            resume = self._host.on_trap(self, intno, val.value)
+            vector = self.breakpoint_vector
+            if vector is not None and intno == vector[0]:
+                _, offset, cost, handler = vector
+                self.traps += 1
+                self.intra += cost
+                addr = val.value - offset
+                resume = handler(self, addr)
+                if resume.__class__ is not int:
+                    if not resume and self.current is not None:
+                        self._host.on_unowned_trap(self, addr)
+                    resume = None
+            else:
+                resume = self._host.on_trap(self, intno, val.value)
             if resume is not None:
                 val.value = resume
                 _uc_reg_write(self._uch, self._pc_id, self._val_ref)
