@@ -22,7 +22,7 @@ from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
 from cpus import CpuBackend
 
 from ._blockbudget import BlockBudget
-from ._regs import Regs
+from ._regs import Regs, regs_class
 
 _uc_reg_read = uclib.uc_reg_read
 _uc_reg_write = uclib.uc_reg_write
@@ -40,7 +40,8 @@ class CpuHost(Protocol):
     task_return_addr: int          # where every task's outermost frame returns to
 
     def on_hypercall(self, cpu: "CPU", addr: int) -> None: ...
-    def on_trap(self, cpu: "CPU", intno: int) -> None: ...
+    def on_trap(self, cpu: "CPU", intno: int, pc: int) -> int | None: ...
+    def on_unowned_trap(self, cpu: "CPU", addr: int) -> None: ...
     def on_hook_exception(self, cpu: "CPU", exc: BaseException) -> None: ...
     def resolve_return_address(self, cpu: "CPU", addr: int, depth: int) -> int: ...
 
@@ -134,13 +135,18 @@ class CPU:
         else:
             self.reg_write_id(rid, value & self.backend.word_mask)
 
+    # The PC is read and written on every trap: one call into Unicorn each, no more.
     @property
     def pc(self) -> int:
-        return self.reg_read_id(self._pc_id)
+        val = self._val
+        val.value = 0
+        _uc_reg_read(self._uch, self._pc_id, self._val_ref)
+        return val.value
 
     @pc.setter
     def pc(self, value: int) -> None:
-        self.reg_write_id(self._pc_id, value)
+        self._wval.value = value
+        _uc_reg_write(self._uch, self._pc_id, self._wval_ref)
 
     def read_word(self, addr: int) -> int:
         self._memory._check(addr, self._word.size)
@@ -155,7 +161,7 @@ class CPU:
     write = reg_write
 
     def regs(self) -> Regs:
-        return Regs(self)
+        return regs_class(self.backend)(self)
 
     # -- running ------------------------------------------------------------------------
     def context_save(self):
@@ -276,9 +282,37 @@ class CPU:
         return trace
 
     # -- Unicorn callbacks ---------------------------------------------------------------
+    # Set by the host when breakpoint traps may go straight to its trap handler, with no
+    # call through on_trap (SMPMachine does when it never defers a trap): (interrupt number,
+    # PC offset of the trap, virtual ns a trap costs, handler).  The CPU then does what
+    # on_trap would: counts the trap in `traps`, moves `intra` on, calls handler(cpu, addr)
+    # and, if it returns False, tells the host (on_unowned_trap).
+    breakpoint_vector = None
+    traps = 0
+
     def _hook_intr(self, _uc, intno, _user):
         try:
-            self._host.on_trap(self, intno)
+            # The probe hit path: the PC read, the handler's call and the PC write it may
+            # ask for (an int returned: resume there) are all made here.
+            val = self._val
+            val.value = 0
+            _uc_reg_read(self._uch, self._pc_id, self._val_ref)
+            vector = self.breakpoint_vector
+            if vector is not None and intno == vector[0]:
+                _, offset, cost, handler = vector
+                self.traps += 1
+                self.intra += cost
+                addr = val.value - offset
+                resume = handler(self, addr)
+                if resume.__class__ is not int:
+                    if not resume and self.current is not None:
+                        self._host.on_unowned_trap(self, addr)
+                    resume = None
+            else:
+                resume = self._host.on_trap(self, intno, val.value)
+            if resume is not None:
+                val.value = resume
+                _uc_reg_write(self._uch, self._pc_id, self._val_ref)
         except BaseException as exc:       # never lose an exception inside Unicorn
             self._host.on_hook_exception(self, exc)
         if self.stop_requested:

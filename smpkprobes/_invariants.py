@@ -14,13 +14,15 @@ KASAN watches the kernel, and checks five laws:
   handlers no handler of a probe runs once unregister has returned for it.
 
 Where they are checked:
-  * after every quantum (`Machine.quantum_notifiers`): slots, and the pools of the
-    registered kretprobes;
+  * after every quantum (`Machine.quantum_notifiers`): slots, the pools of the registered
+    kretprobes (with their entries), and the entries and handlers laws of kprobe hits.
+    Those are not checked around each trap or call, which would put a wrapper on the hit
+    path: the probe core counts each trap at a registered probe and each way one ends
+    (`traps`, `hits`, `missed`, `unrecoverable`) and each entry into a kretprobe's
+    function (`Kretprobe._entries`), and records a pre, post or return handler of an
+    unregistered probe that is about to run (`stale_handlers`); the checker compares and
+    reports after the quantum in which it happened;
   * after every arm and disarm, on the sites patched (text only changes there);
-  * around each trap at a probed address (a thin wrapper of `machine.trap_handler`): the
-    entries law, and that every child about to run its handlers is still registered;
-  * at each kretprobe trampoline: that no instance about to run a handler belongs to an
-    unregistered kretprobe;
   * once more when the machine shuts down.
 
 A violation is recorded (`violations`), printed to `printk_log` and traced as an
@@ -71,7 +73,6 @@ class Invariants:
         self.checks = 0
         self._seen: set[str] = set()
         self._tracked: dict[int, bytes] = {}      # every address ever probed -> original bytes
-        self._rp_entries: dict[int, int] = {}     # id(kretprobe) -> entries since registered
         self._rps: dict[int, "Kretprobe"] = {}    # the kretprobes registered (or once were)
         self._slot_size = kprobes.slots.slot_size
         # Each CPU's PC as its last quantum left it: a CPU only moves while it runs, so one
@@ -83,14 +84,9 @@ class Invariants:
         # methods on this instance only (the class, and so other machines, are untouched).
         machine.quantum_notifiers.append(self._after_quantum)
         machine.module_notifiers.append(self._module_event)
-        self._trap_handler = machine.trap_handler
-        machine.trap_handler = self._checked_trap
-        self._trampoline = kprobes._trampoline_handler
-        kprobes._trampoline_handler = self._checked_trampoline
-        self._rp_pre = kprobes._pre_handler_kretprobe
-        kprobes._pre_handler_kretprobe = self._counted_rp_entry
+        self._lost_traps = 0                      # traps already reported as neither hit nor miss
         self._register_rp = kprobes._register_kretprobe
-        kprobes._register_kretprobe = self._reset_rp_entries
+        kprobes._register_kretprobe = self._track_kretprobe
         self._arm, self._disarm = kprobes._arm, kprobes._disarm
         kprobes._arm, kprobes._disarm = self._checked_arm, self._checked_disarm
 
@@ -108,6 +104,7 @@ class Invariants:
         """The final check, at shutdown; raises in "raise" mode if anything was violated."""
         self.check_text()
         self.check_pools()
+        self.check_hits("at shutdown")
         if raise_ and self.mode == "raise" and self.violations:
             raise InvariantViolation(list(self.violations))
 
@@ -124,6 +121,7 @@ class Invariants:
             self.check_slots(cached=True)
         if self._rps:
             self.check_pools()
+        self.check_hits(f"in quantum {cpu.quanta} of cpu{cpu.id}")
 
     def check_slots(self, cached: bool = False) -> None:
         """No CPU executes in a freed slot."""
@@ -192,58 +190,35 @@ class Invariants:
             if free + used != rp.maxactive:
                 self.violation("pool", f"{rp!r}: free {free} + in use {used} != maxactive "
                                        f"{rp.maxactive}")
-            entries = self._rp_entries.get(key, 0)
+            entries = rp._entries
             if rp._taken + rp.nmissed != entries:
                 self.violation("entries", f"{rp!r}: taken {rp._taken} + nmissed {rp.nmissed} "
                                           f"!= entries {entries}")
 
-    # -- around traps ---------------------------------------------------------------------
-    def _checked_trap(self, cpu: "CPU", addr: int) -> bool:
+    # -- kprobe hits ----------------------------------------------------------------------
+    def check_hits(self, where: str) -> None:
+        """Every trap at a registered probe ended as exactly one hit, one miss or one
+        unrecoverable reentry; no handler of an unregistered probe ran.  `where` names the
+        stretch of the run since the last check."""
         k = self._k
-        site = k._table.get(addr)
-        if site is None:
-            current = cpu.kprobe_ctlblk.current
-            if current is not None and k._slot_lo <= addr < k._slot_hi:
-                for child in current.children:
-                    if not child._registered:
-                        self._unregistered(current, "post_handler")
-            return self._trap_handler(cpu, addr)
-        for child in site.children:
-            if not child._registered:
-                self._unregistered(site, "pre_handler")
-        hits, missed, errors = site.hits, k.missed, len(k.simulation_errors)
-        handled = self._trap_handler(cpu, addr)
-        if site.hits == hits and k.missed == missed and len(k.simulation_errors) == errors:
-            self.violation("entries", f"a trap at {self._m.format_addr(addr)} on cpu{cpu.id} "
-                                      f"was neither a hit nor a miss")
-        return handled
+        lost = k.traps - k.hits - k.missed - k.unrecoverable - self._lost_traps
+        if lost:
+            self._lost_traps += lost
+            self.violation("entries", f"{lost} trap(s) at a probed address {where} ended as "
+                                      f"neither a hit nor a miss" if lost > 0 else
+                                      f"{-lost} more hits and misses than traps at probed "
+                                      f"addresses {where}")
+        if k.stale_handlers:
+            for addr, probe, which in k.stale_handlers:
+                if which == "return handler":
+                    self.violation("handlers", f"return handler of {probe!r} about to run "
+                                               f"after unregister_kretprobe returned")
+                else:
+                    self.violation("handlers", f"{which} of {probe!r} at "
+                                               f"{self._m.format_addr(addr)} about to run "
+                                               f"after it was unregistered")
+            k.stale_handlers.clear()
 
-    def _unregistered(self, site, which: str) -> None:
-        for child in site.children:
-            if not child._registered:
-                self.violation("handlers", f"{which} of {child!r} at "
-                                           f"{self._m.format_addr(site.addr)} about to run after "
-                                           f"it was unregistered")
-
-    def _checked_trampoline(self, cpu: "CPU", kcb) -> bool:
-        task = cpu.current
-        if task is not None:
-            for ri in reversed(task.kretprobe_instances):
-                rp = ri.rp
-                if rp is not None and rp.handler is not None and not rp.kp._registered:
-                    self.violation("handlers", f"return handler of {rp!r} about to run after "
-                                               f"unregister_kretprobe returned")
-                if ri.ret_addr != self._k._trampoline:
-                    break
-        return self._trampoline(cpu, kcb)
-
-    def _counted_rp_entry(self, p, regs) -> int:
-        key = id(p._owner)
-        self._rp_entries[key] = self._rp_entries.get(key, 0) + 1
-        return self._rp_pre(p, regs)
-
-    async def _reset_rp_entries(self, rp: "Kretprobe") -> None:
-        if not rp.kp._registered:
-            self._rp_entries[id(rp)] = 0
+    async def _track_kretprobe(self, rp: "Kretprobe") -> None:
         await self._register_rp(rp)
         self._rps[id(rp)] = rp

@@ -3,7 +3,8 @@
 Where the kernel's code would be:
   register_kprobe / unregister_kprobes ......... KprobesSubsystem.register_* / unregister_*
   arm_kprobe / disarm_kprobe ................... _arm / _disarm (text_poke + cross-CPU sync)
-  kprobe_handler (do_int3) ..................... KprobesSubsystem._kprobe_handler
+  kprobe_handler (do_int3) ..................... KprobesSubsystem._kprobe_handler (a hit),
+                                                 _other_trap (step end, trampoline, stray)
   post_kprobe_handler / resume_execution ....... _post_kprobe_handler
   reenter_kprobe ............................... _reenter_kprobe
   kprobe_fault_handler ......................... _fault_fixup, _handler_fault
@@ -33,7 +34,7 @@ from cpus import InsnPlan, StepKind, UnsteppableError
 
 from . import _memory as mem
 from ._errors import KprobeError, SimulationError
-from ._regs import Regs
+from ._regs import Regs, regs_class
 from ._slots import InsnSlots
 
 if TYPE_CHECKING:    # pragma: no cover
@@ -58,6 +59,10 @@ class Status(enum.Enum):
     HIT_SS = 2
     HIT_SSDONE = 3
     REENTER = 4
+
+
+# The hit path compares against these module globals rather than Status.X attribute lookups.
+_NONE, _HIT_ACTIVE, _REENTER = Status.NONE, Status.HIT_ACTIVE, Status.REENTER
 
 
 # == the user-facing probe objects ====================================================
@@ -170,7 +175,8 @@ class Kretprobe:
         self.kp._type = "r"
         self._free: list[KretprobeInstance] = []
         self._used: list[KretprobeInstance] = []
-        self._taken = self._returned = self._high = 0
+        # Entries into the function since registration: each takes an instance or misses.
+        self._entries = self._taken = self._returned = self._high = 0
         self._taken_per_cpu: list[int] = []
 
     def __repr__(self) -> str:
@@ -201,9 +207,14 @@ def regs_return_value(regs: Regs) -> int:
 
 # == the per-CPU control block ========================================================
 class KprobeCtlblk:
-    """`struct kprobe_ctlblk`: what one CPU is doing with probes right now."""
+    """`struct kprobe_ctlblk`: what one CPU is doing with probes right now.
 
-    __slots__ = ("current", "status", "ss_addr", "prev", "jprobe_saved", "transitions")
+    Setting `transitions` to a list records every status change into it, as (address of
+    the current probe or 0, status name), until it is set back to None.  Recording swaps
+    in a subclass meanwhile, so that the hit path's plain `kcb.status = ...` costs nothing
+    more when it is off."""
+
+    __slots__ = ("current", "status", "ss_addr", "prev", "jprobe_saved", "_log")
 
     def __init__(self):
         self.current: _Site | None = None
@@ -211,36 +222,60 @@ class KprobeCtlblk:
         self.ss_addr = 0
         self.prev = None            # one level of prev_kprobe: (current, status, ss_addr)
         self.jprobe_saved = None    # (context, sp, stack bytes)
-        self.transitions: list | None = None   # opt-in recording for scenarios
+        self._log = None
 
-    def set_status(self, status: Status) -> None:
-        self.status = status
-        if self.transitions is not None:
-            self.transitions.append((self.current.addr if self.current else 0, status.name))
+    @property
+    def transitions(self) -> list | None:
+        return self._log
+
+    @transitions.setter
+    def transitions(self, log: list | None) -> None:
+        self._log = log
+        self.__class__ = KprobeCtlblk if log is None else _RecordingCtlblk
 
     def reset(self) -> None:
         self.current = None
-        self.set_status(Status.NONE)
+        self.status = Status.NONE
         self.ss_addr = 0
         self.jprobe_saved = None
+
+
+_status_slot = KprobeCtlblk.status      # the slot itself, beneath the recording property
+
+
+class _RecordingCtlblk(KprobeCtlblk):
+    """A control block that logs its status changes to `transitions`."""
+
+    __slots__ = ()
+
+    @property
+    def status(self) -> Status:
+        return _status_slot.__get__(self)
+
+    @status.setter
+    def status(self, status: Status) -> None:
+        _status_slot.__set__(self, status)
+        self._log.append((self.current.addr if self.current else 0, status.name))
 
 
 class _Site:
     """Everything at one probed address: the aggregate kprobe."""
 
-    __slots__ = ("addr", "plan", "orig", "slot", "children", "armed", "gone", "boost_used",
-                 "hits")
+    __slots__ = ("addr", "plan", "boostable", "orig", "slot", "children", "armed", "gone",
+                 "boost_used")
 
     def __init__(self, addr: int, plan: InsnPlan, orig: bytes):
         self.addr = addr
         self.plan = plan
+        # Stepped out of line with a jump back allowed (still never with a post_handler).
+        self.boostable = plan is not None and plan.kind is StepKind.OUT_OF_LINE \
+            and plan.boostable
         self.orig = orig
         self.slot: int | None = None
         self.children: tuple[Kprobe, ...] = ()
         self.armed = False
         self.gone = False
         self.boost_used = False
-        self.hits = 0
 
     def enabled(self) -> bool:
         return not self.gone and any(not c.disabled for c in self.children)
@@ -280,13 +315,19 @@ class KprobesSubsystem:
         self._mutex = trio.Lock()           # kprobe_mutex
         self.enabled = True                 # kprobes/enabled
         self._boundaries: dict[int, frozenset[int]] = {}
-        self.hits = self.missed = self.traps = 0
+        # Traps at a registered probe, and how each ended: a hit, a miss (reentry) or an
+        # unrecoverable reentry.  The invariant checker compares them after every quantum.
+        self.hits = self.missed = self.traps = self.unrecoverable = 0
+        # Handlers of unregistered probes that were about to run: a bug, recorded where it
+        # happens for the invariant checker to report: (address, probe, "pre_handler",
+        # "post_handler" or "return handler"; the probe is the Kretprobe for the last).
+        self.stale_handlers: list[tuple[int, Kprobe, str]] = []
         self._slot_stride = self._backend.slot_size // 2
         self.slots = InsnSlots(self._backend.slot_size, machine.synchronize, self._cpu_in_range)
         # Hot-path constants, looked up once.
         self._slot_lo, self._slot_hi = mem.SLOTS.start, mem.SLOTS.end
         self._trace = machine.trace
-        self._pc_reg = machine.backend.cc.pc_reg
+        self._Regs = regs_class(machine.backend)
         k = machine.kallsyms
         self._trampoline = k.lookup("kretprobe_trampoline").addr
         self._trampoline_site = _Site(self._trampoline, None, b"")
@@ -620,11 +661,91 @@ class KprobesSubsystem:
                 site.slot = None
 
     # == the hit path (runs inside a Unicorn callback) ====================================
-    def _kprobe_handler(self, cpu: "CPU", addr: int) -> bool:
-        kcb: KprobeCtlblk = cpu.kprobe_ctlblk
+    def _kprobe_handler(self, cpu: "CPU", addr: int) -> bool | int:
+        """kprobe_int3_handler: a breakpoint trap at `addr`.  Returns False if it is no
+        breakpoint of ours, else True, or the address to resume at for the CPU's hook to
+        set (see SMPMachine.trap_handler).
+
+        A hit on a registered probe is the hot path, written out in one function on
+        purpose (every call and attribute chain here is paid on each hit): the normal hit,
+        its pre_handlers and, when allowed, the boosted step.  Everything else goes to
+        `_other_trap`."""
         site = self._table.get(addr)
-        if site is not None and site.children:
-            return self._kprobe_hit(cpu, kcb, site, addr)
+        if site is None:
+            return self._other_trap(cpu, addr)
+        children = site.children
+        if not children:
+            return self._other_trap(cpu, addr)
+        self.traps += 1
+        kcb: KprobeCtlblk = cpu.kprobe_ctlblk
+        if kcb.current is not None:
+            self._reenter_kprobe(cpu, kcb, site)
+            return True
+        cpu.preempt_count += 1
+        kcb.current = site
+        kcb.status = _HIT_ACTIVE
+        self.hits += 1
+        # The trace keeps its events for ever, and much of what a hit costs is the memory
+        # they take: name the site's own address object rather than the int made from
+        # this trap's PC, and share the timestamp object between the hit and its step.
+        addr = site.addr
+        trace = self._trace
+        t = cpu.clock + cpu.intra
+        hit = ("hit", cpu.id, addr, t)
+        trace.append(hit)
+        regs = self._Regs(cpu, addr)
+        for child in children:
+            if not child._registered:
+                self.stale_handlers.append((addr, child, "pre_handler"))
+            if child.flags & KPROBE_FLAG_DISABLED or child.pre_handler is None:
+                continue
+            try:
+                ret = child.pre_handler(child, regs)
+            except _JprobeReturn:
+                ret = 0
+            except BaseException as exc:
+                if not self._handler_fault(cpu, child, regs, exc):
+                    return True
+                continue
+            if kcb.current is None:
+                return True               # the task died inside the handler
+            if ret:
+                # The handler redirected execution: no single-step (and for a jprobe, the
+                # CPU is sent to the jprobe's entry with this probe still current).
+                if kcb.jprobe_saved is not None:
+                    regs.flush()
+                    cpu.pc = regs.read("ip")
+                    return True
+                self._finish(cpu, kcb, regs, resume=regs.read("ip"))
+                return True
+        if site.boostable and kcb.status is not _REENTER:
+            for child in children:
+                if child.post_handler is not None and not child.flags & KPROBE_FLAG_DISABLED:
+                    break
+            else:
+                # Boosted (see _prepare_singlestep), written out here.
+                t_ss = cpu.clock + cpu.intra
+                if t_ss == t:
+                    t_ss = t
+                if trace and trace[-1] is hit:
+                    # Nothing traced since the hit: one "boost" event stands for both.
+                    trace[-1] = ("boost", hit[1], addr, t, t_ss)
+                else:
+                    trace.append(("ss", cpu.id, addr, t_ss, "boost"))
+                site.boost_used = True
+                if regs._dirty:
+                    regs.flush_except_pc()
+                kcb.current = None
+                kcb.status = _NONE
+                kcb.jprobe_saved = None
+                cpu.preempt_count -= 1
+                return site.slot + self._slot_stride
+        return self._prepare_singlestep(cpu, kcb, site, regs) or True
+
+    def _other_trap(self, cpu: "CPU", addr: int) -> bool:
+        """A breakpoint trap at no registered probe: the end of a single-step, the kretprobe
+        trampoline, jprobe_return(), or a stray trap whose probe is already gone."""
+        kcb: KprobeCtlblk = cpu.kprobe_ctlblk
         if self._slot_lo <= addr < self._slot_hi:
             if kcb.status in (Status.HIT_SS, Status.REENTER):
                 if addr == kcb.ss_addr:
@@ -655,78 +776,37 @@ class KprobesSubsystem:
             return True
         return False
 
-    def _kprobe_hit(self, cpu: "CPU", kcb: KprobeCtlblk, site: _Site, addr: int) -> bool:
-        """A breakpoint of a registered probe: the normal hit, or a reentry."""
-        self.traps += 1
-        if kcb.current is not None:
-            self._reenter_kprobe(cpu, kcb, site)
-            return True
-        cpu.preempt_count += 1
-        kcb.current = site
-        kcb.status = Status.HIT_ACTIVE
-        if kcb.transitions is not None:
-            kcb.transitions.append((addr, "HIT_ACTIVE"))
-        site.hits += 1
-        self.hits += 1
-        self._trace.append(("hit", cpu.id, addr, cpu.clock + cpu.intra))
-        regs = Regs(cpu)
-        regs._cache[self._pc_reg] = addr
-        for child in site.children:
-            if child.flags & KPROBE_FLAG_DISABLED or child.pre_handler is None:
-                continue
-            try:
-                ret = child.pre_handler(child, regs)
-            except _JprobeReturn:
-                ret = 0
-            except BaseException as exc:
-                if not self._handler_fault(cpu, child, regs, exc):
-                    return True
-                continue
-            if kcb.current is None:
-                return True               # the task died inside the handler
-            if ret:
-                # The handler redirected execution: no single-step (and for a jprobe, the
-                # CPU is sent to the jprobe's entry with this probe still current).
-                if kcb.jprobe_saved is not None:
-                    regs.flush()
-                    cpu.pc = regs.read("ip")
-                    return True
-                self._finish(cpu, kcb, regs, resume=regs.read("ip"))
-                return True
-        self._prepare_singlestep(cpu, kcb, site, regs)
-        return True
-
-    def _prepare_singlestep(self, cpu: "CPU", kcb: KprobeCtlblk, site: _Site, regs: Regs) -> None:
+    def _prepare_singlestep(self, cpu: "CPU", kcb: KprobeCtlblk, site: _Site,
+                            regs: Regs) -> int | None:
+        """Step the probed instruction: returns the address the CPU goes on at (a slot),
+        for the caller to set, or None when the step is over already (simulated)."""
         plan = site.plan
         reenter = kcb.status is Status.REENTER
         if plan.kind is StepKind.SIMULATE:
             self._trace.append(("ss", cpu.id, site.addr, cpu.clock + cpu.intra, "simulate"))
             if not reenter:
-                kcb.set_status(Status.HIT_SS)
+                kcb.status = Status.HIT_SS
             regs.write("ip", site.addr)
             plan.simulate(regs)
             self._run_post_handlers(cpu, kcb, site, regs)
-            return
+            return None
         if plan.boostable and not site.has_post_handler() and not reenter:
             # Boosted: the slot jumps back by itself.  Preemption is enabled again before
             # the CPU enters the slot; grace periods still wait for it to leave (PC check).
             self._trace.append(("ss", cpu.id, site.addr, cpu.clock + cpu.intra, "boost"))
             site.boost_used = True
             regs.flush_except_pc()
-            cpu.pc = site.slot + self._slot_stride
             kcb.current = None
             kcb.status = Status.NONE
             kcb.jprobe_saved = None
-            if kcb.transitions is not None:
-                kcb.transitions.append((0, "NONE"))
             cpu.preempt_count -= 1
-            return
+            return site.slot + self._slot_stride
         self._trace.append(("ss", cpu.id, site.addr, cpu.clock + cpu.intra, "slot"))
         if not reenter:
-            kcb.set_status(Status.HIT_SS)
+            kcb.status = Status.HIT_SS
         kcb.ss_addr = site.slot + plan.length
         regs.flush_except_pc()
-        cpu.pc = site.slot
+        return site.slot
 
     def _post_kprobe_handler(self, cpu: "CPU", kcb: KprobeCtlblk, resume: int) -> None:
         site = kcb.current
@@ -736,34 +816,44 @@ class KprobesSubsystem:
             cpu.pc = resume
             self._restore_previous_kprobe(kcb)
             return
-        regs = Regs(cpu)
-        regs.preset(self._backend.cc.pc_reg, resume)
+        regs = self._Regs(cpu, resume)
         cpu.pc = resume
-        self._run_post_handlers(cpu, kcb, site, regs)
+        self._run_post_handlers(cpu, kcb, site, regs, resume)
 
-    def _run_post_handlers(self, cpu: "CPU", kcb: KprobeCtlblk, site: _Site, regs: Regs) -> None:
+    def _run_post_handlers(self, cpu: "CPU", kcb: KprobeCtlblk, site: _Site, regs: Regs,
+                           pc: int | None = None) -> None:
         if kcb.status is Status.REENTER:
             regs.flush()
             cpu.pc = regs.read("ip")
             self._restore_previous_kprobe(kcb)
             return
-        kcb.set_status(Status.HIT_SSDONE)
+        kcb.status = Status.HIT_SSDONE
         for child in site.children:
-            if child.disabled or child.post_handler is None:
+            if not child._registered:
+                self.stale_handlers.append((site.addr, child, "post_handler"))
+            if child.flags & KPROBE_FLAG_DISABLED or child.post_handler is None:
                 continue
             try:
                 child.post_handler(child, regs, 0)
             except BaseException as exc:
                 if not self._handler_fault(cpu, child, regs, exc):
                     return
-        self._finish(cpu, kcb, regs, resume=regs.read("ip"))
+        self._finish(cpu, kcb, regs, resume=regs.read("ip"), pc=pc)
 
-    def _finish(self, cpu: "CPU", kcb: KprobeCtlblk, regs: Regs, resume: int) -> None:
+    def _finish(self, cpu: "CPU", kcb: KprobeCtlblk, regs: Regs, resume: int,
+                pc: int | None = None) -> None:
+        """The probe is done on this CPU: resume at `resume`.  `pc` is where the caller has
+        put the PC, or will (the end of a step, set before the post_handlers ran, so that
+        they and an oops see it; or the address a trap handler returns for the CPU's hook
+        to set): when it is `resume`, the CPU is not written here, a call into Unicorn
+        the stepped path would otherwise pay twice on every hit."""
         site = kcb.current
         self._trace.append(("done", cpu.id, site.addr if site is not None else 0,
                             cpu.clock + cpu.intra))
-        regs.flush_except_pc()
-        cpu.pc = resume
+        if regs._dirty:
+            regs.flush_except_pc()
+        if resume != pc:
+            cpu.pc = resume
         kcb.reset()
         cpu.preempt_count -= 1
 
@@ -771,6 +861,7 @@ class KprobesSubsystem:
         if kcb.status is Status.REENTER:
             msg = (f"Unrecoverable kprobe detected at {self._m.format_addr(site.addr)} "
                    f"({', '.join(repr(c) for c in site.children)})")
+            self.unrecoverable += 1
             self.simulation_errors.append(msg)
             self._m.printk_log.append(msg)
             self._m.kill_current(cpu, msg)
@@ -781,15 +872,16 @@ class KprobesSubsystem:
         self._m.trace_event("miss", cpu.id, site.addr, cpu.clock + cpu.intra)
         kcb.prev = (kcb.current, kcb.status, kcb.ss_addr)
         kcb.current = site
-        kcb.set_status(Status.REENTER)
-        regs = Regs(cpu)
-        regs.preset(self._backend.cc.pc_reg, site.addr)
-        self._prepare_singlestep(cpu, kcb, site, regs)
+        kcb.status = Status.REENTER
+        regs = self._Regs(cpu, site.addr)
+        pc = self._prepare_singlestep(cpu, kcb, site, regs)
+        if pc is not None:
+            cpu.pc = pc
 
     def _restore_previous_kprobe(self, kcb: KprobeCtlblk) -> None:
         kcb.current, status, kcb.ss_addr = kcb.prev
         kcb.prev = None
-        kcb.set_status(status)
+        kcb.status = status
 
     # -- faults ---------------------------------------------------------------------------
     def _handler_fault(self, cpu: "CPU", child: Kprobe, regs: Regs, exc: BaseException) -> bool:
@@ -858,7 +950,7 @@ class KprobesSubsystem:
         size = rp.data_size if 0 <= rp.data_size <= KRETPROBE_MAX_DATA_SIZE else 0
         rp._free = [KretprobeInstance(rp, size) for _ in range(rp.maxactive)]
         rp._used = []
-        rp._taken = rp._returned = rp._high = 0
+        rp._entries = rp._taken = rp._returned = rp._high = 0
         rp._taken_per_cpu = [0] * self._m.ncpus
         rp.nmissed = 0
         try:
@@ -869,6 +961,7 @@ class KprobesSubsystem:
 
     def _pre_handler_kretprobe(self, p: Kprobe, regs: Regs) -> int:
         rp: Kretprobe = p._owner
+        rp._entries += 1
         cpu = regs.cpu
         # Taking an instance happens inside the trap, with preemption disabled: it is
         # atomic with respect to every other simulated CPU.
@@ -898,7 +991,7 @@ class KprobesSubsystem:
         cpu.current.kretprobe_instances.append(ri)
         return 0
 
-    def _trampoline_handler(self, cpu: "CPU", kcb: KprobeCtlblk) -> bool:
+    def _trampoline_handler(self, cpu: "CPU", kcb: KprobeCtlblk) -> bool | int:
         task = cpu.current
         stack = task.kretprobe_instances if task is not None else []
         if not stack:
@@ -920,29 +1013,36 @@ class KprobesSubsystem:
         self._trace.append(("ret", cpu.id, correct, cpu.clock + cpu.intra))
         for ri in batch:
             ri.ret_addr = correct     # the chained ones recorded the trampoline at entry
-        regs = Regs(cpu)
-        regs.write("ip", correct)
+        regs = self._Regs(cpu, correct)      # the handlers see regs.ip == the real return
         cpu.preempt_count += 1
         kcb.current = self._trampoline_site      # probes hit in the handlers are missed
-        kcb.set_status(Status.HIT_ACTIVE)
+        kcb.status = Status.HIT_ACTIVE
         try:
             for ri in batch:
                 rp = ri.rp
-                if rp is not None and rp.handler is not None and not rp.kp.disabled:
-                    try:
-                        rp.handler(ri, regs)
-                    except BaseException as exc:
-                        for later in batch[batch.index(ri):]:
-                            if later.rp is not None:
-                                later.rp._recycle(later)
-                        self._handler_fault(cpu, rp.kp, regs, exc)
-                        return True
+                if rp is not None and rp.handler is not None:
+                    if not rp.kp._registered:
+                        self.stale_handlers.append((rp.kp.addr, rp, "return handler"))
+                    if not rp.kp.flags & KPROBE_FLAG_DISABLED:
+                        try:
+                            rp.handler(ri, regs)
+                        except BaseException as exc:
+                            for later in batch[batch.index(ri):]:
+                                if later.rp is not None:
+                                    later.rp._recycle(later)
+                            self._handler_fault(cpu, rp.kp, regs, exc)
+                            break
                 if rp is not None:
                     rp._recycle(ri)
-        finally:
+        except BaseException:
             if kcb.current is not None:
                 self._finish(cpu, kcb, regs, resume=regs.read("ip"))
-        return True
+            raise
+        if kcb.current is None:
+            return True                      # the task died in a handler
+        resume = regs.read("ip")
+        self._finish(cpu, kcb, regs, resume, pc=resume)
+        return resume                        # for the CPU's hook to set (see _kprobe_handler)
 
     def _kprobe_flush_task(self, task) -> None:
         for ri in task.kretprobe_instances:
@@ -1008,9 +1108,10 @@ class KprobesSubsystem:
         cpu.context_restore(ctx)
         self._m.memory.poke(sp, stack)
         site = kcb.current
-        regs = Regs(cpu)
-        regs.preset(self._backend.cc.pc_reg, site.addr)
-        self._prepare_singlestep(cpu, kcb, site, regs)
+        regs = self._Regs(cpu, site.addr)
+        pc = self._prepare_singlestep(cpu, kcb, site, regs)
+        if pc is not None:
+            cpu.pc = pc
 
 
 def _arity(fn: Callable) -> int:

@@ -3,6 +3,11 @@
 Reading a register costs a call into Unicorn, so nothing is read until a handler asks, and
 each register is read at most once per trap.  Writes are kept in the view and written back
 in one go when the CPU resumes (`flush`).
+
+A view is made on every probe hit, and most hits never read a register, so it is cheap
+to make: one class per architecture (`regs_class`) carries a property for each register and
+alias (`regs.rax`, `regs.ip`), the view itself is four slots with no `__setattr__` in the
+way, and its cache is made on first use.
 """
 
 from __future__ import annotations
@@ -14,36 +19,51 @@ if TYPE_CHECKING:   # pragma: no cover
 
 
 class Regs:
-    __slots__ = ("cpu", "_cache", "_dirty")
+    """The architecture-independent part; `regs_class(backend)` adds the registers."""
 
-    def __init__(self, cpu: "CPU"):
-        # object.__setattr__: our own __setattr__ is for register writes (regs.rax = 1).
-        _set = object.__setattr__
-        _set(self, "cpu", cpu)
-        _set(self, "_cache", {})
-        _set(self, "_dirty", None)      # a set, made on the first write
+    __slots__ = ("cpu", "_pc", "_cache", "_dirty")
+
+    def __init__(self, cpu: "CPU", pc: int | None = None):
+        self.cpu = cpu
+        self._pc = pc           # the PC when the probe core knows it (not dirty)
+        self._cache = None      # register name -> value, made on first use
+        self._dirty = None      # a set, made on the first write
+
+    def _regs(self) -> dict:
+        cache = self._cache
+        if cache is None:
+            cache = self._cache = {} if self._pc is None else \
+                {self.cpu.backend.cc.pc_reg: self._pc}
+        return cache
 
     # -- the RegAccess protocol used by calling conventions and simulations -------------
     def read(self, name: str) -> int:
-        name = self.cpu.reg_aliases.get(name, name)
-        try:
-            return self._cache[name]
-        except KeyError:
-            pass
-        if name not in self.cpu.backend.registers:
-            raise AttributeError(f"no register {name!r} on {self.cpu.backend.name}")
-        v = self._cache[name] = self.cpu.reg_read(name)
+        cpu = self.cpu
+        name = cpu.reg_aliases.get(name, name)
+        cache = self._cache
+        if cache is None:
+            cache = self._regs()
+        v = cache.get(name)         # (a register's value is an int, never None)
+        if v is None:
+            if name not in cpu.backend.registers:
+                raise AttributeError(f"no register {name!r} on {cpu.backend.name}")
+            v = cache[name] = cpu.reg_read(name)
         return v
 
     def write(self, name: str, value: int) -> None:
         cpu = self.cpu
         name = cpu.reg_aliases.get(name, name)
-        if name not in cpu.backend.registers:
-            raise AttributeError(f"no register {name!r} on {cpu.backend.name}")
-        self._cache[name] = value & cpu.backend.word_mask
-        if self._dirty is None:
-            object.__setattr__(self, "_dirty", set())
-        self._dirty.add(name)
+        backend = cpu.backend
+        if name not in backend.registers:
+            raise AttributeError(f"no register {name!r} on {backend.name}")
+        cache = self._cache
+        if cache is None:
+            cache = self._regs()
+        cache[name] = value & backend.word_mask
+        dirty = self._dirty
+        if dirty is None:
+            dirty = self._dirty = set()
+        dirty.add(name)
 
     def read_word(self, addr: int) -> int:
         return self.cpu.read_word(addr)
@@ -53,15 +73,10 @@ class Regs:
 
     # -- the public face --------------------------------------------------------------
     def __getattr__(self, name: str) -> int:
+        # Only reached for names that are neither registers nor attributes.
         if name.startswith("_"):
             raise AttributeError(name)
         return self.read(name)
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in Regs.__slots__:
-            object.__setattr__(self, name, value)
-        else:
-            self.write(name, value)
 
     def __getitem__(self, name: str) -> int:
         return self.read(name)
@@ -83,7 +98,7 @@ class Regs:
 
     def preset(self, name: str, value: int) -> None:
         """Seed the cache without marking the register dirty (the probe core knows it)."""
-        self._cache[name] = value
+        self._regs()[name] = value
 
     def flush_except_pc(self) -> None:
         """Write back every dirty register but the PC, which the caller sets itself (a PC
@@ -106,5 +121,37 @@ class Regs:
         return bool(self._dirty) and self.cpu.reg_aliases.get(name, name) in self._dirty
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{k}={v:#x}" for k, v in sorted(self._cache.items()))
+        shown = ", ".join(f"{k}={v:#x}" for k, v in sorted(self._regs().items()))
         return f"<regs cpu={self.cpu.id} {shown}>"
+
+
+def _register(name: str) -> property:
+    def get(self) -> int:
+        cache = self._cache
+        if cache is not None:
+            v = cache.get(name)
+            if v is not None:
+                return v
+        return self.read(name)
+
+    def set(self, value: int) -> None:
+        self.write(name, value)
+    return property(get, set, doc=f"register {name}")
+
+
+_classes: dict[str, type[Regs]] = {}
+
+
+def regs_class(backend) -> type[Regs]:
+    """The `Regs` of one architecture: a property per register, and per alias (ip, sp,
+    flags) bound to the register it stands for."""
+    cls = _classes.get(backend.name)
+    if cls is None:
+        aliases = {"ip": backend.cc.pc_reg, "sp": backend.cc.sp_reg, "flags": backend.flags_reg}
+        attrs = {"__slots__": ()}
+        for name in (*backend.registers, *aliases):
+            if not hasattr(Regs, name):        # a method's name stays the method
+                attrs[name] = _register(aliases.get(name, name))
+        cls = _classes[backend.name] = type(f"Regs_{backend.name}", (Regs,), attrs)
+        cls.__qualname__ = cls.__name__
+    return cls

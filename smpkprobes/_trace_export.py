@@ -55,6 +55,10 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "unregister": ("type", "addr", "t"),
     "hit": ("cpu", "addr", "t"),            # trap taken; pre_handlers start
     "ss": ("cpu", "addr", "t", "how"),      # pre_handlers done; step: slot, boost, simulate
+    # A boosted hit whose pre_handlers traced nothing: ("hit", cpu, addr, t) followed by
+    # ("ss", cpu, addr, t_ss, "boost"), in one event (a hit is mostly the memory its
+    # events take).  `expand` gives the two back.
+    "boost": ("cpu", "addr", "t", "t_ss"),
     "ssdone": ("cpu", "addr", "t"),         # a reentered probe's step trapped back
     "done": ("cpu", "addr", "t"),           # step and post_handlers over, the CPU resumes
     "miss": ("cpu", "addr", "t"),           # reentry: nmissed++, stepped without handlers
@@ -64,6 +68,17 @@ EVENTS: dict[str, tuple[str, ...]] = {
 }
 
 TRAMPOLINE = "kretprobe_trampoline"
+
+
+def expand(trace: Iterable[tuple]) -> Iterable[tuple]:
+    """The trace with each "boost" event replaced by the "hit" and "ss" it stands for."""
+    for ev in trace:
+        if ev[0] == "boost":
+            _, cpu, addr, t, t_ss = ev
+            yield ("hit", cpu, addr, t)
+            yield ("ss", cpu, addr, t_ss, "boost")
+        else:
+            yield ev
 
 
 def fields_of(ev: tuple) -> dict:
@@ -169,7 +184,7 @@ class _Timeline:
         self._seq = 0
         self._syms: dict[int, str] = {}
         self.end = 0
-        for i, ev in enumerate(machine.trace):
+        for i, ev in enumerate(expand(machine.trace)):
             self._event(i, ev)
         for cpu in range(self.ncpus):
             self._close_all(cpu, max(self._last[cpu], self._qend[cpu]))

@@ -213,3 +213,38 @@ async def test_host_woken_by_a_handler_runs_before_time_leaps():
         # The handler ran on the way into msleep(1000): the host must see it then, not
         # after the 1000 ms of virtual sleep.
         assert len(seen) == 1 and seen[0] < 1_000_000_000
+
+
+@pytest.mark.parametrize("trap_delay", [0, 1 / 16])
+async def test_every_breakpoint_trap_is_counted_once(trap_delay):
+    """statistics().traps counts each breakpoint trap once, whether the CPU hands it straight
+    to the probe core (a machine that never defers traps) or through on_trap: a boosted hit
+    is one trap, a stepped hit two."""
+    async with Machine(cpus=1, seed=1, trap_delay=trap_delay) as m:
+        assert (m.cpus[0].breakpoint_vector is not None) == (trap_delay == 0)
+        boosted = Kprobe(symbol_name="kprobe_target", pre_handler=lambda p, r: 0)
+        stepped = Kprobe(symbol_name="kprobe_target2", pre_handler=lambda p, r: 0,
+                         post_handler=lambda p, r, f: None)
+        await m.kprobes.register_kprobes([boosted, stepped])
+        for _ in range(5):
+            assert await m.call("kprobe_target", 9) == 3
+            assert await m.call("kprobe_target2", 9) == 4
+        await m.kprobes.unregister_kprobes([boosted, stepped])
+        assert (m.statistics().traps, m.kprobes.hits) == (15, 10)
+
+
+@pytest.mark.parametrize("trap_delay", [0, 1 / 16, 1.0])
+async def test_a_breakpoint_no_probe_owns_oopses_its_task(trap_delay):
+    """A breakpoint the probe core does not own (poked into the text by hand) kills its task
+    with an oops, whether the trap goes straight to the probe core, through on_trap, or is
+    handled in the next quantum; the machine goes on."""
+    async with Machine(cpus=1, seed=1, trap_delay=trap_delay) as m:
+        addr = m.kallsyms_lookup_name("kprobe_target")
+        orig = m.read_memory(addr, len(m.backend.breakpoint))
+        await m.text_poke(addr, m.backend.breakpoint)
+        with pytest.raises(Oops, match=r"breakpoint trap at kprobe_target\+0x0 that no kprobe "
+                                       r"owns"):
+            await m.call("kprobe_target", 9)
+        await m.text_poke(addr, orig)
+        assert await m.call("kprobe_target", 9) == 3
+        assert m.statistics().traps == 1

@@ -1,6 +1,7 @@
 """Checking the checkers: the always-on invariants, and the mutation check of the stress suite."""
 
 import functools
+import re
 
 import pytest
 import trio
@@ -89,6 +90,39 @@ async def test_a_return_handler_after_unregister_is_a_handlers_violation():
                 await m.kprobes.unregister_kretprobe(rp)
     assert m.invariants.violations == ["handlers: return handler of <Kretprobe sleepy> about "
                                        "to run after unregister_kretprobe returned"]
+
+
+async def test_a_trap_that_neither_hits_nor_misses_is_an_entries_violation():
+    """A trap at a probe that is counted as no hit and no miss is reported after its
+    quantum, naming the quantum and the CPU."""
+    def uncount(p, regs):
+        m.kprobes.hits -= 1              # as if the hit path forgot to count this hit
+    async with Machine(cpus=1, seed=1, invariants="record") as m:
+        kp = Kprobe(symbol_name="kprobe_target", pre_handler=uncount)
+        await m.kprobes.register_kprobe(kp)
+        await m.call("kprobe_target", 3)
+        await m.kprobes.unregister_kprobe(kp)
+    [v] = m.invariants.violations
+    assert re.fullmatch(r"entries: 1 trap\(s\) at a probed address in quantum \d+ of cpu0 ended "
+                        r"as neither a hit nor a miss", v)
+
+
+@pytest.mark.parametrize("post", [False, True])
+async def test_a_handler_after_unregister_is_a_handlers_violation(post):
+    """A probe still linked at its address after it was unregistered: its pre_handler, or
+    its post_handler after the single-step, about to run is reported."""
+    async with Machine(cpus=1, seed=1, trap_delay=0, invariants="record") as m:
+        kp = Kprobe(symbol_name="kprobe_target", pre_handler=lambda p, r: 0,
+                    post_handler=(lambda p, r, f: None) if post else None)
+        await m.kprobes.register_kprobe(kp)
+        kp._registered = False           # as if unregister had returned and left it linked
+        await m.call("kprobe_target", 3)
+        kp._registered = True
+        await m.kprobes.unregister_kprobe(kp)
+    which = ["pre_handler", "post_handler"] if post else ["pre_handler"]
+    assert m.invariants.violations == [f"handlers: {w} of <Kprobe kprobe_target+0x0> at "
+                                       f"kprobe_target+0x0 about to run after it was "
+                                       f"unregistered" for w in which]
 
 
 # -- the mutation check ------------------------------------------------------------------------

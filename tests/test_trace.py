@@ -163,12 +163,44 @@ async def test_perfetto_json_follows_the_trace_event_format(ran, tmp_path):
             "miss", "stray"} <= cats
 
 
+async def test_a_boosted_hit_is_one_event_that_expands_to_two():
+    """A boosted hit whose pre_handler traces nothing is one "boost" event; `expand` gives
+    the "hit" and the boosted "ss" it stands for, as a stepped run would trace them."""
+    async with Machine(cpus=1, seed=3, trap_delay=0) as m:
+        kp = Kprobe(symbol_name="kprobe_target", pre_handler=lambda p, r: 0)
+        await m.kprobes.register_kprobe(kp)
+        await m.call("kprobe_target", 3)
+        await m.kprobes.unregister_kprobe(kp)
+    [ev] = [ev for ev in m.trace if len(ev) > 2 and ev[2] == kp.addr and ev[0] != "register"
+            and ev[0] != "unregister"]
+    t = ev[3]
+    assert ev == ("boost", 0, kp.addr, t, t)
+    assert [e for e in _trace_export.expand(m.trace) if e[0] in ("hit", "ss")] == [
+        ("hit", 0, kp.addr, t), ("ss", 0, kp.addr, t, "boost")]
+
+
+async def test_a_boosted_hit_whose_handler_traces_keeps_two_events():
+    """When the pre_handler's own work is traced (here a missed probe in a guest call), the
+    hit and its boosted step stay two events around it, in the order they happened."""
+    async with Machine(cpus=1, seed=3, trap_delay=0) as m:
+        inner = Kprobe(symbol_name="kprobe_target")
+        outer = Kprobe(symbol_name="kprobe_recursed_target",
+                       pre_handler=lambda p, r: r.cpu.call("kprobe_target", 3) and 0)
+        await m.kprobes.register_kprobes([inner, outer])
+        await m.call("kprobe_recursed_target")
+        await m.kprobes.unregister_kprobes([inner, outer])
+    kinds = [(ev[0], ev[2]) for ev in m.trace if ev[0] in ("hit", "ss", "miss", "boost")]
+    assert kinds == [("hit", outer.addr), ("miss", inner.addr), ("ss", inner.addr),
+                     ("ss", outer.addr)]
+    assert inner.nmissed == 1
+
+
 async def test_timeline_slices_nest_hits_in_tasks(ran):
     """Each probe hit lies inside a task slice of its CPU; each handler inside a hit."""
     tl = _trace_export._Timeline(ran)
     tasks = [s for s in tl.slices if s.cat == "task"]
     hits = [s for s in tl.slices if s.cat == "kprobe" and s.depth == 1]
-    assert len(hits) == sum(1 for ev in ran.trace if ev[0] == "hit")
+    assert len(hits) == sum(1 for ev in _trace_export.expand(ran.trace) if ev[0] == "hit")
     for h in hits:
         assert any(t.track == h.track and t.start <= h.start and h.end <= t.end for t in tasks)
     steps = [s for s in tl.slices if s.cat == "single_step"]
