@@ -121,7 +121,11 @@ class Invariants:
             self.check_slots(cached=True)
         if self._rps:
             self.check_pools()
-        self.check_hits(f"in quantum {cpu.quanta} of cpu{cpu.id}")
+        k = self._k
+        # (The cheap test first: this runs after every quantum.)
+        if k.traps - k.hits - k.missed - k.unrecoverable != self._lost_traps \
+                or k.stale_handlers:
+            self.check_hits(f"in quantum {cpu.quanta} of cpu{cpu.id}")
 
     def check_slots(self, cached: bool = False) -> None:
         """No CPU executes in a freed slot."""
