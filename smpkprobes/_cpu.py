@@ -24,8 +24,21 @@ from cpus import CpuBackend
 from ._blockbudget import BlockBudget
 from ._regs import Regs, regs_class
 
-_uc_reg_read = uclib.uc_reg_read
-_uc_reg_write = uclib.uc_reg_write
+
+
+def _bare_function(name: str):
+    """The binding's library function `name` without the argtypes the binding declares:
+    a call then converts nothing (the caller passes the handle as the binding's c_void_p, a
+    register id as a Python int, values by reference), which halves its cost - 150 ns
+    against 320 on this host, and a probe hit makes two."""
+    fn = getattr(ctypes.CDLL(uclib._name), name)
+    fn.argtypes = None
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_uc_reg_read = _bare_function("uc_reg_read")
+_uc_reg_write = _bare_function("uc_reg_write")
 _uc_emu_start = uclib.uc_emu_start
 _uc_emu_stop = uclib.uc_emu_stop
 
