@@ -1,0 +1,22 @@
+"""The benchmarks run (tiny sizes): figures are not asserted here, only that every row is
+measured.  The targets live in `smpkprobes bench`'s output and the closing notes."""
+
+import math
+
+from smpkprobes import _bench
+
+
+def test_bench_machine_rows():
+    rows = _bench.bench_machine(n=2_000, cpu_counts=(1, 2), repeat=1)
+    assert [r["config"] for r in rows] == ["bare Unicorn, one emu_start", "machine, 1 CPU(s)",
+                                           "machine, 2 CPU(s)"]
+    assert all(r["ips"] > 0 and r["ratio"] > 0 for r in rows)
+
+
+def test_bench_kprobe_rows():
+    rows = _bench.bench_kprobe(n=3_000, others=40)
+    assert len(rows) == 6
+    assert rows[0]["ratio"] == 1.0
+    for r in rows[1:5]:
+        assert r["us"] > 0 and r["ratio"] > 0, r
+    assert math.isnan(rows[5]["us"]) and rows[5]["ratio"] > 0
