@@ -221,13 +221,6 @@ class InsnStarts:
             return 1
         return self._mm[addr:addr + size].count(1) or 1
 
-    def close(self) -> None:
-        for mm in (self._mm, self._cache):
-            try:
-                mm.close()
-            except BufferError:
-                pass
-
 
 class BlockBudget:
     """One CPU's block-counted budget: the callback and its context."""
@@ -236,7 +229,6 @@ class BlockBudget:
         self.ctx = BudgetCtx(0, starts.address, starts.limit, starts.cache_address)
         self._ctx_ref = ctypes.byref(self.ctx)
         self._starts = starts
-        self.native = native_stub() is not None
 
     def install(self, uch, raw_hook: Callable) -> None:
         """Add the block hook to the Unicorn instance `uch` with `raw_hook(type, fptr,
