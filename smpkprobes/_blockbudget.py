@@ -16,8 +16,8 @@ counts its quantum at block starts instead:
     variable-length ones (x86) mark what a linear decode of each piece of code written to
     executable memory finds (kernel image, modules, instruction slots).  A block the map
     knows nothing of still counts as one instruction, so a budget always runs out;
-  * the callback itself is 111 bytes (35 instructions) of x86-64 machine code (`_STUB`, listed below)
-    in an executable page, so a block costs no trip through Python.  On a host where that
+  * the callback itself is 111 bytes (35 instructions) of x86-64 machine code (`_STUB`,
+    listed below) in an executable page, so a block costs no trip through Python.  On a host where that
     cannot work (not x86-64 System V, or no executable mapping allowed) the same
     semantics run as a Python callback - slower, identical runs.  `SMPKPROBES_BLOCK_HOOK=
     python` forces that.
