@@ -26,7 +26,7 @@ bench: $(STAMP)
 
 # Rebuild the committed kernel images (needs clang and ld.lld; `make test` does not).
 kernels:
-	$(PYTHON) smpkprobes/kernel/build.py --all
+	$(PYTHON) smpkprobes/machine/kernel/build.py --all
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

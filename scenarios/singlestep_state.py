@@ -34,7 +34,7 @@ except ImportError:      # run from a source checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import smpkprobes
 
-from cpus import StepKind, UnsteppableError
+from smpkprobes.cpus import StepKind, UnsteppableError
 from smpkprobes import Kprobe, KprobeError
 from smpkprobes.scenario import scenario_main
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from ._debugfs import Debugfs
-from ._invariants import Invariants
-from ._kprobes import KprobesSubsystem
-from ._machine import SMPMachine
-from ._tracefs import Tracefs
+from .kprobes._debugfs import Debugfs
+from .tools._invariants import Invariants
+from .kprobes._core import KprobesSubsystem
+from .machine._machine import SMPMachine
+from .kprobes._tracefs import Tracefs
 
 
 class Machine(SMPMachine):

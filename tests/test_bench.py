@@ -3,7 +3,7 @@ measured.  The targets live in `smpkprobes bench`'s output and the closing notes
 
 import math
 
-from smpkprobes import _bench
+from smpkprobes.tools import _bench
 
 
 def test_bench_machine_rows():

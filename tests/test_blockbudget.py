@@ -12,10 +12,10 @@ import unicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import cpus
+from smpkprobes import cpus
 from smpkprobes import Kprobe, Kretprobe, Machine
-from smpkprobes import _blockbudget
-from smpkprobes import _memory as mem
+from smpkprobes.machine import _blockbudget
+from smpkprobes.machine import _memory as mem
 
 
 def test_stub_is_the_listed_code():
@@ -104,7 +104,7 @@ async def test_quanta_are_charged_exactly_what_runs(arch):
     """With translation blocks as they really are (no code hook on the machine), the
     quanta of one bench_loop call are charged its exact instruction count (counted one by
     one on a bare instance), up to the part of the last block the task's end cut off."""
-    from smpkprobes._bench import _insns_per_call
+    from smpkprobes.tools._bench import _insns_per_call
     exact = _insns_per_call(arch, "bench_loop", 5000)
     async with Machine(arch=arch, cpus=1, seed=5) as m:
         cpu = m.cpus[0]

@@ -1,6 +1,6 @@
 """The command line's front door: bad input is one clear line, not a traceback."""
 
-from smpkprobes._cli import main
+from smpkprobes.tools._cli import main
 
 
 def test_unsupported_arch_is_a_clear_error(capsys):

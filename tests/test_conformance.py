@@ -10,7 +10,7 @@ import functools
 import pytest
 import trio
 
-import cpus
+from smpkprobes import cpus
 from smpkprobes import (Jprobe, Kprobe, KprobeError, Kretprobe, Machine, jprobe_return,
                         regs_return_value)
 from _probes import register_where_possible

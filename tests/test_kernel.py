@@ -4,7 +4,7 @@ import trio
 import pytest
 
 from smpkprobes import Machine
-from smpkprobes import _memory as mem
+from smpkprobes.machine import _memory as mem
 
 SCRATCH = mem.DATA.start + 0x8_0000
 
@@ -114,7 +114,7 @@ async def test_example_module(m):
     assert m.kallsyms_lookup_name("example_mod_func") == 0
 
 
-@pytest.mark.parametrize("arch", sorted(__import__("smpkprobes.kernel.build", fromlist=["ARCHES"]).ARCHES))
+@pytest.mark.parametrize("arch", sorted(__import__("smpkprobes.machine.kernel.build", fromlist=["ARCHES"]).ARCHES))
 def test_committed_images_match_sources(arch):
     """The committed kernel images were built from the committed sources; with clang
     present, rebuilding gives the same bytes."""
@@ -123,7 +123,7 @@ def test_committed_images_match_sources(arch):
     import subprocess
     import tempfile
     from pathlib import Path
-    from smpkprobes.kernel import build
+    from smpkprobes.machine.kernel import build
     images = Path(build.__file__).parent / "images" / arch
     manifest = json.loads((images / "manifest.json").read_text())
     assert manifest["sources_sha256"] == build.sources_digest(arch)

@@ -8,7 +8,7 @@ import trio
 
 from smpkprobes import Kprobe, KprobeError, Machine, Oops
 from _probes import register_where_possible
-from smpkprobes._kprobes import Status
+from smpkprobes.kprobes._core import Status
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ rule calls, as Hypothesis does.
 
 import threading
 
-import cpus
+from smpkprobes import cpus
 
 import trio
 from hypothesis import HealthCheck, settings
@@ -17,7 +17,7 @@ from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, initia
                                  invariant, rule)
 
 from smpkprobes import Kprobe, KprobeError, Machine
-from smpkprobes._memory import SLOTS
+from smpkprobes.machine._memory import SLOTS
 
 FUNCS = ("kprobe_target", "fib", "do_fork", "bench_target")
 CALLS = {"kprobe_target": (30,), "fib": (6,), "do_fork": (0, 0, 0, 0, 0, 0), "bench_target": (4,)}

@@ -5,7 +5,7 @@ import functools
 import pytest
 import trio
 
-import cpus
+from smpkprobes import cpus
 from smpkprobes import Kprobe, Machine, Oops, RunawayError
 
 

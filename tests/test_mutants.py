@@ -7,11 +7,12 @@ import pytest
 import trio
 
 from smpkprobes import Kprobe, Kretprobe, Machine, SimulationError
-from smpkprobes import _memory as mem
-from smpkprobes import _mutants, _stress
-from smpkprobes._invariants import InvariantViolation
-from smpkprobes._kprobes import KprobesSubsystem
-from smpkprobes._machine import SMPMachine
+from smpkprobes.machine import _memory as mem
+from smpkprobes.tools import _mutants
+from smpkprobes.tools import _stress
+from smpkprobes.tools._invariants import InvariantViolation
+from smpkprobes.kprobes._core import KprobesSubsystem
+from smpkprobes.machine._machine import SMPMachine
 
 
 # -- the invariants ------------------------------------------------------------------------

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from smpkprobes import _cli, _stress
+from smpkprobes.tools import _cli
+from smpkprobes.tools import _stress
 
 ROOT = Path(__file__).resolve().parent.parent
 ISSUE_SCENARIOS = ["concurrent_hits", "singlestep_state", "maxactive_contention",

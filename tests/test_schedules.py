@@ -9,8 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from smpkprobes import Kprobe, Kretprobe, Machine
-from smpkprobes import _conductor, _stress
-from smpkprobes._conductor import (Conductor, PCTConductor, Recording, ReplayConductor,
+from smpkprobes.machine import _conductor
+from smpkprobes.tools import _stress
+from smpkprobes.machine._conductor import (Conductor, PCTConductor, Recording, ReplayConductor,
                                    format_recording, format_schedule, make_conductor,
                                    parse_recording, parse_schedule, policy_factory,
                                    replay_factory)

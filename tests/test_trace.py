@@ -17,8 +17,9 @@ import pytest
 import trio
 
 from smpkprobes import Jprobe, Kprobe, KprobeError, Kretprobe, Machine, jprobe_return
-from smpkprobes import _cli, _trace_export
-from smpkprobes._tracefs import ERRORS, TraceProbeError, parse_workloads
+from smpkprobes.tools import _cli
+from smpkprobes.tools import _trace_export
+from smpkprobes.kprobes._tracefs import ERRORS, TraceProbeError, parse_workloads
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = bool(os.environ.get("SMPKPROBES_UPDATE_GOLDEN"))

@@ -3,7 +3,7 @@ policies.  Deep runs: `pytest tests/stress --stress-seeds 500 -n 8`."""
 
 import pytest
 
-from smpkprobes import _stress
+from smpkprobes.tools import _stress
 from smpkprobes import scenario as harness
 
 SCENARIOS = ["concurrent_hits", "singlestep_state", "maxactive_contention",

@@ -1,6 +1,6 @@
 """Kernel and module images: ELF loading and kallsyms.
 
-The default kernel is C compiled per architecture by clang (smpkprobes/kernel/build.py) and
+The default kernel is C compiled per architecture by clang (smpkprobes/machine/kernel/build.py) and
 committed as ELF images.  pyelftools reads them: PT_LOAD segments go into physical memory,
 the symbol table becomes kallsyms (name, address, size).
 """

@@ -3,7 +3,7 @@
 
 Usage::
 
-    python3 smpkprobes/kernel/build.py [ARCH ...]      # default: x86_64
+    python3 smpkprobes/machine/kernel/build.py [ARCH ...]      # default: x86_64
 
 For each ARCH this writes ``images/<arch>/vmlinux``, ``images/<arch>/example_mod.ko``
 and ``images/<arch>/manifest.json`` next to this file.  Both images are
@@ -14,7 +14,7 @@ relative paths, no debug info, no build-id, ``.comment`` discarded).
 
 Importable (stdlib only)::
 
-    from smpkprobes.kernel import build
+    from smpkprobes.machine.kernel import build
     build.sources_digest("x86_64")          # what manifest.json's sources_sha256 should be
     build.build("x86_64", "/tmp/out")       # returns the manifest dict
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import heapq
 from typing import Awaitable, Callable
 
-from ._memory import SLOTS
+from ..machine._memory import SLOTS
 
 
 class SlotLeakError(RuntimeError):

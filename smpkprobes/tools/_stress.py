@@ -39,10 +39,12 @@ from pathlib import Path
 
 import trio
 
-from . import _conductor, _mutants
-from . import scenario as harness
+from ..machine import _conductor
+from . import _mutants
+from . import _harness as harness
+from ._harness import scenarios_dir
 
-SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
+SCENARIOS = scenarios_dir()
 DEFAULT_TIMEOUT = 120.0
 SHRINK_KINDS = 3          # kinds of failure shrunk per stress run (each costs many replays)
 INLINE_CHOICES = 40       # longer recordings go to a file, replayed with --replay @FILE
@@ -480,8 +482,8 @@ def print_mutation_table(results: list[MutantResult], max_seeds: int) -> None:
 def invariant_cost(repeats: int = 5) -> dict:
     """Wall time of a hit-heavy run with the invariant checks on and off (best of N)."""
     import functools
-    from ._kprobes import Kprobe, Kretprobe
-    from ._system import Machine
+    from ..kprobes._core import Kprobe, Kretprobe
+    from .._system import Machine
 
     async def one(inv):
         async with Machine(cpus=4, seed=1, invariants=inv) as m:

@@ -30,16 +30,16 @@ from typing import TYPE_CHECKING, Callable
 import trio
 import unicorn
 
-from cpus import InsnPlan, StepKind, UnsteppableError
+from smpkprobes.cpus import InsnPlan, StepKind, UnsteppableError
 
-from . import _memory as mem
-from ._errors import KprobeError, SimulationError
-from ._regs import Regs, regs_class
+from ..machine import _memory as mem
+from .._errors import KprobeError, SimulationError
+from ..machine._regs import Regs, regs_class
 from ._slots import InsnSlots
 
 if TYPE_CHECKING:    # pragma: no cover
-    from ._cpu import CPU
-    from ._machine import SMPMachine
+    from ..machine._cpu import CPU
+    from ..machine._machine import SMPMachine
 
 KPROBE_FLAG_GONE = 1
 KPROBE_FLAG_DISABLED = 2

@@ -41,9 +41,9 @@ from typing import Callable
 
 import trio
 
-from ._errors import KprobeError
-from ._kprobes import KPROBE_FLAG_DISABLED, Kprobe, Kretprobe, regs_return_value
-from ._trace_export import format_ts, ftrace_header, ftrace_line
+from .._errors import KprobeError
+from ._core import KPROBE_FLAG_DISABLED, Kprobe, Kretprobe, regs_return_value
+from ..tools._trace_export import format_ts, ftrace_header, ftrace_line
 
 MAX_EVENT_NAME_LEN = 64
 MAX_ARG_NAME_LEN = 32
@@ -749,7 +749,7 @@ async def trace_session(definitions: list[str], workloads: list[tuple[str, tuple
                         err: Callable[[str], None] = print, after=None) -> int:
     """Define the events, enable them, run every workload once on every CPU, and hand each
     trace line to `out` as it is recorded.  Returns a process exit status."""
-    from ._system import Machine        # _system builds us: import it only when run
+    from .._system import Machine        # _system builds us: import it only when run
     async with Machine(arch=arch, cpus=cpus, seed=seed, preempt=preempt) as m:
         fs = m.tracefs
         missing = [name for name, _ in workloads if not m.kallsyms_lookup_name(name)]

@@ -39,13 +39,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import _memory as mem
-from ._errors import SimulationError
+from ..machine import _memory as mem
+from .._errors import SimulationError
 
 if TYPE_CHECKING:    # pragma: no cover
-    from ._cpu import CPU
-    from ._kprobes import KprobesSubsystem, Kretprobe
-    from ._machine import SMPMachine
+    from ..machine._cpu import CPU
+    from ..kprobes._core import KprobesSubsystem, Kretprobe
+    from ..machine._machine import SMPMachine
 
 MAX_RECORDED = 64
 

@@ -34,13 +34,13 @@ import trio
 import trio.testing
 import unicorn
 
-from cpus import get_backend
+from smpkprobes.cpus import get_backend
 
 from . import _memory as mem
 from ._blockbudget import InsnStarts
 from ._conductor import Conductor, make_conductor
 from ._cpu import CPU
-from ._errors import Oops, OopsRecord, RunawayError
+from .._errors import Oops, OopsRecord, RunawayError
 from ._kernel import IMAGES, Image, Kallsyms
 from ._task import Task, TaskState
 
@@ -317,12 +317,12 @@ class SMPMachine:
 
     def export_ftrace(self, out) -> None:
         """Write the event trace as ftrace-style text to `out` (a path or a text file)."""
-        from ._trace_export import export_ftrace
+        from ..tools._trace_export import export_ftrace
         export_ftrace(self, out)
 
     def export_perfetto(self, out) -> None:
         """Write the event trace as Chrome/Perfetto trace-event JSON (one track per CPU)."""
-        from ._trace_export import export_perfetto
+        from ..tools._trace_export import export_perfetto
         export_perfetto(self, out)
 
     def count_stray_trap(self) -> None:

@@ -19,7 +19,7 @@ from unicorn.unicorn_py3.unicorn import HOOK_CODE_CFUNC as _CODE_CB
 from unicorn.unicorn_py3.unicorn import HOOK_INTR_CFUNC as _INTR_CB
 from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
 
-from cpus import CpuBackend
+from smpkprobes.cpus import CpuBackend
 
 from ._blockbudget import BlockBudget
 from ._regs import Regs, regs_class

@@ -16,8 +16,8 @@ import heapq
 from dataclasses import dataclass
 from typing import Callable
 
-from ._kprobes import KprobesSubsystem, Status
-from ._machine import SMPMachine
+from ..kprobes._core import KprobesSubsystem, Status
+from ..machine._machine import SMPMachine
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from . import _memory as mem
+from ..machine import _memory as mem
 
 # The fields of each event kind, after the kind itself.  `t` is always the last field.
 EVENTS: dict[str, tuple[str, ...]] = {

@@ -11,14 +11,15 @@ from pathlib import Path
 import trio
 
 from . import _bench
-from ._system import Machine
+from ._harness import scenarios_dir
+from .._system import Machine
 
-SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
+SCENARIOS = scenarios_dir()
 
 
 async def demo(arch: str = "x86_64", cpus: int = 4, seed: int = 1, preempt: bool = False) -> int:
     """Boot a machine, run fork_loop, sleepy and fib concurrently on every CPU, summarise."""
-    from ._kprobes import Kprobe
+    from ..kprobes._core import Kprobe
     async with Machine(arch=arch, cpus=cpus, seed=seed, preempt=preempt) as m:
         hits = [0] * cpus
         kp = Kprobe(symbol_name="do_fork",
@@ -57,9 +58,9 @@ async def demo(arch: str = "x86_64", cpus: int = 4, seed: int = 1, preempt: bool
 def main(argv: list[str] | None = None) -> int:
     """The command line; bad input (an unknown or unsupported arch, a bad probe definition)
     is one line on stderr and exit status 2, not a traceback."""
-    from cpus import UnsupportedArchError
+    from smpkprobes.cpus import UnsupportedArchError
 
-    from ._errors import KprobeError
+    from .._errors import KprobeError
     try:
         return _main(argv)
     except (UnsupportedArchError, KprobeError) as err:
@@ -190,7 +191,8 @@ def _selftest(a) -> int:
 
 
 def _trace(a) -> int:
-    from . import _trace_export, _tracefs
+    from . import _trace_export
+    from ..kprobes import _tracefs
     try:
         workloads = _tracefs.parse_workloads(a.workload, a.loops)
         if a.plot:

@@ -10,14 +10,14 @@ import time
 import trio
 import unicorn
 
-from . import _memory as mem
-from ._kernel import IMAGES, Image, Kallsyms
-from ._system import Machine
+from ..machine import _memory as mem
+from ..machine._kernel import IMAGES, Image, Kallsyms
+from .._system import Machine
 
 
 def _bare(arch: str = "x86_64"):
     """A bare Unicorn instance with the default kernel loaded, and a way to call a function."""
-    from cpus import get_backend
+    from smpkprobes.cpus import get_backend
     b = get_backend(arch)
     memory = mem.PhysicalMemory()
     img = Image.load(IMAGES / arch / "vmlinux")
@@ -103,7 +103,7 @@ def bare_hook_cost(n: int = 20_000) -> float:
 
 
 def bench_kprobe(arch: str = "x86_64", n: int = 20_000, others: int = 10_000) -> list[dict]:
-    from ._kprobes import Kprobe
+    from ..kprobes._core import Kprobe
     uc, ks, call, _ = _bare(arch)
     target = ks.lookup("bench_target").addr
     t = time.perf_counter(); call("bench_loop", n); t_plain = time.perf_counter() - t
@@ -186,7 +186,7 @@ def bench_overhead(arch: str = "x86_64", n: int = 10_000) -> dict[str, float]:
     """The kprobes document's overhead table for this machine: microseconds of host time per
     hit on bench_target, for k (kprobe), j (jprobe), r (return probe), kr and jr, plus the
     stepped (unboosted) kprobe.  Each figure is (probed - unprobed) / hits, best of three."""
-    from ._kprobes import Jprobe, Kprobe, Kretprobe, jprobe_return
+    from ..kprobes._core import Jprobe, Kprobe, Kretprobe, jprobe_return
 
     def j_entry(x):
         jprobe_return()
@@ -262,7 +262,7 @@ def main(what: str = "all", quick: bool = False, arches=None) -> int:
             print(f"  {r['config']:<32} {r['ips'] / 1e6:>9.1f} {r['ratio']:>7.1%}")
         print("  target: 8 CPUs keep >= 50% of the bare instance")
     if what in ("all", "overhead"):
-        from cpus import available
+        from smpkprobes.cpus import available
         rows = {arch: bench_overhead(arch, n=3_000 if quick else 10_000)
                 for arch in (arches or available())}
         print_overhead(rows, bare_hook_cost(n=5_000 if quick else 20_000))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import errno as E
 
-from ._errors import KprobeError
-from ._kprobes import KprobesSubsystem
+from .._errors import KprobeError
+from ._core import KprobesSubsystem
 
 
 class Debugfs:

@@ -34,7 +34,7 @@ class Region:
 
 
 # The memory map.  Everything sits below 2 GiB so that the same layout serves 32-bit guests;
-# the kernel images are linked against it (smpkprobes/kernel/src/arch/*/kernel.ld).
+# the kernel images are linked against it (smpkprobes/machine/kernel/src/arch/*/kernel.ld).
 TEXT = Region("kernel text", 0x0010_0000, 0x10_0000, R | X)
 DATA = Region("kernel data", 0x0020_0000, 0x10_0000, R | W)
 MODULE_TEXT = Region("module text", 0x0040_0000, 0x10_0000, R | X)

@@ -1,0 +1,3 @@
+"""The probe core: probe objects, the registry and arming, the hit state machine, kretprobes,
+jprobes, instruction slots, and the debugfs and tracefs views.  It reaches the machine only
+through the machine's named interface."""

@@ -1,0 +1,207 @@
+"""The scenario harness: what every script in scenarios/ is built on.
+
+A scenario is an async function `scenario(m, report, args)` that drives a booted machine and
+states its expectations on `report`.  `scenario_main(scenario, __doc__)` gives it the common
+command line (`--arch --cpus --seed --preempt` plus the trace exports), prints the report and
+exits non-zero when an expectation failed, so the same script serves `python scenarios/X.py`,
+`smpkprobes run X` and `smpkprobes stress X`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+import importlib.util
+import functools
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import trio
+
+from smpkprobes.cpus import UnsupportedArchError
+
+from ..machine import _conductor
+from . import _mutants
+from . import _trace_export
+from .._system import Machine
+
+
+def scenarios_dir() -> Path:
+    """Where the scenario scripts are: `scenarios/` in a source tree, and the same files as
+    the `smpkprobes.scenarios` package in an installed wheel."""
+    spec = importlib.util.find_spec("smpkprobes.scenarios")
+    if spec is None or not spec.submodule_search_locations:
+        raise LookupError("the smpkprobes.scenarios package is missing: reinstall smpkprobes")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@dataclass
+class Report:
+    """Lines to print, and expectations that decide the exit status."""
+
+    lines: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    checks: int = 0
+    # A `_trace_export.plot_curves` specification (curves, xlabel, ylabel, title) that
+    # `--plot` draws instead of the per-CPU timeline, for scenarios whose point is a curve.
+    plot: dict | None = None
+
+    def print(self, *parts) -> None:
+        self.lines.append(" ".join(str(p) for p in parts))
+
+    def expect(self, ok: bool, what: str) -> bool:
+        self.checks += 1
+        if not ok:
+            self.failures.append(what)
+            self.lines.append(f"EXPECTATION FAILED: {what}")
+        return ok
+
+    def crash(self, exc: BaseException) -> None:
+        """The scenario raised: that is a failed expectation too, with the exception's
+        innermost frames (exception groups from nurseries are flattened)."""
+        for leaf in _leaves(exc):
+            text = str(leaf).strip()
+            first = text.splitlines()[0] if text else ""
+            if first.startswith("Oops: "):
+                first = first[len("Oops: "):]
+            self.expect(False, f"scenario raised {type(leaf).__name__}: {first}")
+            self.lines.extend(f"    {line}" for line in text.splitlines()[1:])
+            tb = traceback.extract_tb(leaf.__traceback__)[-3:]
+            self.lines.extend(f"    at {f.filename.rsplit('/', 1)[-1]}:{f.lineno} in {f.name}"
+                              for f in tb)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
+    return [exc]
+
+
+Scenario = Callable[[Machine, Report, argparse.Namespace], Awaitable[None]]
+
+
+async def on_every_cpu(m: Machine, func: str, *args: int) -> dict[int, int]:
+    """Call `func(*args)` pinned to each CPU, all at once; {cpu: result}."""
+    results: dict[int, int] = {}
+
+    async def one(cpu: int) -> None:
+        results[cpu] = await m.call(func, *args, cpu=cpu)
+    async with trio.open_nursery() as n:
+        for cpu in range(m.ncpus):
+            n.start_soon(one, cpu)
+    return results
+
+
+def parser(description: str | None = None) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="x86_64")
+    ap.add_argument("--cpus", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--preempt", action="store_true")
+    ap.add_argument("--size", type=int, default=None, help="workload size (scenario-specific)")
+    ap.add_argument("--quiet", action="store_true", help="print only the verdict")
+    s = ap.add_argument_group("schedules (see smpkprobes stress)")
+    s.add_argument("--schedule", default="random", metavar="POLICY",
+                   help="conductor policy: random (default), pct, pct:D or pct:D:STEPS")
+    s.add_argument("--replay", default=None, metavar="CHOICES",
+                   help="follow this recording ('cpu:quantum,...,#coin=value' or @FILE); "
+                        "round-robin and coins 0 where it says nothing")
+    s.add_argument("--record", default=None, metavar="FILE",
+                   help="write the run's recording (choices and coins) to FILE")
+    s.add_argument("--mutant", default=None, choices=_mutants.names(),
+                   help="inject a known probe-core bug (the mutation check of the stress suite)")
+    x = ap.add_argument_group("what happened (written after the run)")
+    x.add_argument("--trace", default=None, metavar="FILE",
+                   help="the event trace as ftrace-style text")
+    x.add_argument("--perfetto", default=None, metavar="FILE",
+                   help="the event trace as Chrome/Perfetto trace-event JSON (ui.perfetto.dev)")
+    x.add_argument("--plot", default=None, metavar="FILE",
+                   help="a picture (PNG, SVG...) of the per-CPU timeline; needs matplotlib")
+    return ap
+
+
+# Scenario workloads are small: a runaway guest (a broken probe core) is cut off sooner.
+CALL_BUDGET = 2_000_000
+
+
+def machine_options(args: argparse.Namespace) -> dict:
+    """The Machine options the schedule flags ask for."""
+    replay = getattr(args, "replay", None)
+    policy = getattr(args, "schedule", "random")
+    conductor = policy
+    if replay is not None:          # "" is the empty recording: round-robin, coins 0
+        text = open(replay[1:]).read() if replay.startswith("@") else replay
+        conductor = _conductor.replay_factory(_conductor.parse_recording(text), policy)
+    return {"conductor": conductor, "call_budget": CALL_BUDGET}
+
+
+async def run(scenario: Scenario, args: argparse.Namespace,
+              **machine_options_) -> tuple[Report, Machine]:
+    """Boot a machine as `args` says, run the scenario, return its report and the machine."""
+    report = Report()
+    options = {**machine_options(args), "invariants": "record", **machine_options_}
+    with _mutants.injected(getattr(args, "mutant", None)):
+        m = Machine(arch=args.arch, cpus=args.cpus, seed=args.seed, preempt=args.preempt,
+                    **options)
+        try:
+            async with m:
+                try:
+                    await scenario(m, report, args)
+                except Exception as exc:        # reported as a failure, not a traceback
+                    report.crash(exc)
+                report.expect(not m.oopses, f"no oops ({len(m.oopses)} seen)")
+        except Exception as exc:                # the machine itself went down
+            report.crash(exc)
+    if m.invariants is not None:
+        for v in m.invariants.violations:
+            report.expect(False, f"invariant {v}")
+    return report, m
+
+
+def scenario_main(scenario: Scenario, description: str | None = None,
+                  argv: list[str] | None = None, configure=None) -> int:
+    """Parse the command line, run, print, and exit with 0 (all expectations held) or 1."""
+    ap = parser(description)
+    if configure is not None:
+        configure(ap)
+    args = ap.parse_args(argv)
+    if getattr(args, "plot", None):
+        try:
+            _trace_export.require_matplotlib()
+        except _trace_export.PlotUnavailable as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    try:
+        report, m = trio.run(functools.partial(run, scenario, args))
+    except UnsupportedArchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        for line in report.lines:
+            print(line)
+    if args.record:
+        with open(args.record, "w") as f:
+            f.write(m.conductor.recording() + "\n")
+    verdict = "PASS" if report.ok else "FAIL"
+    print(f"{verdict}: {report.checks - len(report.failures)}/{report.checks} expectations held "
+          f"(arch {args.arch}, {args.cpus} CPUs, seed {args.seed}"
+          f"{', preempt' if args.preempt else ''}"
+          f"{', schedule ' + m.conductor.describe() if m.conductor.name != 'random' else ''}"
+          f"{', MUTANT ' + args.mutant if args.mutant else ''}; trace {m.trace_digest()})")
+    _trace_export.export_all(m, trace=getattr(args, "trace", None),
+                             perfetto=getattr(args, "perfetto", None),
+                             plot=getattr(args, "plot", None), curves=report.plot,
+                             title=sys.argv[0].rsplit("/", 1)[-1].removesuffix(".py"),
+                             log=functools.partial(print, file=sys.stderr))
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":   # pragma: no cover
+    sys.exit("run a scenario from scenarios/ instead")
