@@ -10,8 +10,9 @@ from __future__ import annotations
 import importlib
 
 from ._base import (CallingConvention as CallingConvention, CpuBackend as CpuBackend,
-                    InsnPlan as InsnPlan, StepKind as StepKind,
+                    InsnPlan as InsnPlan, Register as Register, StepKind as StepKind,
                     UnsteppableError as UnsteppableError)
+from ._unicorn import UnicornQuirks as UnicornQuirks
 
 # name -> (module, reason it is unavailable or None).  Order is the README's table order.
 _REGISTRY: dict[str, tuple[str | None, str | None]] = {

@@ -1,13 +1,19 @@
 """What every CPU backend declares, and the few small methods generic code may call.
 
-A backend is mostly *facts* (archinfo style): word size, the breakpoint encoding, how a trap
-is reported, the calling convention, the register file.  The machine and the probe core ask
-these facts questions; they never test an architecture's name.
+A backend is mostly *facts* (archinfo style): word size, the breakpoint encoding, the
+calling convention, the register file as `Register` records, the kernel's fault numbers.  The
+machine, the probe core and tracefs ask these facts questions; they never test an
+architecture's name, and never guess a register's name from its spelling.
 
 The only behaviour a backend owns is what genuinely differs per instruction set:
   * `CallingConvention` - where arguments, return values and return addresses live;
   * `InsnPlan` construction (`plan_insn`) - how one probed instruction is single-stepped:
-    copied out of line (with fixups), simulated, or refused with an errno and a reason.
+    copied out of line (with fixups), simulated, or refused with an errno and a reason;
+  * the stack walk's frame records (`unwind_frame`, `frame_pending`, `frame_start`).
+
+What is not the ISA but the emulator - Unicorn's interrupt numbers, its register ids, and
+the workarounds for what it lacks or gets wrong - lives apart, in the backend's
+`unicorn` object (`cpus._unicorn.UnicornQuirks`).
 """
 
 from __future__ import annotations
@@ -15,7 +21,29 @@ from __future__ import annotations
 import enum
 import errno as _errno
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Protocol
+from functools import cached_property
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol
+
+if TYPE_CHECKING:
+    from ._unicorn import UnicornQuirks
+
+
+@dataclass(frozen=True)
+class Register:
+    """One register of the register file, as data (after archinfo's `Register`).
+
+    `name` is how the regs view, the calling convention and the simulations spell it.
+    `alias_names` are the other spellings a kprobe_events fetch-arg (`%name`) accepts: the
+    kernel's (its `regs_query_register_offset` table in arch/*/kernel/ptrace.c, e.g. x86's
+    `ax` for rax) and smpkprobes' portable `ip`, `sp` and `flags` where the kernel's table
+    does not give those names to another register.  `argument` marks the registers the
+    calling convention passes integer arguments in."""
+
+    name: str
+    size: int                                  # bytes
+    alias_names: tuple[str, ...] = ()
+    general_purpose: bool = False
+    argument: bool = False
 
 
 class RegAccess(Protocol):
@@ -44,6 +72,9 @@ class CallingConvention:
     # Bytes between SP at function entry and the first stack-passed argument.
     stack_args_offset: int = 0
     stack_align: int = 16
+    # How many arguments a function of unknown arity is given (a jprobe's Python entry that
+    # takes *args, or whose signature cannot be read).
+    default_arg_count: int = 6
 
     def arg(self, regs: RegAccess, n: int) -> int:
         """The n-th integer argument (from 0) at function entry."""
@@ -184,25 +215,24 @@ class CpuBackend:
     name: str
     bits: int
     endian: str                       # "little" or "big"
-    uc_arch: int
-    uc_mode: int
     cs_arch: int
     cs_mode: int
     # The breakpoint instruction written over a probed instruction.
     breakpoint: bytes
-    # The interrupt number Unicorn reports for it, and where the PC points afterwards,
-    # relative to the breakpoint's address (x86: 1, past int3; arm64: 0, at the BRK).
-    trap_intno: int
-    trap_pc_offset: int
-    # Register names -> Unicorn ids; the regs view exposes exactly these.  A negative id is
-    # a register the backend serves itself (`read_special`, `write_special`).
-    registers: Mapping[str, int]
+    # The register file, in the order the regs view and the machine's digests list it.
+    register_file: tuple[Register, ...]
     cc: CallingConvention
     flags_reg: str
     fp_reg: str
     # Longest instruction, and the slot size the probe core allocates per probe.
     max_insn_len: int
     slot_size: int
+    # The emulator's side: interrupt numbers, register ids, workarounds (cpus/_unicorn.py).
+    unicorn: "UnicornQuirks"
+    # The trap number the kernel's page-fault path hands a kprobe's fault_handler
+    # (kprobe_page_fault(regs, trapnr) in arch/*/mm/fault.c): x86 X86_TRAP_PF; ppc 11;
+    # sparc64 0; arm and arm64 pass the fault status register (FSR, ESR) there.
+    page_fault_trapnr: int = 0
     # Where, relative to a frame pointer, the saved frame pointer and return address live.
     frame_saved_fp_offset: int = 0
     frame_ret_offset: int = 8
@@ -212,6 +242,33 @@ class CpuBackend:
     kretprobe_blacklist: tuple[str, ...] = ()
     # The default kernel image's clang target and flags live in smpkprobes/kernel/build.py.
     extra: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self):
+        names = [n for r in self.register_file for n in (r.name, *r.alias_names)]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"{self.name}: register names declared twice: {sorted(dup)}")
+        args = tuple(r.name for r in self.register_file if r.argument)
+        if set(args) != set(self.cc.arg_regs):
+            raise ValueError(f"{self.name}: argument registers {args} are not the calling "
+                             f"convention's {self.cc.arg_regs}")
+
+    # -- the register file ----------------------------------------------------------------
+    @cached_property
+    def registers(self) -> Mapping[str, int]:
+        """Register names -> Unicorn ids, in register-file order; the regs view exposes
+        exactly these.  A negative id is a register the Unicorn quirks serve themselves
+        (`read_special`, `write_special`)."""
+        return {r.name: self.unicorn.reg_id(r.name) for r in self.register_file}
+
+    @cached_property
+    def _register_names(self) -> Mapping[str, Register]:
+        return {n: r for r in self.register_file for n in (r.name, *r.alias_names)}
+
+    def register_by_name(self, name: str) -> Register | None:
+        """The register a name or alias (as in a `%name` fetch-arg, without the `%`) stands
+        for, or None: exactly the names the records declare."""
+        return self._register_names.get(name)
 
     @property
     def word_bytes(self) -> int:
@@ -261,8 +318,8 @@ class CpuBackend:
 
     def is_trap_insn(self, code: bytes) -> bool:
         """Whether `code` (len(breakpoint) bytes of text) is an instruction that traps with
-        `trap_intno`: the kprobes breakpoint, or a foreign one such as a compiler's trap.
-        A trap at an address holding neither is a probe removed under a trapped CPU; a
+        `unicorn.trap_intno`: the kprobes breakpoint, or a foreign one such as a compiler's
+        trap.  A trap at an address holding neither is a probe removed under a trapped CPU; a
         foreign trap instruction is not, and re-executing it would trap for ever.  The
         default knows only the kprobes breakpoint (x86: every int3 is 0xcc); an ISA whose
         breakpoint carries an immediate (arm64 `brk #imm`) recognises all of them."""
@@ -287,34 +344,3 @@ class CpuBackend:
         memory.  The default is `fp_reg`; register-window ISAs (sparc64) flush the windows
         to their save areas first, as Linux does before a stack trace."""
         return regs.read(self.fp_reg)
-
-    def handle_arch_trap(self, cpu, intno: int) -> bool:
-        """A trap the architecture's firmware handles, invisible to the kernel (sparc64:
-        register-window spill and fill).  Return True when handled; the CPU then goes on.
-        The default handles none."""
-        return False
-
-    def context_save(self, uc):
-        """The CPU state a task switch saves (Unicorn's context; an arch where that is
-        incomplete, sparc64, keeps its own)."""
-        return uc.context_save()
-
-    def context_restore(self, uc, ctx) -> None:
-        uc.context_restore(ctx)
-
-    def emu_start_address(self, uc, pc: int) -> int:
-        """Where `emu_start` must begin to resume a CPU stopped at `pc`.  `emu_start` sets
-        only the PC; an ISA with hidden sequencing state that a stop can leave pending
-        (sparc64's nPC, between a branch and its delay slot) resumes through it here."""
-        return pc
-
-    def read_special(self, uc, rid: int) -> int:
-        """A register Unicorn's API does not reach, listed in `registers` under a negative
-        id (sparc64: %ccr and %y, kept in Unicorn's CPU state).  None by default."""
-        raise KeyError(rid)
-
-    def write_special(self, uc, rid: int, value: int) -> None:
-        raise KeyError(rid)
-
-    def uc_setup(self, uc) -> None:
-        """Arch-specific Unicorn setup after the instance is created (CPU model, MSRs)."""

@@ -20,21 +20,25 @@ Stepping strategy, following arch/x86/kernel/kprobes (written afresh):
 from __future__ import annotations
 
 import capstone.x86_const as cx
-import unicorn.x86_const as ux
 
-from ._base import EOPNOTSUPP, CpuBackend, InsnPlan, RegAccess, StepKind, UnsteppableError
+from ._base import (EOPNOTSUPP, CpuBackend, InsnPlan, RegAccess, Register, StepKind,
+                    UnsteppableError)
 
 BREAKPOINT = b"\xcc"          # int3
-TRAP_INTNO = 3                # #BP
-TRAP_PC_OFFSET = 1            # int3 is a trap: the PC is already past it
 JMP_REL32 = b"\xe9"
 MAX_INSN_LEN = 15
 SLOT_SIZE = 48                # two halves of 24: copy + int3, copy + jmp rel32
+PAGE_FAULT_TRAPNR = 14        # X86_TRAP_PF, what do_page_fault hands kprobe_page_fault
 
 
-def registers(gprs: tuple[str, ...], *special: str) -> dict[str, int]:
-    """Register names -> Unicorn ids, for names spelt as Unicorn spells them."""
-    return {name: getattr(ux, "UC_X86_REG_" + name.upper()) for name in (*gprs, *special)}
+def register_file(prefix: str, size: int, arg_regs: tuple[str, ...],
+                  extra: tuple[Register, ...]) -> tuple[Register, ...]:
+    """The eight legacy registers of one width (`prefix` "r" or "e"), each with the
+    kernel's width-neutral pt_regs name as its alias (`ax` for rax/eax), then `extra`."""
+    legacy = tuple(Register(prefix + k, size, (k,), general_purpose=True,
+                            argument=prefix + k in arg_regs)
+                   for k in ("ax", "bx", "cx", "dx", "si", "di", "bp", "sp"))
+    return legacy + extra
 
 
 # EFLAGS bits used by Jcc and loopcc simulation.

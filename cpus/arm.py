@@ -1,11 +1,12 @@
 """arm: 32-bit ARM in ARM state (A32, little-endian), AAPCS, BKPT breakpoints.
 
-Facts measured on Unicorn 2.1.4 (UC_MODE_ARM, Cortex-A15 model):
-  * `BKPT #0` (0xe1200070) raises interrupt 7 with PC still at the BKPT, so
-    `trap_pc_offset` is 0.  Linux uses an undefined instruction (0xe7f001f8) as its ARM
-    breakpoint, but Unicorn ends emulation with UC_ERR_INSN_INVALID on any undefined
-    instruction instead of raising a hookable interrupt, so BKPT is the only choice;
-  * YIELD and WFE end emulation with UC_ERR_INSN_INVALID too (the guest's cpu_relax is a NOP).
+The breakpoint is `BKPT #0` (0xe1200070).  Linux uses an undefined instruction (0xe7f001f8)
+as its ARM breakpoint, which Unicorn cannot deliver as a trap (cpus/_unicorn.py), so BKPT is
+the only choice.  YIELD and WFE end Unicorn's emulation too (the guest's cpu_relax is a NOP).
+
+Register names: r0..r12, sp, lr, pc, cpsr; a kprobe_events fetch-arg also takes the kernel's
+(arch/arm/kernel/ptrace.c regoffset_table): fp for r11 and ip for r12 - on arm `%ip` is the
+intra-procedure scratch register, not the PC.  The kernel's ORIG_r0 is not modelled.
 
 The frame record: clang's ARM-state prologue is `push {..., r11, lr}; add r11, sp, #N`, so
 r11 (fp) points at the saved r11 and the saved lr sits just above it (offsets 0 and 4).
@@ -37,18 +38,28 @@ from __future__ import annotations
 
 import capstone
 import capstone.arm_const as ca
-import unicorn
-import unicorn.arm_const as ua
 
+from . import _unicorn
 from ._base import (EINVAL, EOPNOTSUPP, CallingConvention, CpuBackend, InsnPlan, RegAccess,
-                    StepKind, UnsteppableError)
+                    Register, StepKind, UnsteppableError)
 
 _MASK = 0xFFFF_FFFF
 _PC_BIAS = 8          # pc reads as the instruction's address + 8 in ARM state
 
 _GPRS = tuple(f"r{i}" for i in range(13)) + ("sp", "lr", "pc")
-REGISTERS = {name: getattr(ua, f"UC_ARM_REG_{name.upper()}") for name in _GPRS}
-REGISTERS["cpsr"] = ua.UC_ARM_REG_CPSR
+ARG_REGS = ("r0", "r1", "r2", "r3")
+REGISTERS = (
+    *(Register(f"r{i}", 4, {11: ("fp",), 12: ("ip",)}.get(i, ()), general_purpose=True,
+               argument=f"r{i}" in ARG_REGS) for i in range(13)),
+    Register("sp", 4),
+    Register("lr", 4),
+    Register("pc", 4),
+    Register("cpsr", 4, ("flags",)),
+)
+
+# The FSR kprobe_page_fault(regs, fsr) gets for a read of an unmapped kernel address: a
+# translation fault (page), short-descriptor format.
+FSR_TRANSLATION_PAGE = 0x007
 
 BKPT = 0xE1200070
 COND_AL = 0xE
@@ -129,13 +140,17 @@ class Arm(CpuBackend):
     def __init__(self):
         super().__init__(
             name="arm", bits=32, endian="little",
-            uc_arch=unicorn.UC_ARCH_ARM, uc_mode=unicorn.UC_MODE_ARM,
             cs_arch=capstone.CS_ARCH_ARM, cs_mode=capstone.CS_MODE_ARM,
-            breakpoint=BKPT.to_bytes(4, "little"), trap_intno=7, trap_pc_offset=0,
-            registers=REGISTERS,
-            cc=CallingConvention(word_bytes=4, arg_regs=("r0", "r1", "r2", "r3"),
+            breakpoint=BKPT.to_bytes(4, "little"),
+            register_file=REGISTERS,
+            cc=CallingConvention(word_bytes=4, arg_regs=ARG_REGS,
                                  ret_reg="r0", sp_reg="sp", pc_reg="pc",
-                                 return_address_reg="lr", stack_args_offset=0, stack_align=8),
+                                 return_address_reg="lr", stack_args_offset=0, stack_align=8,
+                                 # AAPCS: four register arguments, the rest on the stack;
+                                 # six in all, as kernel functions take at most.
+                                 default_arg_count=6),
+            unicorn=_unicorn.ARM,
+            page_fault_trapnr=FSR_TRANSLATION_PAGE,
             flags_reg="cpsr", fp_reg="r11", max_insn_len=4, fixed_insn_len=4,
             # One half for the stepped copy + BKPT, one for the boosted copy + `b` back.
             slot_size=16,
@@ -160,10 +175,6 @@ class Arm(CpuBackend):
             if w & 0xFFFF4800 == 0xE92D4800 and i + 1 < n:            # push {.., r11, lr}
                 return False
         return True
-
-    def uc_setup(self, uc) -> None:
-        # The kernel is built for the Cortex-A15 (udiv/sdiv); pin Unicorn to the same core.
-        uc.ctl_set_cpu_model(ua.UC_CPU_ARM_CORTEX_A15)
 
     # -- stepping -------------------------------------------------------------------------
     def plan_insn(self, code: bytes, addr: int) -> InsnPlan:

@@ -1,8 +1,11 @@
 """arm64 (AArch64, little-endian): BRK breakpoints, AAPCS64, simulated PC-relative instructions.
 
-Breakpoint: `brk #0x4` (0xd4200080), the immediate Linux uses for KPROBES_BRK_IMM.  Unicorn
-reports every BRK as interrupt 7 with the PC still at the BRK, so trap_pc_offset is 0.  The
+Breakpoint: `brk #0x4` (0xd4200080), the immediate Linux uses for KPROBES_BRK_IMM.  The
 same BRK ends a single-step in a slot; the probe core tells the two apart by address.
+
+Register names: x0..x30, sp, pc, nzcv; a kprobe_events fetch-arg also takes the kernel's
+(arch/arm64/kernel/ptrace.c regoffset_table): lr for x30 and pstate, which reads the
+condition flags at their PSTATE positions (the other PSTATE bits are not modelled).
 
 Stepping strategy, following arch/arm64/kernel/probes (written afresh from the architecture
 manual's encodings):
@@ -37,14 +40,24 @@ probe removed under a trapped CPU.
 from __future__ import annotations
 
 import capstone
-import unicorn
-import unicorn.arm64_const as ua
 
+from . import _unicorn
 from ._base import (EINVAL, EOPNOTSUPP, CallingConvention, CpuBackend, InsnPlan, RegAccess,
-                    StepKind, UnsteppableError)
+                    Register, StepKind, UnsteppableError)
 
-REGISTERS = {f"x{n}": getattr(ua, f"UC_ARM64_REG_X{n}") for n in range(31)}
-REGISTERS.update(sp=ua.UC_ARM64_REG_SP, pc=ua.UC_ARM64_REG_PC, nzcv=ua.UC_ARM64_REG_NZCV)
+ARG_REGS = tuple(f"x{n}" for n in range(8))
+
+REGISTERS = (
+    *(Register(f"x{n}", 8, general_purpose=True, argument=n < 8) for n in range(30)),
+    Register("x30", 8, ("lr",), general_purpose=True),
+    Register("sp", 8),
+    Register("pc", 8, ("ip",)),
+    Register("nzcv", 8, ("pstate", "flags")),
+)
+
+# The ESR kprobe_page_fault(regs, esr) gets for a read of an unmapped kernel address: a data
+# abort from the current EL (EC 0x25), 32-bit instruction (IL), level 3 translation fault.
+ESR_DABT_TRANSLATION = 0x25 << 26 | 1 << 25 | 0x07
 
 BRK_KPROBES = 0xD4200080          # brk #0x4
 _MASK = (1 << 64) - 1
@@ -85,14 +98,16 @@ class Arm64(CpuBackend):
     def __init__(self):
         super().__init__(
             name="arm64", bits=64, endian="little",
-            uc_arch=unicorn.UC_ARCH_ARM64, uc_mode=unicorn.UC_MODE_ARM,
             cs_arch=capstone.CS_ARCH_ARM64, cs_mode=capstone.CS_MODE_ARM,
-            breakpoint=BRK_KPROBES.to_bytes(4, "little"), trap_intno=7, trap_pc_offset=0,
-            registers=REGISTERS,
-            cc=CallingConvention(word_bytes=8,
-                                 arg_regs=("x0", "x1", "x2", "x3", "x4", "x5", "x6", "x7"),
+            breakpoint=BRK_KPROBES.to_bytes(4, "little"),
+            register_file=REGISTERS,
+            cc=CallingConvention(word_bytes=8, arg_regs=ARG_REGS,
                                  ret_reg="x0", sp_reg="sp", pc_reg="pc",
-                                 return_address_reg="x30", stack_args_offset=0, stack_align=16),
+                                 return_address_reg="x30", stack_args_offset=0, stack_align=16,
+                                 # AAPCS64: eight integer argument registers.
+                                 default_arg_count=8),
+            unicorn=_unicorn.ARM64,
+            page_fault_trapnr=ESR_DABT_TRANSLATION,
             flags_reg="nzcv", fp_reg="x29",
             # The frame record: [x29] = the caller's x29, [x29 + 8] = the saved x30.
             frame_saved_fp_offset=0, frame_ret_offset=8,

@@ -1,12 +1,12 @@
 """ppc: 32-bit PowerPC, big-endian, SysV ABI; `tw 31,0,0` breakpoints, LR return addresses.
 
-Facts measured on Unicorn 2.1.4 (UC_MODE_PPC32 | UC_MODE_BIG_ENDIAN, CPU model 750, see
-`uc_setup`):
-  * `tw 31,0,0` (0x7fe00008, Linux's BREAKPOINT_INSN) raises interrupt 6 with the PC already
-    *past* the trap (trap + 4); if the hook leaves the PC alone, emulation continues there,
-    and if it writes the PC, Unicorn re-fetches from the new PC;
-  * `sc` raises 8 and an illegal instruction (primary opcode 0) raises 96, each with the PC
-    past the instruction: the machine oopses the task on any interrupt other than 6.
+How Unicorn reports `tw 31,0,0` (0x7fe00008, Linux's BREAKPOINT_INSN), and why the CPU
+model is a 750: cpus/_unicorn.py.  The machine oopses the task on any interrupt other than
+the breakpoint's (`sc`, an illegal instruction).
+
+Register names: r0..r31, pc, lr, ctr, cr, xer, msr; a kprobe_events fetch-arg also takes the
+kernel's (arch/powerpc/kernel/ptrace/ptrace.c regoffset_table): gpr0..gpr31, nip, link,
+ccr.  The kernel's trap, dar, dsisr and mq are not modelled.
 
 Stepping strategy, after arch/powerpc/kernel/kprobes.c (written afresh):
   * every instruction is 4 bytes, and only branches read or write the PC, so all branches
@@ -37,15 +37,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import capstone
-import unicorn
-import unicorn.ppc_const as up
 
+from . import _unicorn
 from ._base import (EINVAL, EOPNOTSUPP, CallingConvention, CpuBackend, InsnPlan, RegAccess,
-                    StepKind, UnsteppableError)
+                    Register, StepKind, UnsteppableError)
 
-REGISTERS = {f"r{i}": getattr(up, f"UC_PPC_REG_{i}") for i in range(32)}
-REGISTERS.update(pc=up.UC_PPC_REG_PC, lr=up.UC_PPC_REG_LR, ctr=up.UC_PPC_REG_CTR,
-                 cr=up.UC_PPC_REG_CR, xer=up.UC_PPC_REG_XER, msr=up.UC_PPC_REG_MSR)
+ARG_REGS = tuple(f"r{i}" for i in range(3, 11))
+
+REGISTERS = (
+    *(Register(f"r{i}", 4, (f"gpr{i}", "sp") if i == 1 else (f"gpr{i}",),
+               general_purpose=True, argument=f"r{i}" in ARG_REGS) for i in range(32)),
+    Register("pc", 4, ("nip", "ip")),
+    Register("lr", 4, ("link",)),
+    Register("ctr", 4),
+    Register("cr", 4, ("ccr", "flags")),
+    Register("xer", 4),
+    Register("msr", 4),
+)
 
 BREAKPOINT = 0x7FE00008            # tw 31,0,0
 _MASK = 0xFFFFFFFF
@@ -103,30 +111,22 @@ class Ppc(CpuBackend):
     def __init__(self):
         super().__init__(
             name="ppc", bits=32, endian="big",
-            uc_arch=unicorn.UC_ARCH_PPC,
-            uc_mode=unicorn.UC_MODE_PPC32 | unicorn.UC_MODE_BIG_ENDIAN,
             cs_arch=capstone.CS_ARCH_PPC,
             cs_mode=capstone.CS_MODE_32 | capstone.CS_MODE_BIG_ENDIAN,
-            breakpoint=BREAKPOINT.to_bytes(4, "big"), trap_intno=6, trap_pc_offset=4,
-            registers=REGISTERS,
-            cc=PpcCallingConvention(word_bytes=4,
-                                    arg_regs=("r3", "r4", "r5", "r6", "r7", "r8", "r9", "r10"),
+            breakpoint=BREAKPOINT.to_bytes(4, "big"),
+            register_file=REGISTERS,
+            cc=PpcCallingConvention(word_bytes=4, arg_regs=ARG_REGS,
                                     ret_reg="r3", sp_reg="r1", pc_reg="pc",
                                     return_address_reg="lr", stack_args_offset=8,
-                                    stack_align=16),
+                                    stack_align=16,
+                                    # SysV ppc32: eight integer argument registers.
+                                    default_arg_count=8),
+            unicorn=_unicorn.PPC,
+            # do_page_fault: kprobe_page_fault(regs, 11).
+            page_fault_trapnr=11,
             flags_reg="cr", fp_reg="r1", max_insn_len=4, fixed_insn_len=4, slot_size=16,
             frame_saved_fp_offset=0, frame_ret_offset=4,
         )
-
-    def uc_setup(self, uc) -> None:
-        """A PowerPC 750 (G3) instead of Unicorn's default 7457A.  The 7457A has a software
-        TLB that Unicorn allocates on the heap and keeps a pointer to *inside* the CPU
-        state that `uc_context_save` copies: restoring a task's context on another CPU
-        (a migration) made two engines share, and both free, one TLB (glibc: "double free
-        or corruption" at exit; valgrind: the 3,072-byte block of cpu_ppc_init_ppc freed
-        twice by ppc_release).  The 750's hash MMU has no such array; in real mode (MSR[IR]
-        = MSR[DR] = 0, Unicorn's reset state) the two run the kernel identically."""
-        uc.ctl_set_cpu_model(up.UC_CPU_PPC32_750_V3_1)
 
     # -- stack frames -----------------------------------------------------------------------
     def unwind_frame(self, read_word, fp: int) -> tuple[int, int]:

@@ -888,7 +888,8 @@ class KprobesSubsystem:
         """A handler raised: count a miss, ask the fault_handler, else oops the task.
         Returns True if execution may go on."""
         child.nmissed += 1
-        trapnr = 14 if type(exc).__name__ == "GuestFault" else TRAP_HANDLER_EXCEPTION
+        trapnr = (self._backend.page_fault_trapnr if type(exc).__name__ == "GuestFault"
+                  else TRAP_HANDLER_EXCEPTION)
         if child.fault_handler is not None:
             try:
                 if child.fault_handler(child, regs, trapnr):
@@ -1083,7 +1084,7 @@ class KprobesSubsystem:
             # (reachable through guest memory) needs saving: no CPU context round trip.
             nargs = jp.__dict__.get("_nargs")
             if nargs is None:
-                nargs = jp._nargs = _arity(jp.entry)
+                nargs = jp._nargs = _arity(jp.entry, cc.default_arg_count)
             args = [cc.arg(regs, i) for i in range(nargs)]
             try:
                 jp.entry(*args)
@@ -1114,15 +1115,17 @@ class KprobesSubsystem:
             cpu.pc = pc
 
 
-def _arity(fn: Callable) -> int:
+def _arity(fn: Callable, default: int) -> int:
+    """How many arguments `fn` takes; `default` (the calling convention's
+    default_arg_count) more for *args, or in all when its signature cannot be read."""
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
-        return 6
+        return default
     n = 0
     for prm in params:
         if prm.kind is prm.VAR_POSITIONAL:
-            return n + 6
+            return n + default
         if prm.kind in (prm.POSITIONAL_ONLY, prm.POSITIONAL_OR_KEYWORD):
             n += 1
     return n

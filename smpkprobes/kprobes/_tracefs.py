@@ -461,8 +461,6 @@ class Tracefs:
         self.tracing_on = True
         self._followers: list[Callable[[str], None]] = []
         b = machine.backend
-        self._regs = set(b.registers)
-        self._aliases = dict(machine.cpus[0].reg_aliases)
         self._word, self._endian = b.word_bytes, b.endian
 
     # -- the public face ----------------------------------------------------------------------
@@ -619,17 +617,10 @@ class Tracefs:
 
     # -- what the handlers use --------------------------------------------------------------
     def _register_name(self, name: str) -> str | None:
-        """A register by the arch's name, regs' aliases (ip, sp, flags), or the kernel's
-        pt_regs spelling (x86: %ax, %di for rax/eax, rdi/edi)."""
-        if name in self._regs:
-            return name
-        if name in self._aliases:
-            return self._aliases[name]
-        if name.isalpha():
-            for prefix in ("r", "e"):
-                if prefix + name in self._regs:
-                    return prefix + name
-        return None
+        """The register a `%name` stands for, as the backend's register records declare
+        it (its name or an alias: the kernel's pt_regs spelling, x86's %ax for rax/eax)."""
+        reg = self._m.backend.register_by_name(name)
+        return None if reg is None else reg.name
 
     def _sym(self, addr: int) -> str:
         s = self._m.symbolize(addr)

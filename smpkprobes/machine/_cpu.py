@@ -69,9 +69,10 @@ class CPU:
         self.backend = backend
         self._memory = memory
         self._host = host
-        self.uc = unicorn.Uc(backend.uc_arch, backend.uc_mode)
+        self._quirks = quirks = backend.unicorn
+        self.uc = unicorn.Uc(quirks.uc_arch, quirks.uc_mode)
         self._uch = self.uc._uch
-        backend.uc_setup(self.uc)
+        quirks.setup(self.uc)
         memory.map_into(self.uc)
         self._ids = dict(backend.registers)
         # regs.ip / regs.sp / regs.flags, resolved once per CPU rather than once per trap.
@@ -138,13 +139,13 @@ class CPU:
     def reg_read(self, name: str) -> int:
         rid = self._ids[name]
         if rid < 0:
-            return self.backend.read_special(self.uc, rid)
+            return self._quirks.read_special(self.uc, rid)
         return self.reg_read_id(rid)
 
     def reg_write(self, name: str, value: int) -> None:
         rid = self._ids[name]
         if rid < 0:
-            self.backend.write_special(self.uc, rid, value & self.backend.word_mask)
+            self._quirks.write_special(self.uc, rid, value & self.backend.word_mask)
         else:
             self.reg_write_id(rid, value & self.backend.word_mask)
 
@@ -180,10 +181,10 @@ class CPU:
     def context_save(self):
         """The CPU state a task switch keeps (the backend's: Unicorn's context on most
         arches)."""
-        return self.backend.context_save(self.uc)
+        return self._quirks.context_save(self.uc)
 
     def context_restore(self, ctx) -> None:
-        self.backend.context_restore(self.uc, ctx)
+        self._quirks.context_restore(self.uc, ctx)
 
     def flush_tb(self, start: int, end: int) -> None:
         """Drop translated code for [start, end): the analogue of sync_core after an IPI."""
@@ -194,7 +195,7 @@ class CPU:
         fewer if something stops the CPU first.  Returns the Unicorn error if emulation
         faulted, else None."""
         self.stop_requested = False
-        begin = self.backend.emu_start_address(self.uc, self.reg_read_id(self._pc_id))
+        begin = self._quirks.emu_start_address(self.uc, self.reg_read_id(self._pc_id))
         self._budget_ctx.budget = count
         self._unspent = 0
         err = _uc_emu_start(self._uch, begin, 0, 0, 0)

@@ -170,8 +170,8 @@ class SMPMachine:
                      "task_return", "call_return"):
             self._hypercalls[ksym("__hc_" + name)] = getattr(self, "_hc_" + name)
         self.idle_addr = ksym("cpu_idle")
-        self._trap_intno = self.backend.trap_intno
-        self._trap_pc_offset = self.backend.trap_pc_offset
+        self._trap_intno = self.backend.unicorn.trap_intno
+        self._trap_pc_offset = self.backend.unicorn.trap_pc_offset
         self.task_return_addr = ksym("__hc_task_return")
         self.cpus = [CPU(i, self.backend, self.memory, self, (hc_start, hc_end),
                          ksym("__hc_call_return"), call_budget, self.insn_starts)
@@ -734,7 +734,7 @@ class SMPMachine:
         return None
 
     def _foreign_trap(self, cpu: CPU, intno: int) -> None:
-        if self.backend.handle_arch_trap(cpu, intno):
+        if self.backend.unicorn.handle_firmware_trap(cpu, intno):
             return      # the arch's firmware took it (sparc64 register windows)
         self._c.traps += 1
         cpu.intra += TRAP_COST_NS

@@ -25,7 +25,7 @@ def _bare(arch: str = "x86_64"):
         memory.write(addr, data)
     ks = Kallsyms()
     ks.add(img.symbols)
-    uc = unicorn.Uc(b.uc_arch, b.uc_mode)
+    uc = unicorn.Uc(b.unicorn.uc_arch, b.unicorn.uc_mode)
     memory.map_into(uc)
     ret = ks.lookup("__hc_task_return").addr
 

@@ -166,7 +166,7 @@ def _no_backup_on_stray_trap():
         strays = self._m._c.stray_traps
         handled = orig(self, cpu, addr)
         if self._m._c.stray_traps != strays:
-            cpu.pc = addr + self._backend.trap_pc_offset
+            cpu.pc = addr + self._backend.unicorn.trap_pc_offset
         return handled
     return _patch(KprobesSubsystem, "_kprobe_handler", handler)
 
