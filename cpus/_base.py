@@ -73,7 +73,8 @@ class CallingConvention:
     stack_args_offset: int = 0
     stack_align: int = 16
     # How many arguments a function of unknown arity is given (a jprobe's Python entry that
-    # takes *args, or whose signature cannot be read).
+    # takes *args, or whose signature cannot be read): every argument register, and at
+    # least six, as many as a system call takes (SYSCALL_DEFINE6).
     default_arg_count: int = 6
 
     def arg(self, regs: RegAccess, n: int) -> int:

@@ -35,7 +35,7 @@ class I386(_x86.X86Backend):
             cc=CallingConvention(word_bytes=4, arg_regs=(), ret_reg="eax", sp_reg="esp",
                                  pc_reg="eip", return_address_reg=None, stack_args_offset=4,
                                  stack_align=16,
-                                 # No argument registers: six stack words, as on x86_64.
+                                 # cdecl: no argument registers; six stack words.
                                  default_arg_count=6),
             flags_reg="eflags", fp_reg="ebp", max_insn_len=_x86.MAX_INSN_LEN,
             slot_size=_x86.SLOT_SIZE,
