@@ -29,6 +29,7 @@ import ast
 import concurrent.futures as cf
 import importlib.util
 import multiprocessing
+import random
 import re
 import shlex
 import subprocess
@@ -181,8 +182,31 @@ def _worker(job: tuple[str, list[str], float]) -> Outcome:
     return out
 
 
+def draw_policy(seed: int, extra: list[str] = ()) -> list[str]:
+    """The schedule flags stress seed `seed` runs under: quantum lengths, preemption and the
+    conductor policy, drawn from the seed (with a generator of their own, so the machine's
+    draws are untouched).  A flag the command line gives (`--quanta`, `--preempt` or
+    `--no-preempt`, `--schedule`, `--replay`) pins that part for every seed.  So seeds differ
+    in their short windows and preemption too, and a seed's replay command names them."""
+    rng = random.Random(f"smpkprobes stress policy {seed}")
+    quanta = rng.choices(("fine", "mixed", "coarse"), (2, 2, 1))[0]
+    preempt = rng.random() < 0.5
+    schedule = rng.choice(("random", "random", "pct"))
+    given = set(extra)
+    out = []
+    if "--quanta" not in given:
+        out += ["--quanta", quanta]
+    if not given & {"--preempt", "--no-preempt"}:
+        out += ["--preempt" if preempt else "--no-preempt"]
+    if not given & {"--schedule", "--replay"}:
+        out += ["--schedule", schedule]
+    return out
+
+
 def seed_argv(extra: list[str], seed: int) -> list[str]:
-    return [*extra, "--seed", str(seed)]
+    """A stress seed's scenario flags: its drawn schedule (see `draw_policy`), the
+    command line's flags, and the seed."""
+    return [*draw_policy(seed, extra), *extra, "--seed", str(seed)]
 
 
 def replay_command(name: str, argv: list[str]) -> str:
