@@ -217,11 +217,12 @@ async def test_host_woken_by_a_handler_runs_before_time_leaps():
 
 @pytest.mark.parametrize("trap_delay", [0, 1 / 16])
 async def test_every_breakpoint_trap_is_counted_once(trap_delay):
-    """statistics().traps counts each breakpoint trap once, whether the CPU hands it straight
-    to the probe core (a machine that never defers traps) or through on_trap: a boosted hit
-    is one trap, a stepped hit two."""
+    """statistics().traps counts each breakpoint trap once, whether the CPU's trap sink is
+    the probe core's handler itself (a machine that never defers traps) or that handler
+    wrapped in the deferral: a boosted hit is one trap, a stepped hit two."""
     async with Machine(cpus=1, seed=1, trap_delay=trap_delay) as m:
-        assert (m.cpus[0].breakpoint_vector is not None) == (trap_delay == 0)
+        sink = m.cpus[0].trap_sink
+        assert (sink == m.kprobes.kprobe_int3_handler) == (trap_delay == 0)
         boosted = Kprobe(symbol_name="kprobe_target", pre_handler=lambda p, r: 0)
         stepped = Kprobe(symbol_name="kprobe_target2", pre_handler=lambda p, r: 0,
                          post_handler=lambda p, r, f: None)
@@ -236,8 +237,8 @@ async def test_every_breakpoint_trap_is_counted_once(trap_delay):
 @pytest.mark.parametrize("trap_delay", [0, 1 / 16, 1.0])
 async def test_a_breakpoint_no_probe_owns_oopses_its_task(trap_delay):
     """A breakpoint the probe core does not own (poked into the text by hand) kills its task
-    with an oops, whether the trap goes straight to the probe core, through on_trap, or is
-    handled in the next quantum; the machine goes on."""
+    with an oops, whether the trap goes straight to the probe core, through the deferral, or
+    is handled in the next quantum; the machine goes on."""
     async with Machine(cpus=1, seed=1, trap_delay=trap_delay) as m:
         addr = m.kallsyms_lookup_name("kprobe_target")
         orig = m.read_memory(addr, len(m.backend.breakpoint))

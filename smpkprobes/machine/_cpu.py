@@ -1,8 +1,9 @@
 """One simulated CPU: a Unicorn instance over the shared memory.
 
 The CPU knows how to run a quantum, how to read and write its registers quickly, and how to
-turn Unicorn's callbacks into three events for its host (the machine): a hypercall stub was
-reached, a trap was taken, emulation faulted.  It does not know about tasks, probes or time.
+turn Unicorn's callbacks into events for its host (the machine): a hypercall stub was
+reached, a breakpoint trap was taken (handed to the CPU's trap sink), another trap was taken,
+emulation faulted.  It does not know about probes.
 
 Exceptions never escape a Unicorn callback: every hook catches everything, stops the CPU and
 hands the exception to the host, which turns it into an oops of the current task.
@@ -53,10 +54,13 @@ class CpuHost(Protocol):
     task_return_addr: int          # where every task's outermost frame returns to
 
     def on_hypercall(self, cpu: "CPU", addr: int) -> None: ...
-    def on_trap(self, cpu: "CPU", intno: int, pc: int) -> int | None: ...
+    def on_foreign_trap(self, cpu: "CPU", intno: int) -> None: ...
     def on_unowned_trap(self, cpu: "CPU", addr: int) -> None: ...
     def on_hook_exception(self, cpu: "CPU", exc: BaseException) -> None: ...
-    def resolve_return_address(self, cpu: "CPU", addr: int, depth: int) -> int: ...
+    def resolve_return_address(self, cpu: "CPU", addr: int, depth: int) -> tuple[int, int]: ...
+    def resolve_function(self, func) -> int: ...
+    def format_addr(self, addr: int) -> str: ...
+    def symbolize(self, addr: int): ...
 
 
 class CPU:
@@ -99,8 +103,12 @@ class CPU:
         self.stop_requested = False
         self.online = True
         self.nesting = 0
-        # The probe core hangs its per-CPU control block here.
-        self.kprobe_ctlblk = None
+        self.deferred_addr = 0
+        # Breakpoint traps: trap_sink(cpu, addr) -> TrapResult, set by the host (see _traps).
+        self.trap_sink = None
+        self.traps = 0
+        self._trap_intno = backend.trap_intno
+        self._trap_pc_offset = backend.trap_pc_offset
         # Hooks are registered with raw ctypes callbacks: the binding's own wrappers cost
         # about a third of a bare callback, and ours already catch every exception.
         self._hooks = []
@@ -162,12 +170,10 @@ class CPU:
         _uc_reg_write(self._uch, self._pc_id, self._wval_ref)
 
     def read_word(self, addr: int) -> int:
-        self._memory._check(addr, self._word.size)
-        return self._word.unpack_from(self._memory._mm, addr)[0]
+        return self._memory.unpack(self._word, addr)[0]
 
     def write_word(self, addr: int, value: int) -> None:
-        self._memory._check(addr, self._word.size)
-        self._word.pack_into(self._memory._mm, addr, value & self.backend.word_mask)
+        self._memory.pack(self._word, addr, value & self.backend.word_mask)
 
     # RegAccess over the live CPU (no caching), for the machine's own use.
     read = reg_read
@@ -203,10 +209,6 @@ class CPU:
         if err != unicorn.UC_ERR_OK:
             return unicorn.UcError(err)
         return None
-
-    def stop(self) -> None:
-        """Stop the current emulation at the next instruction boundary."""
-        self._stop_now()
 
     def _stop_now(self) -> None:
         # Unicorn drops a stop requested in the same callback that moved the PC (it
@@ -295,37 +297,28 @@ class CPU:
         return trace
 
     # -- Unicorn callbacks ---------------------------------------------------------------
-    # Set by the host when breakpoint traps may go straight to its trap handler, with no
-    # call through on_trap (SMPMachine does when it never defers a trap): (interrupt number,
-    # PC offset of the trap, virtual ns a trap costs, handler).  The CPU then does what
-    # on_trap would: counts the trap in `traps`, moves `intra` on, calls handler(cpu, addr)
-    # and, if it returns False, tells the host (on_unowned_trap).
-    breakpoint_vector = None
-    traps = 0
+    trap_cost = 0          # virtual ns a trap costs inside a quantum (set by the host)
 
     def _hook_intr(self, _uc, intno, _user):
         try:
-            # The probe hit path: the PC read, the handler's call and the PC write it may
-            # ask for (an int returned: resume there) are all made here.
+            # The probe hit path: the PC read, the trap sink's call and the PC write it may
+            # ask for (resume_at) are all made here.
             val = self._val
             val.value = 0
             _uc_reg_read(self._uch, self._pc_id, self._val_ref)
-            vector = self.breakpoint_vector
-            if vector is not None and intno == vector[0]:
-                _, offset, cost, handler = vector
+            if intno == self._trap_intno:
                 self.traps += 1
-                self.intra += cost
-                addr = val.value - offset
-                resume = handler(self, addr)
-                if resume.__class__ is not int:
-                    if not resume and self.current is not None:
-                        self._host.on_unowned_trap(self, addr)
-                    resume = None
+                self.intra += self.trap_cost
+                addr = val.value - self._trap_pc_offset
+                result = self.trap_sink(self, addr)
+                resume = result.resume
+                if resume is not None:
+                    val.value = resume
+                    _uc_reg_write(self._uch, self._pc_id, self._val_ref)
+                elif not result.owned and self.current is not None:
+                    self._host.on_unowned_trap(self, addr)
             else:
-                resume = self._host.on_trap(self, intno, val.value)
-            if resume is not None:
-                val.value = resume
-                _uc_reg_write(self._uch, self._pc_id, self._val_ref)
+                self._host.on_foreign_trap(self, intno)
         except BaseException as exc:       # never lose an exception inside Unicorn
             self._host.on_hook_exception(self, exc)
         if self.stop_requested:
