@@ -25,6 +25,7 @@ from smpkprobes.cpus import UnsupportedArchError
 from ..machine import _conductor
 from . import _mutants
 from . import _trace_export
+from ._bounds import Bounds
 from .._system import Machine
 
 
@@ -121,6 +122,10 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
                    help="write the run's recording (choices and coins) to FILE")
     s.add_argument("--mutant", default=None, choices=_mutants.names(),
                    help="inject a known probe-core bug (the mutation check of the stress suite)")
+    s.add_argument("--wall-bound", type=float, default=None, metavar="SECONDS",
+                   help="end the run as a failure after this much host time (a livelock)")
+    s.add_argument("--memory-bound", type=float, default=None, metavar="MB",
+                   help="end the run as a failure when it grows by this much memory")
     x = ap.add_argument_group("what happened (written after the run)")
     x.add_argument("--trace", default=None, metavar="FILE",
                    help="the event trace as ftrace-style text")
@@ -158,15 +163,21 @@ async def run(scenario: Scenario, args: argparse.Namespace,
                **_mutants.machine_options(getattr(args, "mutant", None)), **machine_options_}
     m = Machine(arch=args.arch, cpus=args.cpus, seed=args.seed, preempt=args.preempt,
                 **options)
+    bounds = Bounds(getattr(args, "wall_bound", None), getattr(args, "memory_bound", None))
     try:
-        async with m:
-            try:
-                await scenario(m, report, args)
-            except Exception as exc:        # reported as a failure, not a traceback
-                report.crash(exc)
-            report.expect(not m.oopses, f"no oops ({len(m.oopses)} seen)")
+        with trio.CancelScope() as scope:
+            bounds.install(m, scope)
+            async with m:
+                try:
+                    await scenario(m, report, args)
+                except Exception as exc:        # reported as a failure, not a traceback
+                    report.crash(exc)
+                report.expect(not m.oopses, f"no oops ({len(m.oopses)} seen)")
     except Exception as exc:                # the machine itself went down
         report.crash(exc)
+    bounds.settle(scope)
+    if bounds.exceeded:
+        report.expect(False, bounds.exceeded)
     if m.invariants is not None:
         for v in m.invariants.violations:
             report.expect(False, f"invariant {v}")

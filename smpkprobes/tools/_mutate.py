@@ -234,25 +234,34 @@ def diff(source: str, mutant: Mutant, path: str) -> str:
 
 
 def candidates() -> list[tuple[Mutant, str]]:
-    """Every mutant of the probe core that compiles, with its module's source."""
+    """Every mutant of the probe core, with its module's source, in a fixed order."""
     out = []
     for module, path in core_modules():
         source = path.read_text()
-        for m in generate(module, source):
-            try:
-                compile(apply(source, m), str(path), "exec")
-            except SyntaxError:
-                continue
-            out.append((m, source))
+        out.extend((m, source) for m in generate(module, source))
     return out
 
 
+def compiles(source: str, mutant: Mutant) -> bool:
+    try:
+        compile(apply(source, mutant), mutant.module, "exec")
+    except SyntaxError:
+        return False
+    return True
+
+
 def draw(n: int, seed: int) -> list[tuple[Mutant, str]]:
-    """N mutants drawn with `seed` from the sorted candidate list."""
+    """N mutants that compile, drawn with `seed` from the candidate list (in that order)."""
     cands = candidates()
-    rng = random.Random(seed)
-    picked = sorted(rng.sample(range(len(cands)), min(n, len(cands))))
-    return [cands[i] for i in picked]
+    order = list(range(len(cands)))
+    random.Random(seed).shuffle(order)
+    picked = []
+    for i in order:
+        if len(picked) == n:
+            break
+        if compiles(*reversed(cands[i])):
+            picked.append(i)
+    return [cands[i] for i in sorted(picked)]
 
 
 # == the suite ===========================================================================
@@ -446,8 +455,14 @@ def mutation_score(n: int, seed: int = 1, kind: str = "current", seeds: int = 2,
                    jobs: int = 2, timeout: float = 30.0, wall: float | None = None,
                    progress=None) -> Score:
     """Draw N mutants with `seed`, run the suite against each, and score it."""
-    chosen = draw(n, seed)
-    the_suite = suite(kind, seeds)
+    return score_mutants(draw(n, seed), suite(kind, seeds), kind, seed, jobs, timeout, wall,
+                         progress)
+
+
+def score_mutants(chosen: list[tuple[Mutant, str]], the_suite: list[Job], kind: str = "",
+                  seed: int = 0, jobs: int = 2, timeout: float = 30.0,
+                  wall: float | None = None, progress=None) -> Score:
+    """Run `the_suite` against each mutant of `chosen` and score it (see the docstring)."""
     score = Score(kind, seed)
     # the unmutated baseline: digests per job, and which lines the suite reaches
     base, covered, score.baseline_seconds = _spawn(None, None, the_suite, timeout,

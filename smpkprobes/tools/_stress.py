@@ -47,6 +47,8 @@ from ._harness import scenarios_dir
 
 SCENARIOS = scenarios_dir()
 DEFAULT_TIMEOUT = 120.0
+MEMORY_BOUND_MB = 3072
+LIVELOCK_BOUND = 8.0      # the wall bound a livelocking mutant is caught by    # growth of one run's memory that counts as a livelock
 SHRINK_KINDS = 3          # kinds of failure shrunk per stress run (each costs many replays)
 INLINE_CHOICES = 40       # longer recordings go to a file, replayed with --replay @FILE
 
@@ -135,11 +137,17 @@ def run_once(name: str, argv: list[str], timeout: float = DEFAULT_TIMEOUT,
     if sc.scenario is None:
         return _run_script(sc, argv, timeout)
     args = parse_args(name, argv)
+    # The run's own bounds end a livelock as a failure of its own kind (see _bounds); the
+    # trio deadline below stays as the backstop for a host that never reaches a quantum.
+    if args.wall_bound is None:
+        args.wall_bound = timeout
+    if args.memory_bound is None:
+        args.memory_bound = MEMORY_BOUND_MB
     t0 = time.perf_counter()         # the host's wall clock, for the summary only
     box: dict = {}
 
     async def main():
-        with trio.move_on_after(timeout) as scope:
+        with trio.move_on_after(2 * timeout + 10) as scope:
             box["result"] = await harness.run(sc.scenario, args)
         box["timed_out"] = scope.cancelled_caught
 
@@ -475,9 +483,11 @@ def mutation_check(max_seeds: int = 20, jobs: int = 1, names: list[str] | None =
         mutant = _mutants.MUTANTS[mname]
         t0 = time.perf_counter()
         result = MutantResult(mname, mutant.bug, False, None, None, "", 0.0)
+        # A livelocking mutant is caught by the run's wall bound: keep that bound short.
+        bound = min(timeout, LIVELOCK_BOUND) if mutant.livelock else timeout
         for scen in mutant.hunted_by:
             argv = [*(extra or []), "--mutant", mname]
-            outs = run_seeds(scen, argv, range(max_seeds), jobs, timeout, progress,
+            outs = run_seeds(scen, argv, range(max_seeds), jobs, bound, progress,
                              stop_at_first=not rate, label=f"{mname} / {scen}")
             bad = [o for o in outs if not o.ok]
             if bad:
