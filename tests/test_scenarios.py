@@ -90,8 +90,9 @@ def test_stress_with_a_mutant_prints_replay_commands_that_reproduce(capsys):
     assert "2 seeds (3:5), 0 passed, 2 failed" in out
     commands = [line.strip() for line in out.splitlines()
                 if line.strip().startswith("smpkprobes run concurrent_hits")]
-    assert commands[:2] == [f"smpkprobes run concurrent_hits --mutant no_text_sync --size 40 "
-                            f"--seed {s}" for s in (3, 4)]
+    assert commands[:2] == [
+        "smpkprobes run concurrent_hits " + " ".join(_stress.draw_policy(s)) +
+        f" --mutant no_text_sync --size 40 --seed {s}" for s in (3, 4)]
     assert "minimal reproducer" in out and "--replay" in commands[-1]
     first_failure = re.search(r"shrinking the schedule of seed 3 \(\d+ choices, \d+ "
                               r"non-zero coins\): (.*)", out).group(1)
@@ -116,3 +117,17 @@ def test_stress_refuses_an_unknown_scenario(capsys):
     """An unknown scenario name is an error with a hint, exit status 2."""
     assert _cli.main(["stress", "no_such_scenario", "--seeds", "0:1", "--no-progress"]) == 2
     assert "see `smpkprobes list`" in capsys.readouterr().err
+
+
+def test_stress_draws_each_seeds_schedule_unless_the_command_line_pins_it():
+    """A seed's quanta, preemption and policy come from the seed; a flag given pins that part
+    for every seed, and the draw over many seeds covers every choice."""
+    drawn = [tuple(_stress.draw_policy(s)) for s in range(64)]
+    assert drawn == [tuple(_stress.draw_policy(s)) for s in range(64)]       # replayable
+    assert {d[1] for d in drawn} == {"fine", "mixed", "coarse"}
+    assert {d[2] for d in drawn} == {"--preempt", "--no-preempt"}
+    assert {d[4] for d in drawn} == {"random", "pct"}
+    assert _stress.draw_policy(5, ["--quanta", "fine", "--preempt", "--schedule", "pct:2"]) == []
+    assert _stress.draw_policy(5, ["--no-preempt"])[:2] == list(drawn[5][:2])
+    assert "--no-preempt" not in _stress.draw_policy(5, ["--no-preempt"])
+    assert _stress.seed_argv(["--size", "3"], 7) == [*drawn[7], "--size", "3", "--seed", "7"]

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import trio
 
 from ..machine._events import EventBus
+from ._events import KprobesChanged
 from ..machine._regs import regs_class
 from ..machine._services import KernelServices, ModuleGoing, TaskExited, TaskOopsed
 from ._hit import TRAP_HANDLER_EXCEPTION as TRAP_HANDLER_EXCEPTION
@@ -82,6 +83,28 @@ class KprobesStatistics:
     slots_used: int
 
 
+class KprobeMutex:
+    """kprobe_mutex: a trio lock whose release first tells the observers that a registry
+    operation is over (`KprobesChanged`), so they check a settled registry."""
+
+    def __init__(self, events: EventBus):
+        self._lock = trio.Lock()
+        self._events = events
+
+    async def __aenter__(self):
+        await self._lock.acquire()
+
+    async def __aexit__(self, *exc):
+        try:
+            if self._events.wants(KprobesChanged):
+                self._events.publish(KprobesChanged())
+        finally:
+            self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+
 # == the subsystem =====================================================================
 class KprobesSubsystem(Registry, HitPath, Kretprobes, Jprobes):
     """`m.kprobes`: the probe core, on the machine's `KernelServices`."""
@@ -92,7 +115,8 @@ class KprobesSubsystem(Registry, HitPath, Kretprobes, Jprobes):
         self._bp = kernel.backend.breakpoint
         self._kprobe_table: dict[int, AggrKprobe] = {}    # the kprobe hash: address -> probe
         self._by_slot: dict[int, AggrKprobe] = {}
-        self._mutex = trio.Lock()           # kprobe_mutex
+        self.events = EventBus()
+        self._mutex = KprobeMutex(self.events)     # kprobe_mutex
         self.enabled = True                 # kprobes/enabled
         self._boundaries: dict[int, frozenset[int]] = {}
         # Per-CPU and per-task state, the probe core's own (DEFINE_PER_CPU; the kretprobe
@@ -107,8 +131,8 @@ class KprobesSubsystem(Registry, HitPath, Kretprobes, Jprobes):
         # "post_handler" or "return handler"; the probe is the Kretprobe for the last).
         self.stale_handlers: list[tuple[int, Kprobe, str]] = []
         self.simulation_errors: list[str] = []
-        # Arming, disarming and kretprobe registrations, for observers (see _events).
-        self.events = EventBus()
+        # Arming, disarming and kretprobe registrations, for observers (see _events);
+        # `self.events` is made above, with the mutex that publishes KprobesChanged.
         self._slot_stride = self._backend.slot_size // 2
         self._slot_lo, self._slot_hi = kernel.insn_slot_area
         self.slots = InsnSlots(kernel.insn_slot_area, self._backend.slot_size,

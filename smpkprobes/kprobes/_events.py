@@ -39,3 +39,21 @@ class KretprobeRegistered(Event):
 
     def __init__(self, rp: "Kretprobe"):
         self.rp = rp
+
+
+class KprobesChanged(Event):
+    """A registry operation (register, unregister, enable, disable, kprobes/enabled) is over
+    and kprobe_mutex is about to be released: the registry is in a state the laws of
+    KPROBES.md sections 2 and 6 must hold for."""
+
+    __slots__ = ()
+
+
+class KprobesFreed(Event):
+    """The grace period of an unregistration is over and `probes` (sites with no child
+    left) are about to be freed with their slots: no CPU may still be inside them."""
+
+    __slots__ = ("probes",)
+
+    def __init__(self, probes: "list[AggrKprobe]"):
+        self.probes = probes

@@ -12,7 +12,7 @@ from .._errors import KprobeError
 from ._probes import (KPROBE_FLAG_DISABLED, KPROBE_FLAG_GONE, KRETPROBE_MAX_DATA_SIZE, Jprobe,
                       Kprobe, Kretprobe)
 from ..machine._services import ModuleGoing
-from ._events import KprobesArmed, KprobesDisarmed
+from ._events import KprobesArmed, KprobesDisarmed, KprobesFreed
 from ._state import AggrKprobe
 
 
@@ -230,6 +230,8 @@ class Registry:
         if to_disarm:
             await self.disarm_kprobes(to_disarm)
         await self._kernel.synchronize()
+        if dead_sites and self.events.wants(KprobesFreed):
+            self.events.publish(KprobesFreed(dead_sites))
         for site in dead_sites:
             if site.slot is not None:
                 del self._by_slot[site.slot]

@@ -25,6 +25,7 @@ from smpkprobes.cpus import UnsupportedArchError
 from ..machine import _conductor
 from . import _mutants
 from . import _trace_export
+from ._bounds import Bounds
 from .._system import Machine
 
 
@@ -104,12 +105,16 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--arch", default="x86_64")
     ap.add_argument("--cpus", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--preempt", action="store_true")
+    ap.add_argument("--preempt", action=argparse.BooleanOptionalAction, default=False,
+                    help="preemptible guest tasks (stress draws it per seed unless given)")
     ap.add_argument("--size", type=int, default=None, help="workload size (scenario-specific)")
     ap.add_argument("--quiet", action="store_true", help="print only the verdict")
     s = ap.add_argument_group("schedules (see smpkprobes stress)")
     s.add_argument("--schedule", default="random", metavar="POLICY",
                    help="conductor policy: random (default), pct, pct:D or pct:D:STEPS")
+    s.add_argument("--quanta", default="mixed", choices=sorted(QUANTA),
+                   help="quantum lengths: fine (16-300 instructions: short windows), mixed "
+                        "(16-4096, the default) or coarse (4096-16384)")
     s.add_argument("--replay", default=None, metavar="CHOICES",
                    help="follow this recording ('cpu:quantum,...,#coin=value' or @FILE); "
                         "round-robin and coins 0 where it says nothing")
@@ -117,6 +122,10 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
                    help="write the run's recording (choices and coins) to FILE")
     s.add_argument("--mutant", default=None, choices=_mutants.names(),
                    help="inject a known probe-core bug (the mutation check of the stress suite)")
+    s.add_argument("--wall-bound", type=float, default=None, metavar="SECONDS",
+                   help="end the run as a failure after this much host time (a livelock)")
+    s.add_argument("--memory-bound", type=float, default=None, metavar="MB",
+                   help="end the run as a failure when it grows by this much memory")
     x = ap.add_argument_group("what happened (written after the run)")
     x.add_argument("--trace", default=None, metavar="FILE",
                    help="the event trace as ftrace-style text")
@@ -126,6 +135,9 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
                    help="a picture (PNG, SVG...) of the per-CPU timeline; needs matplotlib")
     return ap
 
+
+# The quantum ranges `--quanta` names (instructions; see `Conductor.quantum` for the draw).
+QUANTA = {"fine": (16, 300), "mixed": (16, 4096), "coarse": (4096, 16384)}
 
 # Scenario workloads are small: a runaway guest (a broken probe core) is cut off sooner.
 CALL_BUDGET = 2_000_000
@@ -139,7 +151,8 @@ def machine_options(args: argparse.Namespace) -> dict:
     if replay is not None:          # "" is the empty recording: round-robin, coins 0
         text = open(replay[1:]).read() if replay.startswith("@") else replay
         conductor = _conductor.replay_factory(_conductor.parse_recording(text), policy)
-    return {"conductor": conductor, "call_budget": CALL_BUDGET}
+    return {"conductor": conductor, "call_budget": CALL_BUDGET,
+            "quantum": QUANTA[getattr(args, "quanta", "mixed")]}
 
 
 async def run(scenario: Scenario, args: argparse.Namespace,
@@ -150,15 +163,21 @@ async def run(scenario: Scenario, args: argparse.Namespace,
                **_mutants.machine_options(getattr(args, "mutant", None)), **machine_options_}
     m = Machine(arch=args.arch, cpus=args.cpus, seed=args.seed, preempt=args.preempt,
                 **options)
+    bounds = Bounds(getattr(args, "wall_bound", None), getattr(args, "memory_bound", None))
     try:
-        async with m:
-            try:
-                await scenario(m, report, args)
-            except Exception as exc:        # reported as a failure, not a traceback
-                report.crash(exc)
-            report.expect(not m.oopses, f"no oops ({len(m.oopses)} seen)")
+        with trio.CancelScope() as scope:
+            bounds.install(m, scope)
+            async with m:
+                try:
+                    await scenario(m, report, args)
+                except Exception as exc:        # reported as a failure, not a traceback
+                    report.crash(exc)
+                report.expect(not m.oopses, f"no oops ({len(m.oopses)} seen)")
     except Exception as exc:                # the machine itself went down
         report.crash(exc)
+    bounds.settle(scope)
+    if bounds.exceeded:
+        report.expect(False, bounds.exceeded)
     if m.invariants is not None:
         for v in m.invariants.violations:
             report.expect(False, f"invariant {v}")
@@ -193,6 +212,7 @@ def scenario_main(scenario: Scenario, description: str | None = None,
     print(f"{verdict}: {report.checks - len(report.failures)}/{report.checks} expectations held "
           f"(arch {args.arch}, {args.cpus} CPUs, seed {args.seed}"
           f"{', preempt' if args.preempt else ''}"
+          f"{', quanta ' + args.quanta if args.quanta != 'mixed' else ''}"
           f"{', schedule ' + m.conductor.describe() if m.conductor.name != 'random' else ''}"
           f"{', MUTANT ' + args.mutant if args.mutant else ''}; trace {m.trace_digest()})")
     _trace_export.export_all(m, trace=getattr(args, "trace", None),

@@ -50,10 +50,14 @@ if TYPE_CHECKING:    # pragma: no cover
     from ..kprobes._core import KprobesSubsystem, Kretprobe
     from ..machine._machine import SMPMachine
 
-from ..kprobes._events import KprobesArmed, KprobesDisarmed, KretprobeRegistered
+from ..kprobes._events import (KprobesArmed, KprobesChanged, KprobesDisarmed,
+                                KprobesFreed, KretprobeRegistered)
 from ..machine._events import ModuleGoing, QuantumEnded
 
 MAX_RECORDED = 64
+
+
+ARMING_SWEEP = 512         # sites check_arming looks at per registry operation, at most
 
 
 class InvariantViolation(SimulationError):
@@ -90,11 +94,14 @@ class Invariants:
         self._bp = machine.backend.breakpoint
         self._lost_traps = 0                      # traps already reported as neither hit nor miss
         self._stale_seen = 0                      # stale_handlers already reported
+        self._sweep = 0                           # where check_arming's window starts
         machine.events.subscribe(QuantumEnded, self._after_quantum)
         machine.events.subscribe(ModuleGoing, self._module_event)
         kprobes.events.subscribe(KprobesArmed, self._armed)
         kprobes.events.subscribe(KprobesDisarmed, self._disarmed)
         kprobes.events.subscribe(KretprobeRegistered, self._track_kretprobe)
+        kprobes.events.subscribe(KprobesChanged, self.check_arming)
+        kprobes.events.subscribe(KprobesFreed, self._freed)
 
     # -- reporting ------------------------------------------------------------------------
     def violation(self, law: str, what: str) -> None:
@@ -176,6 +183,47 @@ class Invariants:
                 state = "armed" if want is bp else "disarmed"
                 self.violation("text", f"{state} probe address {self._m.format_addr(addr)} "
                                        f"holds {now.hex()}, not {want.hex()}")
+
+    def _freed(self, event: KprobesFreed) -> None:
+        """Freed after a grace period: no CPU is inside one of them, in its handlers, its
+        step or its jprobe entry (current or saved as prev_kprobe), nor in its slot.  (The
+        scheduler never preempts a task inside the slot area, so no sleeping task can be.)"""
+        dead = {id(site): site for site in event.probes}
+        slots = [(s.slot, s.slot + self._slot_size) for s in event.probes if s.slot is not None]
+        for cpu, kcb in zip(self._m.cpus, self._k.kprobe_ctlblk):
+            prev = kcb.prev_kprobe[0] if kcb.prev_kprobe else None
+            for site in (kcb.current_kprobe, prev):
+                if site is not None and id(site) in dead:
+                    self.violation("freed", f"{self._m.format_addr(site.addr)} freed while "
+                                            f"cpu{cpu.id} is inside it ({kcb.kprobe_status.name})")
+            pc = cpu.pc
+            if any(lo <= pc < hi for lo, hi in slots):
+                self.violation("freed", f"a slot freed while cpu{cpu.id} executes in it "
+                                        f"({pc:#x})")
+
+    def check_arming(self, _event=None) -> None:
+        """After every registry operation: a site is armed if and only if kprobes are
+        enabled, some child is enabled, and it is not GONE (KPROBES.md sections 2 and 6),
+        and its text says the same."""
+        enabled = self._k.enabled
+        sites = self._k._sorted_sites()
+        if len(sites) > ARMING_SWEEP:
+            # Thousands of probes: a rotating window per operation keeps this O(1) amortised
+            # per operation while every site is still looked at every few operations.
+            start = self._sweep % len(sites)
+            self._sweep += ARMING_SWEEP
+            sites = (sites + sites)[start:start + ARMING_SWEEP]
+        for site in sites:
+            want = enabled and not site.gone and site.enabled()
+            if site.armed != want:
+                why = ("kprobes/enabled is 0" if not enabled else "it is GONE" if site.gone
+                       else "every child is disabled" if not site.enabled()
+                       else "a child is enabled")
+                self.violation("arming", f"{self._m.format_addr(site.addr)} is "
+                                         f"{'armed' if site.armed else 'disarmed'} though "
+                                         f"{why}")
+            self._tracked.setdefault(site.addr, site.orig)
+        self.check_text([site.addr for site in sites])
 
     def _text_alive(self, addr: int) -> bool:
         if self._kernel_text[0] <= addr < self._kernel_text[1]:

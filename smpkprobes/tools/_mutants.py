@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+
+import trio
 from dataclasses import dataclass
 
 from ..kprobes._core import KprobesSubsystem, Status
+from ..kprobes._events import KprobesArmed
 from ..kprobes._slots import InsnSlots
 from ..machine._services import HANDLED, QuantumEnded
 
@@ -28,6 +31,7 @@ class Mutant:
     hunted_by: tuple[str, ...]        # the stress scenarios expected to catch it
     probe_core: type[KprobesSubsystem] = KprobesSubsystem
     options: tuple[tuple[str, object], ...] = ()      # machine options besides
+    livelock: bool = False            # caught only by a run's wall-clock bound
 
 
 # -- the mutants --------------------------------------------------------------------------
@@ -186,6 +190,56 @@ class BatchRegisterNoRollback(KprobesSubsystem):
             await super()._unregister_many(probes)
 
 
+class DisableDisarmsAggregate(KprobesSubsystem):
+    """disable_kprobe on one child of an aggregate disarms the whole site, though other
+    children are still enabled (the arming law: armed iff kprobes are enabled and some
+    child is enabled and not gone)."""
+
+    async def disable_kprobe(self, p):
+        await super().disable_kprobe(p)
+        site = self._kprobe_table.get(p.addr) if p._registered else None
+        if site is not None and site.armed:
+            async with self._mutex:
+                await self.disarm_kprobes([site])
+
+
+class ArmWithoutSync(KprobesSubsystem):
+    """Arming writes the breakpoints but sends no IPI: a CPU keeps running its stale
+    translation of the probed code after register returns, so calls that enter after the
+    registration are neither hit nor missed.  (Disarming still syncs.)"""
+
+    async def arm_kprobes(self, sites):
+        for s in sites:
+            s.armed = True
+            self._kernel.poke(s.addr, self._bp)
+        self.events.publish(KprobesArmed(sites))
+
+
+class ShortGracePeriod(KprobesSubsystem):
+    """The grace period waits only for CPUs executing in an instruction slot: a CPU inside
+    a handler (preemption disabled; say, in a nested guest call) counts as quiescent, so
+    unregister can return while that handler still runs."""
+
+    def __init__(self, kernel):
+        super().__init__(kernel)
+        lo, hi = kernel.insn_slot_area
+
+        async def synchronize():
+            if any(lo <= cpu.pc < hi for cpu in kernel.cpus):
+                await kernel.synchronize()
+        self._kernel = _Kernel(kernel, synchronize=synchronize)
+
+
+class GracePeriodNeverEnds(KprobesSubsystem):
+    """A quiescent state is never reported: unregistration waits for ever while the CPUs
+    keep running.  A livelock: no guest call runs away, so only the run's wall-clock bound
+    ends it (see tools/_bounds.py)."""
+
+    def __init__(self, kernel):
+        super().__init__(kernel)
+        self._kernel = _Kernel(kernel, synchronize=trio.sleep_forever)
+
+
 MUTANTS: dict[str, Mutant] = {m.name: m for m in (
     # The machine's own "no cross-CPU sync" configuration: text_poke writes, sends no IPI.
     Mutant("no_text_sync", "no cross-CPU sync after text patching (arming, disarming)",
@@ -204,6 +258,15 @@ MUTANTS: dict[str, Mutant] = {m.name: m for m in (
            ("unregister_while_firing",), NoBackupOnStrayTrap),
     Mutant("batch_register_no_rollback", "a batch register that forgets the rollback",
            ("unregister_while_firing",), BatchRegisterNoRollback),
+    # The laws of the race-finding round, each with the scenario built to catch it.
+    Mutant("disable_disarms_aggregate", "disabling one child disarms the whole aggregate",
+           ("aggregate_churn",), DisableDisarmsAggregate),
+    Mutant("arm_without_sync", "arming without the cross-CPU sync (stale translations)",
+           ("aggregate_churn",), ArmWithoutSync),
+    Mutant("short_grace_period", "a grace period that ignores CPUs inside handlers",
+           ("long_context_unregister",), ShortGracePeriod),
+    Mutant("grace_period_never_ends", "a grace period that never ends (a livelock)",
+           ("unregister_while_firing",), GracePeriodNeverEnds, livelock=True),
 )}
 
 

@@ -29,6 +29,7 @@ import ast
 import concurrent.futures as cf
 import importlib.util
 import multiprocessing
+import random
 import re
 import shlex
 import subprocess
@@ -46,6 +47,8 @@ from ._harness import scenarios_dir
 
 SCENARIOS = scenarios_dir()
 DEFAULT_TIMEOUT = 120.0
+MEMORY_BOUND_MB = 3072
+LIVELOCK_BOUND = 8.0      # the wall bound a livelocking mutant is caught by    # growth of one run's memory that counts as a livelock
 SHRINK_KINDS = 3          # kinds of failure shrunk per stress run (each costs many replays)
 INLINE_CHOICES = 40       # longer recordings go to a file, replayed with --replay @FILE
 
@@ -134,11 +137,17 @@ def run_once(name: str, argv: list[str], timeout: float = DEFAULT_TIMEOUT,
     if sc.scenario is None:
         return _run_script(sc, argv, timeout)
     args = parse_args(name, argv)
+    # The run's own bounds end a livelock as a failure of its own kind (see _bounds); the
+    # trio deadline below stays as the backstop for a host that never reaches a quantum.
+    if args.wall_bound is None:
+        args.wall_bound = timeout
+    if args.memory_bound is None:
+        args.memory_bound = MEMORY_BOUND_MB
     t0 = time.perf_counter()         # the host's wall clock, for the summary only
     box: dict = {}
 
     async def main():
-        with trio.move_on_after(timeout) as scope:
+        with trio.move_on_after(2 * timeout + 10) as scope:
             box["result"] = await harness.run(sc.scenario, args)
         box["timed_out"] = scope.cancelled_caught
 
@@ -181,8 +190,31 @@ def _worker(job: tuple[str, list[str], float]) -> Outcome:
     return out
 
 
+def draw_policy(seed: int, extra: list[str] = ()) -> list[str]:
+    """The schedule flags stress seed `seed` runs under: quantum lengths, preemption and the
+    conductor policy, drawn from the seed (with a generator of their own, so the machine's
+    draws are untouched).  A flag the command line gives (`--quanta`, `--preempt` or
+    `--no-preempt`, `--schedule`, `--replay`) pins that part for every seed.  So seeds differ
+    in their short windows and preemption too, and a seed's replay command names them."""
+    rng = random.Random(f"smpkprobes stress policy {seed}")
+    quanta = rng.choices(("fine", "mixed", "coarse"), (2, 2, 1))[0]
+    preempt = rng.random() < 0.5
+    schedule = rng.choice(("random", "random", "pct"))
+    given = set(extra)
+    out = []
+    if "--quanta" not in given:
+        out += ["--quanta", quanta]
+    if not given & {"--preempt", "--no-preempt"}:
+        out += ["--preempt" if preempt else "--no-preempt"]
+    if not given & {"--schedule", "--replay"}:
+        out += ["--schedule", schedule]
+    return out
+
+
 def seed_argv(extra: list[str], seed: int) -> list[str]:
-    return [*extra, "--seed", str(seed)]
+    """A stress seed's scenario flags: its drawn schedule (see `draw_policy`), the
+    command line's flags, and the seed."""
+    return [*draw_policy(seed, extra), *extra, "--seed", str(seed)]
 
 
 def replay_command(name: str, argv: list[str]) -> str:
@@ -451,9 +483,11 @@ def mutation_check(max_seeds: int = 20, jobs: int = 1, names: list[str] | None =
         mutant = _mutants.MUTANTS[mname]
         t0 = time.perf_counter()
         result = MutantResult(mname, mutant.bug, False, None, None, "", 0.0)
+        # A livelocking mutant is caught by the run's wall bound: keep that bound short.
+        bound = min(timeout, LIVELOCK_BOUND) if mutant.livelock else timeout
         for scen in mutant.hunted_by:
             argv = [*(extra or []), "--mutant", mname]
-            outs = run_seeds(scen, argv, range(max_seeds), jobs, timeout, progress,
+            outs = run_seeds(scen, argv, range(max_seeds), jobs, bound, progress,
                              stop_at_first=not rate, label=f"{mname} / {scen}")
             bad = [o for o in outs if not o.ok]
             if bad:

@@ -1,5 +1,7 @@
-"""Stress: every scenario over `--stress-seeds N` seeds (default 3), under two schedule
-policies.  Deep runs: `pytest tests/stress --stress-seeds 500 -n 8`."""
+"""Stress: every scenario over `--stress-seeds N` seeds (default 3), under the drawn stress mix
+(each seed its own quanta, preemption and policy) and under PCT with preemption.  Every run
+has a wall-clock and a memory bound, so a livelock fails instead of hanging.  Deep runs:
+`pytest tests/stress --stress-seeds 500 -n 8`."""
 
 import pytest
 
@@ -8,8 +10,10 @@ from smpkprobes import scenario as harness
 
 SCENARIOS = ["concurrent_hits", "singlestep_state", "maxactive_contention",
              "unregister_while_firing", "reentrancy", "module_gone", "fault_injection",
-             "kprobe_example", "jprobe_example", "kretprobe_example"]
-CONFIGS = {"random": [], "pct+preempt": ["--schedule", "pct", "--preempt"]}
+             "kprobe_example", "jprobe_example", "kretprobe_example",
+             "aggregate_churn", "long_context_unregister", "unit_shapes"]
+BOUNDS = ["--wall-bound", "120", "--memory-bound", "3072"]
+CONFIGS = {"drawn": [*BOUNDS], "pct+preempt": ["--schedule", "pct", "--preempt", *BOUNDS]}
 FIRST_SEED = 1000          # away from the seeds the scenario tests use
 
 
@@ -35,8 +39,9 @@ async def test_scenario_holds_on_every_seed(name, config, stress_seeds):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [["--cpus", "8", "--schedule", "pct:5", "--preempt"],
-                                   ["--cpus", "2"], ["--cpus", "1", "--preempt"]],
+@pytest.mark.parametrize("extra", [["--cpus", "8", "--schedule", "pct:5", "--preempt", *BOUNDS],
+                                   ["--cpus", "2", *BOUNDS],
+                                   ["--cpus", "1", "--preempt", *BOUNDS]],
                          ids=["8cpus-pct5-preempt", "2cpus", "1cpu-preempt"])
 async def test_unregister_while_firing_deep(extra, request, stress_seeds):
     """The batch/one-by-one scenario on unusual machines (only with --stress-seeds)."""

@@ -1,0 +1,85 @@
+"""Hangs and livelocks are failures: a run's wall-clock and memory bounds (tools/_bounds)."""
+
+import argparse
+import functools
+
+import trio
+
+from smpkprobes import Kprobe
+from smpkprobes.scenario import run
+from smpkprobes.tools import _mutants, _stress
+from smpkprobes.tools._bounds import BOUND_KIND
+
+
+def _args(**kw):
+    base = dict(arch="x86_64", cpus=2, seed=1, preempt=False, schedule="random", replay=None,
+                quanta="mixed", mutant=None, wall_bound=None, memory_bound=None)
+    return argparse.Namespace(**{**base, **kw})
+
+
+async def _livelock(m, report, args):
+    """Every CPU fires do_fork for ever while the host unregisters (under the mutant, the
+    grace period never ends): busy CPUs, a host that never returns."""
+    kp = Kprobe(symbol_name="do_fork", pre_handler=lambda p, r: 0)
+    await m.kprobes.register_kprobe(kp)
+
+    async def fire(cpu):
+        while True:
+            await m.call("fork_loop", 50, cpu=cpu)
+    async with trio.open_nursery() as n:
+        for c in range(m.ncpus):
+            n.start_soon(fire, c)
+        await m.kprobes.unregister_kprobe(kp)
+        n.cancel_scope.cancel()
+
+
+async def test_a_livelocking_mutant_ends_as_a_wall_bound_failure():
+    """CPUs busy for ever behind a grace period that never ends: the run ends at its wall
+    bound, reported as a failure of its own kind, and the machine shuts down cleanly."""
+    report, m = await run(_livelock, _args(mutant="grace_period_never_ends", wall_bound=3),
+                          **_mutants.machine_options("grace_period_never_ends"))
+    assert not report.ok
+    assert report.failures[-1] == (f"{BOUND_KIND}: still running after 3 s of wall time "
+                                   f"(a hang or a livelock?)")
+    assert m.statistics().quanta > 256          # it was busy, not blocked
+
+
+async def test_a_blocked_run_ends_as_a_hang_failure():
+    """A grace period that never ends while every CPU is idle: no quantum runs, and trio's
+    deadline ends it as a hang."""
+    async def blocked(m, report, args):
+        kp = Kprobe(symbol_name="do_fork")
+        await m.kprobes.register_kprobe(kp)
+        await m.kprobes.unregister_kprobe(kp)
+
+    report, _ = await run(blocked, _args(wall_bound=2),
+                          **_mutants.machine_options("grace_period_never_ends"))
+    assert report.failures == [f"{BOUND_KIND}: no progress within 2 s of wall time (a hang: "
+                               f"every task blocked?)"]
+
+
+async def test_a_run_that_grows_past_its_memory_bound_fails():
+    """A livelock that keeps allocating (here, the trace of a hit loop) ends at the memory
+    bound; the wall bound is only the backstop."""
+    report, _ = await run(_livelock, _args(memory_bound=8, wall_bound=60),
+                          **_mutants.machine_options("grace_period_never_ends"))
+    assert report.failures[-1].startswith(f"{BOUND_KIND}: ")
+
+
+async def test_bounds_leave_a_run_within_them_unchanged():
+    """Within its bounds a run is the same run: same digest, same verdict."""
+    async def work(m, report, args):
+        await m.call("fork_loop", 300)
+    plain, m1 = await run(work, _args())
+    bounded, m2 = await run(work, _args(wall_bound=600, memory_bound=4096))
+    assert plain.ok and bounded.ok
+    assert m1.trace_digest() == m2.trace_digest()
+
+
+def test_stress_reports_a_livelocked_seed_with_its_replay_command():
+    """A stress seed that livelocks is a failed seed with the bound's kind, not a hang."""
+    out = _stress.run_once("unregister_while_firing",
+                           _stress.seed_argv(["--mutant", "grace_period_never_ends",
+                                              "--size", "5"], 0), timeout=4)
+    assert not out.ok and out.failures[-1].startswith(BOUND_KIND)
+    assert out.kind == _stress.failure_kind(out.failures[0])

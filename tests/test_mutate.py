@@ -1,0 +1,84 @@
+"""selftest --mutate: generated probe-core mutants and the mutation score."""
+
+import ast
+import textwrap
+
+import pytest
+
+from smpkprobes.tools import _mutate
+
+SAMPLE = textwrap.dedent('''\
+    async def arm(self, sites):
+        """Docstrings are not mutated."""
+        if not sites and self.n < 2:
+            return
+        await self.poke(sites)
+        await self.sync()
+        self.count += 1
+''')
+
+
+def _ops(mutants):
+    return sorted((m.op, m.detail) for m in mutants)
+
+
+def test_each_operator_applies_where_its_node_is():
+    """The sample gets exactly the mutants its nodes allow, and each is one edit that
+    compiles."""
+    muts = _mutate.generate("sample", SAMPLE)
+    assert _ops(muts) == sorted([
+        ("bool", "and -> or"), ("bool", "drop not"), ("bool", "negate condition"),
+        ("compare", "< -> <="), ("off-by-one", "2 -> 3"), ("off-by-one", "2 -> 1"),
+        ("off-by-one", "1 -> 2"), ("off-by-one", "1 -> 0"),
+        ("skip-await", "await self.poke(sites)"), ("skip-await", "await self.sync()"),
+        ("drop", "self.count += 1"),
+        ("swap-awaits", "await self.poke(sites) <-> await self.sync()"),
+    ])
+    for m in muts:
+        compile(_mutate.apply(SAMPLE, m), "sample", "exec")
+
+
+def test_a_mutant_is_the_edit_it_names():
+    """apply() makes exactly the named change, and diff() shows it as a unified diff."""
+    muts = {(m.op, m.detail): m for m in _mutate.generate("sample", SAMPLE)}
+    swapped = _mutate.apply(SAMPLE, muts[("swap-awaits",
+                                          "await self.poke(sites) <-> await self.sync()")])
+    assert swapped == SAMPLE.replace("await self.poke(sites)\n    await self.sync()",
+                                     "await self.sync()\n    await self.poke(sites)")
+    assert _mutate.apply(SAMPLE, muts[("compare", "< -> <=")]) == \
+        SAMPLE.replace("self.n < 2", "self.n <= 2")
+    assert _mutate.apply(SAMPLE, muts[("drop", "self.count += 1")]) == \
+        SAMPLE.replace("self.count += 1", "pass")
+    d = _mutate.diff(SAMPLE, muts[("bool", "drop not")], "x.py")
+    assert "-    if not sites and self.n < 2:\n+    if (sites) and self.n < 2:\n" in d
+
+
+def test_the_draw_is_seeded_and_covers_the_probe_core_only():
+    """The same N and seed draw the same mutants; the views (debugfs, tracefs) are not
+    probe logic and are left out."""
+    mods = [name for name, _ in _mutate.core_modules()]
+    assert mods and all(name.startswith("smpkprobes.kprobes.") for name in mods)
+    assert not [name for name in mods if "tracefs" in name or "debugfs" in name]
+    a = [m.ident for m, _ in _mutate.draw(12, 3)]
+    assert a == [m.ident for m, _ in _mutate.draw(12, 3)]
+    assert a != [m.ident for m, _ in _mutate.draw(12, 4)]
+    assert len(set(a)) == 12
+
+
+def test_the_suites_name_their_runs():
+    """round1 is the first round's ten scenarios; current adds the new ones, each seed under
+    its drawn schedule."""
+    r1 = _mutate.suite("round1", seeds=1)
+    assert [j.scenario for j in r1] == list(_mutate.ROUND1)
+    cur = _mutate.suite("current", seeds=1)
+    assert {"aggregate_churn", "long_context_unregister", "unit_shapes"} <= \
+        {j.scenario for j in cur}
+    assert all("--quanta" in j.argv for j in cur)
+
+
+@pytest.mark.slow
+def test_scoring_kills_a_real_bug_and_flags_an_unobservable_one(request):
+    """End to end, in child processes: dropping the disarm of unregistration is killed by
+    unregister_while_firing; a mutant on a line the suite never reaches is 'not reached'."""
+    if not request.config.getoption("--stress-seeds"):
+        pytest.skip("spawns child runs: give --stress-seeds N")
