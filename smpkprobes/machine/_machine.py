@@ -209,6 +209,8 @@ class SMPMachine:
         self.task_exit_notifiers: list[Callable[[Task], None]] = []
         self.oops_notifiers: list[Callable[[CPU], None]] = []
         self.module_notifiers: list[Callable[[str, Module], None]] = []
+        # Awaited when a module's text is in place, before its init runs (MODULE_STATE_COMING).
+        self.module_coming_hooks: list = []
         # Called after every quantum with the CPU that ran it (the invariant checks).
         self.quantum_notifiers: list[Callable[[CPU], None]] = []
 
@@ -441,6 +443,8 @@ class SMPMachine:
         self.kallsyms.add(image.symbols)
         self.modules[name] = module
         await self.text_poke_batch([(text[0], self.memory.peek(text[0], text[1]))])
+        for hook in list(self.module_coming_hooks):
+            await hook(module)
         init_fn = next((s for s in image.symbols if s.is_func and module.in_init(s.addr)
                         and s.name.endswith("_init")), None)
         if init_fn is not None:
