@@ -314,7 +314,7 @@ async def test_kprobe_module():
 
 async def test_kprobe_multiprobe(any_arch):
     """kprobe_multiprobe.tc"""
-    m, fs = any_arch, any_arch.tracefs
+    fs = any_arch.tracefs
     def1, def2 = "p:kprobes/testevent do_fork", "p:kprobes/testevent do_exit"
     await fs.write("kprobe_events", def1, append=True)
     await fs.write("kprobe_events", def2, append=True)
@@ -425,7 +425,7 @@ async def test_multiple_kprobes(m):
     Every one of them gets an event (the refused ones are refused for their probe point:
     blacklisted or kprobes text), all are enabled and disabled at once, and cleared."""
     fs = m.tracefs
-    funcs = [s.name for s in m.kallsyms._syms if s.is_func and "." not in s.name]
+    funcs = [s.name for s in m.kallsyms.functions() if "." not in s.name]
     n = 0
     for f in funcs:
         try:
@@ -443,7 +443,7 @@ async def test_multiple_kprobes(m):
 async def test_probepoint(m):
     """probepoint.tc, on do_fork for tracefs_create_dir"""
     fs = m.tracefs
-    syms = sorted((s for s in m.kallsyms._syms if s.is_func), key=lambda s: s.addr)
+    syms = m.kallsyms.functions()
     i = next(i for i, s in enumerate(syms) if s.name == "do_fork")
     target = syms[i]
     nxt = syms[i + 1].addr - target.addr

@@ -515,3 +515,27 @@ def test_parse_workloads():
         ("fork_loop", (7,)), ("open_loop", (4, 2)), ("fib", (10,))]
     with pytest.raises(ValueError, match="integers"):
         parse_workloads("fib:x", 1)
+
+
+def test_trace_command_takes_every_new_form(capsys):
+    """%return, MOD:SYM (the module is loaded for it), multi-probe events, immediates,
+    bitfields and arrays all pass through `smpkprobes trace` as tracefs takes them."""
+    rc = _cli.main(["trace", "p:ret do_sys_open%return r=$retval:s32 one=\\1",
+                    "p:kprobes/both do_fork v=$arg1:u8", "p:kprobes/both vfs_read v=$arg3:u8",
+                    "p:path do_sys_open c=+0($arg2):char[2] hi=+0($arg2):b4@4/8",
+                    "r:modr example_mod:example_mod_func v=$retval:s64",
+                    "--workload", "open_loop:1:0,fork_loop:1,vfs_read:0:0:9:0,example_mod_func:1",
+                    "--cpus", "1"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    bodies = sorted(line.split(": ", 1)[1] for line in out.splitlines())
+    assert bodies == sorted([
+        "ret: (sys_open+0x15 <- do_sys_open) r=3 one=0x1",
+        "both: (do_fork+0x0) v=17", "both: (vfs_read+0x0) v=9",
+        "path: (do_sys_open+0x0) c={'/','e'} hi=2",
+        "modr: (__hc_task_return+0x0 <- example_mod_func) v=2"])
+
+
+def test_trace_command_names_a_missing_module(capsys):
+    assert _cli.main(["trace", "p nosuchmod:f", "--cpus", "1"]) == 2
+    assert "no such module: nosuchmod" in capsys.readouterr().err

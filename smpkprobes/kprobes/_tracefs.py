@@ -42,7 +42,8 @@ from .._errors import KprobeError
 from ._core import KPROBE_FLAG_DISABLED, Kprobe, Kretprobe
 from ._tp_errors import ERRORS, ErrorLog, TraceProbeError
 from ._tp_fetch import Fetcher
-from ._tp_parse import Canceled, Command, Definition, kstrtoul, parse_create, resolve_symbol
+from ._tp_defs import Definition, kstrtoul, resolve_symbol
+from ._tp_parse import Canceled, Command, parse_create
 from ._tp_session import parse_workloads, trace_session
 from ..tools._trace_export import ftrace_header, ftrace_line
 
@@ -68,6 +69,7 @@ class TraceEvent:
     def __init__(self, group: str, name: str, is_return: bool):
         self.group, self.name, self.is_return = group, name, is_return
         self.enabled = False
+        self.was_enabled = False      # EVENT_FILE_FL_WAS_ENABLED: removing it clears the trace
         self.probes: list[TraceProbe] = []
 
 
@@ -342,12 +344,17 @@ class Tracefs:
             await self._k.unregister_kprobes(kps)
         if rps:
             await self._k.unregister_kretprobes(rps)
+        clear = False
         for tp in gone:
             tp.registered = False
             self._probes.remove(tp)
             tp.event.probes.remove(tp)
             if not tp.event.probes:
                 del self._events[(tp.group, tp.name)]
+                clear |= tp.event.was_enabled
+        if clear:                            # tracing_reset_all_online_cpus, clear_trace set
+            self._buffer.clear()
+            self._read_pos = 0
         if len(gone) < len(probes):
             ev = next(tp.event for tp in probes if tp not in gone)
             raise KprobeError(E.EBUSY, f"event {ev.group}/{ev.name} is enabled; disable it "
@@ -361,6 +368,7 @@ class Tracefs:
         if on == ev.enabled:
             return
         ev.enabled = on
+        ev.was_enabled |= on
         done = []
         try:
             for tp in ev.probes:
