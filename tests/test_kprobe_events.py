@@ -203,3 +203,65 @@ async def test_a_re_registered_probe_beside_a_gone_one_fires(m):
     await m.call("example_mod_func", 1)
     assert [line.split(": ")[1] for line in fs.read("trace").splitlines()
             if not line.startswith("#")] == ["named"]
+
+
+# == any definition: accepted and listed back the same, or refused with a sane caret ==============
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+import trio  # noqa: E402
+
+BASES = ["%ip", "%sp", "$stack", "$stack0", "$stack3", "$comm", "$retval", "$arg1", "$arg2",
+         "@_sdata", "@_sdata-8", "@passwd_name+1", "@0x200000", "\\7", "\\-3", '\\"hi"',
+         "bogus", "&x", "$none", "%none", "@", "$stack0+1"]
+TYPES = ["", ":u8", ":s16", ":x32", ":u64", ":char", ":string", ":ustring", ":symbol",
+         ":symstr", ":b3@2/8", ":u8[2]", ":string[2]", ":y9", ":b9@0/8", ":u8[0]"]
+HEADS = ["p", "r", "p:grp/ev", "r5:ev", "p:ev", "r:grp-1.ev"]
+POINTS = ["do_fork", "vfs_read%return", "do_fork+0", "vfs_read+3", "nosuch", "do_fork%x",
+          "example_mod:example_mod_func", "do_sys_open"]
+
+expr = st.recursive(st.sampled_from(BASES), lambda inner: st.builds(
+    lambda sign, off, x: f"{sign}{off}({x})", st.sampled_from(["+", "-", "+u"]),
+    st.sampled_from(["0", "8", "0x10", "z"]), inner), max_leaves=3)
+fetcharg = st.builds(lambda name, e, t: f"{name}{e}{t}",
+                     st.sampled_from(["", "a=", "b=", "9x=", "="]), expr, st.sampled_from(TYPES))
+definition = st.builds(lambda h, p, args: " ".join([h, p, *args]), st.sampled_from(HEADS),
+                       st.sampled_from(POINTS), st.lists(fetcharg, max_size=3))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(definition, min_size=1, max_size=4))
+def test_any_definition_round_trips_or_is_refused_with_a_caret(lines):
+    """Whatever the definitions: each is accepted, listed, and the listing reads back to
+    itself; or refused, leaving kprobe_events as it was, with a caret inside the command
+    (or one past it) and the same entry in error_log; the accepted ones then trace on
+    every hit without an oops."""
+    async def main():
+        async with Machine(cpus=1, seed=3) as m:
+            fs = m.tracefs
+            for line in lines:
+                before = fs.read("kprobe_events")
+                try:
+                    await fs.write("kprobe_events", line, append=True)
+                except TraceProbeError as err:
+                    assert 0 <= err.pos <= len(err.command) + 1
+                    assert err.command == " ".join(line.split())
+                    assert fs.read("error_log").splitlines()[-3].endswith(
+                        str(err).splitlines()[0])
+                    assert fs.read("kprobe_events") == before
+                    continue
+                except KprobeError as err:
+                    assert err.errno in (errno.EINVAL, errno.ENOENT)
+                    assert fs.read("kprobe_events") == before
+                    continue
+                listing = fs.read("kprobe_events")
+                await fs.write("kprobe_events", listing)          # read back whole
+                assert fs.read("kprobe_events") == listing
+            await fs.write("events/enable", "1") if fs.events() else None
+            await m.call("fork_loop", 1)
+            await m.call("open_loop", 1, 0)
+            await m.call("vfs_read", 0, 0, 1, 0)
+            hits = sum(tp.nhit for tp in fs.events())
+            assert len(fs.read("trace_pipe").splitlines()) == hits and not m.oopses
+            await fs.write("events/enable", "0") if fs.events() else None
+            await fs.write("kprobe_events", "")
+            assert m.debugfs.read("kprobes/list") == ""
+    trio.run(main)

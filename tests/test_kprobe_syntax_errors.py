@@ -145,3 +145,14 @@ async def test_the_whole_script_leaves_16_entries(m):
     commands = [line for line in m.tracefs.read("error_log").splitlines()
                 if line.startswith("  Command: ")]
     assert commands == [f"  Command: {c.replace('^', '')}" for c, _ in CASES[-16:]]
+
+
+@pytest.mark.parametrize("arch", ["i386", "arm", "ppc", "sparc64"])
+async def test_check_error_on_every_arch(arch):
+    """The script needs nothing arch-specific: every case, on the other guest arches."""
+    async with Machine(arch=arch, cpus=1, seed=1) as m:
+        for marked, code in CASES:
+            await check_error(m, marked, code)
+        for first, marked, code in MULTIPROBE:
+            await m.tracefs.write("kprobe_events", first)
+            await check_error(m, marked, code)

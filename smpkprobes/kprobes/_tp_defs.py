@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 
 _GOOD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_GOOD_SYSTEM = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
 
 
 # == kstrto*() ==================================================================================
@@ -58,7 +59,13 @@ def simple_strtoul(s: str) -> tuple[int, str]:
 
 
 def is_good_name(name: str) -> bool:
+    """A C identifier: event and argument names."""
     return bool(_GOOD_NAME.match(name))
+
+
+def is_good_system_name(name: str) -> bool:
+    """A group (system) name: a C identifier that may also hold '-'."""
+    return bool(_GOOD_SYSTEM.match(name))
 
 
 # == what a definition parses into ==============================================================
@@ -94,10 +101,6 @@ class Definition:
     @property
     def module(self) -> str | None:
         return self.symbol.split(":", 1)[0] if self.symbol and ":" in self.symbol else None
-
-    @property
-    def function(self) -> str | None:
-        return self.symbol.split(":", 1)[-1] if self.symbol else None
 
     def place(self) -> str:
         """The probe point as kprobe_events lists it (trace_kprobe_show)."""

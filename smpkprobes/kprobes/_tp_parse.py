@@ -21,8 +21,8 @@ from __future__ import annotations
 import errno as E
 import re
 
-from ._tp_defs import (Arg, Definition, count_symbols, is_good_name, kstrtoul,
-                       resolve_symbol, simple_strtoul)
+from ._tp_defs import (Arg, Definition, count_symbols, is_good_name, is_good_system_name,
+                       kstrtoul, resolve_symbol, simple_strtoul)
 from ._tp_errors import TraceProbeError
 from ._tp_fetch import fetch_type
 
@@ -73,7 +73,8 @@ class _Ctx:
     def __init__(self, cmd: Command, is_return: bool, fentry: bool, max_stack: int,
                  register_name, default: str):
         self.cmd = cmd
-        self.default = default
+        self.default = default                  # x64 or x32: unsigned long
+        self.bits = int(default[1:])
         self.is_return, self.fentry = is_return, fentry
         self.max_stack = max_stack
         self.register_name = register_name
@@ -148,7 +149,7 @@ def parse_create(words: list[str], m, register_name, max_stack: int) -> Definiti
         group, event = _event_name(cmd, event, colon + 1, group)
     if event is None:
         where = f"{symbol}_{offset}" if symbol is not None else f"0x{addr:x}"
-        event = re.sub(r"[^A-Za-z0-9_]", "_", f"{'r' if is_return else 'p'}_{where}")
+        event = re.sub(r"[:.*]", "_", f"{'r' if is_return else 'p'}_{where}")   # sanitize
         event = event[:MAX_EVENT_NAME_LEN - 1]
 
     ctx = _Ctx(cmd, is_return, fentry, max_stack, register_name, f"x{m.backend.bits}")
@@ -172,7 +173,7 @@ def _event_name(cmd: Command, text: str, offset: int, group: str) -> tuple[str, 
             cmd.fail("NO_GROUP_NAME", 0, offset)
         if slash + 1 > MAX_EVENT_NAME_LEN:
             cmd.fail("GROUP_TOO_LONG", 0, offset)
-        if not is_good_name(text[:slash]):
+        if not is_good_system_name(text[:slash]):
             cmd.fail("BAD_GROUP_NAME", 0, offset)
         group, text, offset = text[:slash], text[slash + 1:], offset + slash + 1
     if not text:
@@ -277,7 +278,7 @@ def _parse_expr(ctx: _Ctx, arg: str) -> tuple:
         return ("reg", reg)
     if c == "@":
         if arg[1:2].isdigit():
-            addr = kstrtoul(arg[1:], 0, 64)
+            addr = kstrtoul(arg[1:], 0, ctx.bits)
             if addr is None:
                 ctx.fail("BAD_MEM_ADDR")
             base = ("imm", addr)
@@ -296,7 +297,7 @@ def _parse_expr(ctx: _Ctx, arg: str) -> tuple:
         paren = s.find("(")
         if paren < 0:
             ctx.fail("DEREF_NEED_BRACE")
-        offs = kstrtoul(s[:paren], 0, 64, signed=True)
+        offs = kstrtoul(s[:paren], 0, ctx.bits, signed=True)
         if offs is None:
             ctx.fail("BAD_DEREF_OFFS")
         ctx.offset += paren + 1 + (1 if s[0] != "-" else 0)
@@ -319,11 +320,11 @@ def _parse_expr(ctx: _Ctx, arg: str) -> tuple:
             return ("data", text[:-1])
         s = arg[1:]
         if s[:1].isdigit():
-            v = kstrtoul(s, 0, 64)
+            v = kstrtoul(s, 0, ctx.bits)
         elif s[:1] == "-":
-            v = kstrtoul(s, 0, 64, signed=True)
+            v = kstrtoul(s, 0, ctx.bits, signed=True)
         elif s[:1] == "+":
-            v = kstrtoul(s[1:], 0, 64, signed=True)
+            v = kstrtoul(s[1:], 0, ctx.bits, signed=True)
         else:
             v = None
         if v is None:

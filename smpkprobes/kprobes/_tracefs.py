@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .._errors import KprobeError
+from ..machine._memory import STACK_SIZE
 from ._core import KPROBE_FLAG_DISABLED, Kprobe, Kretprobe
 from ._tp_errors import ERRORS, ErrorLog, TraceProbeError
 from ._tp_fetch import Fetcher
@@ -152,7 +153,6 @@ class Tracefs:
         b = machine.backend
         self._regs = set(b.registers)
         self._aliases = dict(machine.cpus[0].reg_aliases)
-        from ..machine._memory import STACK_SIZE
         self._max_stack = STACK_SIZE // b.word_bytes     # PARAM_MAX_STACK
         hooks = getattr(machine, "module_coming_hooks", None)
         if hooks is not None:
