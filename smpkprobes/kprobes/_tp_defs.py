@@ -23,8 +23,7 @@ def kstrtoul(s: str, base: int = 0, bits: int = 64, signed: bool = False) -> int
     s = s[:-1] if s.endswith("\n") else s
     if base == 0:
         if s[:1] == "0":
-            base = 16 if s[1:2] in ("x", "X") and s[2:3].isalnum() and \
-                _is_digits(s[2:3], 16) else 8
+            base = 16 if s[1:2] in ("x", "X") and s[2:3] and _is_digits(s[2:3], 16) else 8
         else:
             base = 10
         if base == 16:
@@ -53,9 +52,7 @@ def simple_strtoul(s: str) -> tuple[int, str]:
     j = i
     while j < len(s) and _is_digits(s[j], base):
         j += 1
-    if j == i:
-        return 0, s if i == 0 else s[1:]      # "0x" with no digits reads the 0
-    return int(s[i:j], base), s[j:]
+    return (int(s[i:j], base), s[j:]) if j > i else (0, s)
 
 
 def is_good_name(name: str) -> bool:
