@@ -404,6 +404,8 @@ BAD = [
     ("p:x do_fork a=$comm:string[2]", "NEED_STRING_TYPE", 21),
     ("p:x do_fork a=%zz", "BAD_REG_NAME", 15),
     ("p:x do_fork $retval", "RETVAL_ON_PROBE", 13),
+    ("r:x 0x100000 $retval", "RETVAL_ON_PROBE", 14),     # no TPARG_FL_RETURN for an address
+    ("r:x 0x100000 $arg1", "NOFENTRY_ARGS", 14),
     ("p:x do_fork $arg0", "BAD_ARG_NUM", 13),
     ("p:x do_fork $arg10000", "BAD_ARG_NUM", 13),
     ("p:x do_fork $argx", "BAD_VAR", 13),

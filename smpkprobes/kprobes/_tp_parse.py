@@ -152,7 +152,10 @@ def parse_create(words: list[str], m, register_name, max_stack: int) -> Definiti
         event = re.sub(r"[:.*]", "_", f"{'r' if is_return else 'p'}_{where}")   # sanitize
         event = event[:MAX_EVENT_NAME_LEN - 1]
 
-    ctx = _Ctx(cmd, is_return, fentry, max_stack, register_name, f"x{m.backend.bits}")
+    # TPARG_FL_RETURN is set only for a symbol: an address return probe has neither it nor
+    # FENTRY, so the kernel refuses $retval (RETVAL_ON_PROBE) and $argN there.
+    ctx = _Ctx(cmd, is_return and symbol is not None, fentry, max_stack, register_name,
+               f"x{m.backend.bits}")
     _check_meta_args(ctx, argv[2:])
     if len(argv) - 2 > MAX_TRACE_ARGS:
         cmd.fail("TOO_MANY_ARGS", 2)
