@@ -20,6 +20,9 @@ and is logged in error_log exactly as the kernel logs it; a command the kernel r
 without a log entry (not a p/r/- command, a delete of nothing, a busy event) raises a plain
 `KprobeError` with the kernel's errno.
 
+Removing an event that was ever enabled resets the trace buffer, as the kernel's
+dyn_event_release does.
+
 Files: kprobe_events, dynamic_events, trace, trace_pipe, error_log, kprobe_profile,
 set_event, tracing_on, events/enable, events/GRP/enable, events/GRP/EVENT/enable.  `read`
 returns str; `write` is async (registering and enabling probes patch text) and truncates like
