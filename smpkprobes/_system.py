@@ -61,6 +61,7 @@ class Machine:
     trace = _forward("trace")
     schedule = _forward("schedule")
     events = _forward("events")
+    module_coming_hooks = _forward("module_coming_hooks")
     # ... options that may be changed while it runs ...
     trap_delay = _forward("trap_delay", settable=True)
     text_sync = _forward("text_sync", settable=True)

@@ -152,6 +152,8 @@ class SMPMachine(Scheduler, TextPoke, GracePeriods, Modules, Traps, Hypercalls, 
         self.register_trap_handler(_no_handler)
         # Task exits, oopses, modules going, quanta: see _events.
         self.events = EventBus()
+        # Awaited when a module's text is in place, before its init runs (MODULE_STATE_COMING).
+        self.module_coming_hooks: list = []
 
     # == lifecycle ======================================================================
     async def __aenter__(self):
@@ -261,3 +263,5 @@ class SMPMachine(Scheduler, TextPoke, GracePeriods, Modules, Traps, Hypercalls, 
     async def sleep_ns(self, ns: int) -> None:
         """Let the machine run for `ns` of virtual time (a host-side delay that replays)."""
         await self.call("msleep", max(0, ns) // NS_PER_MS or 0)
+        # Awaited when a module's text is in place, before its init runs (MODULE_STATE_COMING).
+        self.module_coming_hooks: list = []

@@ -45,6 +45,10 @@ class Modules:
         self.kallsyms.add(image.symbols)
         self.modules[name] = module
         await self.text_poke_batch([(text[0], self.memory.peek(text[0], text[1]))])
+        # MODULE_STATE_COMING: its text is in place, its init has not run (async: tracefs
+        # re-registers its MOD:SYM probes here).
+        for hook in list(self.module_coming_hooks):
+            await hook(module)
         init_fn = next((s for s in image.symbols if s.is_func and module.in_init(s.addr)
                         and s.name.endswith("_init")), None)
         if init_fn is not None:

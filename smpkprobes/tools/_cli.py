@@ -118,8 +118,8 @@ def _main(argv: list[str] | None = None) -> int:
                                    "'p:myfork do_fork flags=$arg1:x64' 'r:openret do_sys_open "
                                    "ret=$retval:s32' --workload fork_loop,open_loop --cpus 4")
     t.add_argument("definitions", nargs="+", metavar="DEFINITION",
-                   help="p[:[GRP/]EVENT] SYMBOL[+offs]|ADDR [FETCHARGS] or "
-                        "r[MAXACTIVE][:[GRP/]EVENT] SYMBOL[+0] [FETCHARGS]")
+                   help="p[:[GRP/]EVENT] [MOD:]SYM[+offs][%%return]|ADDR [FETCHARGS] or "
+                        "r[MAXACTIVE][:[GRP/]EVENT] [MOD:]SYM[+0] [FETCHARGS]")
     t.add_argument("--workload", default="fork_loop", metavar="F[:ARG...],...",
                    help="guest functions to run on every CPU (default fork_loop)")
     t.add_argument("--loops", type=int, default=5, help="iterations of the loop workloads")
