@@ -756,12 +756,8 @@ async def trace_session(definitions: list[str], workloads: list[tuple[str, tuple
         if missing:
             err(f"no such guest function: {', '.join(missing)}")
             return 2
-        try:
-            for d in definitions:
-                await fs.write("kprobe_events", d, append=True)
-        except KprobeError as e:
-            err(str(e))
-            return 1
+        for d in definitions:       # a bad one raises KprobeError: the caller reports it
+            await fs.write("kprobe_events", d, append=True)
         if not fs.events():
             err("no kprobe events defined")
             return 2

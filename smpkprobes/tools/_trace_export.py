@@ -487,8 +487,42 @@ def _us(ns: int) -> float:
     return round(ns / 1000, 3)
 
 
+# Handlers run on the host between two guest instructions, and a boosted step is one jump:
+# in virtual time (one ns per instruction, a fixed cost per trap) they take no time, and a
+# zero-length slice is invisible in Perfetto.  The export draws every slice at least this
+# wide; a slice that starts at the same instant as a widened one (the step after its
+# pre_handler) starts that much later, and its parent stretches to hold it.  Traps on a CPU
+# are at least TRAP_COST_NS (50 ns) apart, so the widening never piles up across hits.
+MIN_SLICE_NS = 10
+
+
+def _widen(slices: list[Slice]) -> dict[int, tuple[int, int]]:
+    """Display (start, end) for the slices of one track, by `id()`: each at least
+    MIN_SLICE_NS wide, children inside their parent, siblings one after the other."""
+    roots: list[tuple[Slice, list]] = []
+    stack: list[tuple[Slice, list]] = []
+    for sl in sorted(slices, key=lambda x: (x.start, x.depth, x.seq)):
+        del stack[sl.depth:]
+        node = (sl, [])
+        (stack[-1][1] if stack else roots).append(node)
+        stack.append(node)
+    placed: dict[int, tuple[int, int]] = {}
+
+    def lay(nodes, cursor: int) -> int:
+        for sl, children in nodes:
+            start = max(sl.start, cursor)
+            end = max(sl.end, lay(children, start), start + MIN_SLICE_NS)
+            placed[id(sl)] = (start, end)
+            cursor = end
+        return cursor
+
+    lay(roots, 0)
+    return placed
+
+
 def perfetto_events(machine) -> list[dict]:
-    """The trace as a list of trace-event dicts (ts and dur in µs)."""
+    """The trace as a list of trace-event dicts (ts and dur in µs).  Slices are at least
+    MIN_SLICE_NS wide (see above); instants and async spans are at their virtual times."""
     tl = _Timeline(machine)
     host = machine.ncpus
     out: list[dict] = [
@@ -502,13 +536,17 @@ def perfetto_events(machine) -> list[dict]:
         out.append({"name": "thread_sort_index", "ph": "M", "pid": PID, "tid": tid,
                     "args": {"sort_index": tid}})
     body: list[tuple[tuple, dict]] = []
+    placed: dict[int, tuple[int, int]] = {}
+    for track in sorted({s.track for s in tl.slices}):
+        placed.update(_widen([s for s in tl.slices if s.track == track]))
     for s in tl.slices:
         tid = host if s.track < 0 else s.track
-        ev = {"name": s.name, "cat": s.cat, "ph": "X", "ts": _us(s.start),
-              "dur": _us(s.end - s.start), "pid": PID, "tid": tid}
+        start, end = placed[id(s)]
+        ev = {"name": s.name, "cat": s.cat, "ph": "X", "ts": _us(start),
+              "dur": _us(end - start), "pid": PID, "tid": tid}
         if s.args:
             ev["args"] = s.args
-        body.append(((s.start, s.depth, s.seq), ev))
+        body.append(((start, s.depth, s.seq), ev))
     for n in tl.instants:
         tid = host if n.track < 0 else n.track
         ev = {"name": n.name, "cat": n.cat, "ph": "i", "s": "t", "ts": _us(n.t), "pid": PID,
