@@ -33,6 +33,7 @@ from ._errors import OopsRecord as OopsRecord
 from ._errors import RunawayError as RunawayError
 from ._errors import SimulationError as SimulationError
 from .machine._machine import MachineStatistics as MachineStatistics
+from .machine._conductor import replay_factory as replay_factory
 from ._system import Machine as Machine
 from .kprobes._core import Kprobe as Kprobe
 from .kprobes._core import Jprobe as Jprobe

@@ -37,8 +37,8 @@ BAD_INPUT = {
                                  "--cpus: 'x' is not a whole number"),
     "stress bad policy": (["stress", "kprobe_example", "--schedule", "bogus"],
                           "unknown schedule policy 'bogus'"),
-    "stress out is a file": (["stress", "kprobe_example", "--out", "README.md"],
-                             "--out README.md: is a file"),
+    "stress out is a file": (["stress", "kprobe_example", "--out", __file__],
+                             f"--out {__file__}: is a file"),
     # recordings
     "replay missing file": (["run", "kprobe_example", "--replay", "@nonexistent.txt"],
                             "cannot read recording 'nonexistent.txt'"),
@@ -77,8 +77,8 @@ BAD_INPUT = {
                                       "directory 'nodir' does not exist"),
     "record into a missing directory": (["run", "kprobe_example", "--record", "nodir/r.txt"],
                                         "directory 'nodir' does not exist"),
-    "trace into a directory": (["run", "kprobe_example", "--trace", "tests"],
-                               "--trace tests: is a directory"),
+    "trace into a directory": (["run", "kprobe_example", "--trace", str(Path(__file__).parent)],
+                               f"--trace {Path(__file__).parent}: is a directory"),
     # demo
     "demo no CPUs": (["demo", "--cpus", "0"], "--cpus: 0 is not >= 1"),
     "demo negative CPUs": (["demo", "--cpus", "-1"], "--cpus: -1 is not >= 1"),
