@@ -158,10 +158,10 @@ RECORDING_HEADER = "# smpkprobes recording:"
 _ITEM_FORMS = "CPU:QUANTUM, STEP@CPU:QUANTUM or #STEP.K=VALUE items, comma-separated"
 
 
-def recording_text(m: Machine, args: argparse.Namespace) -> str:
-    """A run's recording as a file: the header (arch, CPUs, seed, policy), then the text."""
+def recording_file(args: argparse.Namespace, recording: str) -> str:
+    """A recording as a file: the header (arch, CPUs, seed, policy), then the text."""
     return (f"{RECORDING_HEADER} arch={args.arch} cpus={args.cpus} seed={args.seed} "
-            f"schedule={getattr(args, 'schedule', 'random')}\n{m.conductor.recording()}\n")
+            f"schedule={getattr(args, 'schedule', 'random')}\n{recording}\n")
 
 
 def load_recording(spec: str, args: argparse.Namespace) -> _conductor.Recording:
@@ -271,7 +271,7 @@ def scenario_main(scenario: Scenario, description: str | None = None,
             print(line)
     if args.record:
         with open(args.record, "w") as f:
-            f.write(recording_text(m, args))
+            f.write(recording_file(args, m.conductor.recording()))
     verdict = "PASS" if report.ok else "FAIL"
     print(f"{verdict}: {report.checks - len(report.failures)}/{report.checks} expectations held "
           f"(arch {args.arch}, {args.cpus} CPUs, seed {args.seed}"

@@ -430,10 +430,8 @@ def stress_main(name: str, seeds: range, extra: list[str], jobs: int = 1,
             if len(s) > INLINE_CHOICES:
                 path = Path(out_dir) / f"replay-{name}-seed{o.seed}.txt"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                args = parse_args(name, seed_argv(extra, o.seed))
-                path.write_text(f"{harness.RECORDING_HEADER} arch={args.arch} "
-                                f"cpus={args.cpus} seed={o.seed} schedule={policy}\n"
-                                f"{choices}\n")
+                path.write_text(harness.recording_file(parse_args(name, seed_argv(
+                    extra, o.seed)), choices))
                 out(f"  (the recording is long: written to {path})")
                 choices = f"@{path}"
             argv = [*seed_argv(extra, o.seed), "--schedule", policy, "--replay", choices]
