@@ -199,3 +199,18 @@ def test_stress_defaults_to_the_dot_smpkprobes_directory():
     assert _stress.DEFAULT_OUT == ".smpkprobes"
     ignored = (Path(__file__).parent.parent / ".gitignore").read_text().split()
     assert ".smpkprobes/" in ignored
+
+
+def test_the_demo_labels_what_it_prints_and_ends_with_a_verdict(capsys):
+    """Every block of the demo has a label line, and the last line is the verdict."""
+    assert main(["demo", "--cpus", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    lines = out.splitlines()
+    assert lines[0].startswith("smpkprobes demo: x86_64, 2 CPUs, seed 1: a kprobe on do_fork")
+    blocks = [b.splitlines()[0] for b in out.split("\n\n")]
+    assert [b.split(" (")[0].split(":")[0] for b in blocks[1:]] == [
+        "debugfs kprobes/list", "per CPU", "machine", "guest calls", "printk log",
+        "trace digest"]
+    assert lines[-1] == ("verdict: PASS: do_fork probe hit 400 times (expected 400 = 200 calls "
+                         "x 2 CPUs), nmissed 0, 0 oops(es)")
