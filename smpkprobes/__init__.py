@@ -18,12 +18,26 @@ The layout, bottom up (dependencies point one way: tools -> probe core -> machin
 The public names are re-exported here explicitly; tests/test_public_api.py pins them.
 """
 
+import importlib.util as _util
+import os as _os
+
+# Installed (a wheel, or `pip install -e .`), cpus/ and scenarios/ are the subpackages
+# smpkprobes.cpus and smpkprobes.scenarios, as pyproject.toml maps them.  Imported straight
+# from a source checkout that is not installed (`python scenarios/X.py` with only the
+# dependencies installed), they sit beside this package, not inside it: then the checkout's
+# root joins the package's search path, which is where the import system looks for them.
+if _util.find_spec(__name__ + ".cpus") is None:
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    if _os.path.isfile(_os.path.join(_root, "cpus", "__init__.py")):
+        __path__.append(_root)
+
 from ._errors import KprobeError as KprobeError
 from ._errors import Oops as Oops
 from ._errors import OopsRecord as OopsRecord
 from ._errors import RunawayError as RunawayError
 from ._errors import SimulationError as SimulationError
 from .machine._machine import MachineStatistics as MachineStatistics
+from .machine._conductor import replay_factory as replay_factory
 from ._system import Machine as Machine
 from .kprobes._core import Kprobe as Kprobe
 from .kprobes._core import Jprobe as Jprobe

@@ -20,3 +20,13 @@ def test_bench_kprobe_rows():
     for r in rows[1:6]:
         assert r["us"] > 0 and r["ratio"] > 0, r
     assert math.isnan(rows[6]["us"]) and rows[6]["ratio"] > 0
+
+
+def test_overhead_table_marks_each_target_met_or_not(capsys):
+    """Under the overhead table, every target of every arch is marked met or NOT met."""
+    rows = {"x86_64": {"k": 1.0, "k (stepped)": 2.0, "j": 3.0, "r": 4.0, "kr": 4.2, "jr": 5.0}}
+    _bench.print_overhead(rows, 0.5)
+    targets = [ln.strip() for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("target ")]
+    assert targets == ["target x86_64: j <= 1.75 x k: measured 1.50 x k: met",
+                       "target x86_64: r <= 1.75 x k: measured 2.00 x k: NOT met",
+                       "target x86_64: kr <= 1.1 x r: measured 1.05 x r: met"]

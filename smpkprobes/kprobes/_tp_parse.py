@@ -130,11 +130,13 @@ def parse_create(words: list[str], m, register_name, max_stack: int) -> Definiti
             if offset is None or offset < 0 or offset > UINT_MAX:
                 cmd.fail("BAD_PROBE_ADDR", 1)
             symbol = symbol[:split.start()]
+        # validate_probe_symbol(): -EADDRNOTAVAIL for a name several symbols share, -ENOENT
+        # for none (the error_log texts are NON_UNIQ_SYMBOL and BAD_PROBE_ADDR).
         count = count_symbols(m, symbol)
         if count > 1:
-            cmd.fail("NON_UNIQ_SYMBOL", 1, errno=E.EINVAL)
+            cmd.fail("NON_UNIQ_SYMBOL", 1, errno=E.EADDRNOTAVAIL)
         if count == 0:
-            cmd.fail("BAD_PROBE_ADDR", 1)
+            cmd.fail("BAD_PROBE_ADDR", 1, errno=E.ENOENT)
         where = resolve_symbol(m, symbol)
         # kprobe_on_func_entry(): 0 at an entry, EINVAL elsewhere, ENOENT when not loaded.
         if where is not None:

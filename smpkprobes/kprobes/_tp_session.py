@@ -45,7 +45,7 @@ def parse_workloads(spec: str, loops: int) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def _modules_named(definitions: list[str]) -> list[str]:
+def modules_named(definitions: list[str]) -> list[str]:
     """The MOD of every `MOD:SYM` probe point, in order, once each."""
     out = []
     for d in definitions:
@@ -67,7 +67,7 @@ async def trace_session(definitions: list[str], workloads: list[tuple[str, tuple
     from .._system import Machine        # _system builds us: import it only when run
     async with Machine(arch=arch, cpus=cpus, seed=seed, preempt=preempt) as m:
         fs = m.tracefs
-        for mod in _modules_named(definitions):
+        for mod in modules_named(definitions):
             try:
                 await m.load_module(mod)
             except (OSError, ValueError):
@@ -77,12 +77,8 @@ async def trace_session(definitions: list[str], workloads: list[tuple[str, tuple
         if missing:
             err(f"no such guest function: {', '.join(missing)}")
             return 2
-        try:
-            for d in definitions:
-                await fs.write("kprobe_events", d, append=True)
-        except KprobeError as e:
-            err(str(e))
-            return 1
+        for d in definitions:       # a bad one raises KprobeError: the caller reports it
+            await fs.write("kprobe_events", d, append=True)
         if not fs.events():
             err("no kprobe events defined")
             return 2

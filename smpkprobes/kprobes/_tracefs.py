@@ -48,10 +48,11 @@ from ._tp_errors import ERRORS, ErrorLog, TraceProbeError
 from ._tp_fetch import Fetcher
 from ._tp_defs import Definition, kstrtoul, resolve_symbol
 from ._tp_parse import Canceled, Command, parse_create
-from ._tp_session import parse_workloads, trace_session
+from ._tp_session import modules_named, parse_workloads, trace_session
 from ..tools._trace_export import ftrace_header, ftrace_line
 
-__all__ = ["ERRORS", "TraceProbeError", "Tracefs", "parse_workloads", "trace_session"]
+__all__ = ["ERRORS", "TraceProbeError", "Tracefs", "modules_named", "parse_workloads",
+           "trace_session"]
 
 
 @dataclass(frozen=True)

@@ -258,6 +258,8 @@ class ReplayConductor(Conductor):
 def as_recording(schedule) -> Recording:
     if isinstance(schedule, Recording):
         return schedule
+    if isinstance(schedule, str):           # the text of `m.conductor.recording()`
+        return parse_recording(schedule)
     if isinstance(schedule, Mapping):
         return Recording({int(i): (int(c), int(q)) for i, (c, q) in schedule.items()})
     return Recording({i: (int(c), int(q)) for i, (c, q) in enumerate(schedule)})
@@ -282,8 +284,9 @@ def policy_factory(name: str) -> Callable[[random.Random, int, int], Conductor]:
 def replay_factory(schedule, policy: str = "random", tail_quantum: int = 1024,
                    coins: Mapping[tuple[int, int], int] | None = None
                    ) -> Callable[[random.Random, int, int], Conductor]:
-    """A factory for `Machine(conductor=...)` that replays `schedule` (a `Recording`, a
-    list of choices or {step: choice}; plus `coins`) recorded under `policy`."""
+    """A factory for `Machine(conductor=...)` that replays `schedule` (a `Recording`, its
+    text as `m.conductor.recording()` gives it, a list of choices or {step: choice}; plus
+    `coins`) recorded under `policy`."""
     make = policy_factory(policy)
     return lambda rng, qmin, qmax: ReplayConductor(schedule, make(rng, qmin, qmax),
                                                    tail_quantum, coins)

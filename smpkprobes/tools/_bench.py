@@ -1,5 +1,6 @@
-"""Benchmarks (`smpkprobes bench`).  Figures, not pass/fail tests: targets are printed beside
-the measurements.  Wall-clock time is used here, and only here, to measure the host."""
+"""Benchmarks (`smpkprobes bench`).  Figures, not pass/fail tests: each target is printed
+under its measurements, marked met or NOT met (the exit status stays 0: a busy host is not a
+bug).  Wall-clock time is used here, and only here, to measure the host."""
 
 from __future__ import annotations
 
@@ -260,7 +261,18 @@ def print_overhead(rows: dict[str, dict[str, float]], hook_us: float) -> None:
               f"{r['j'] / k:>7.2f}{r['r'] / k:>7.2f}{r['kr'] / r['r']:>7.2f}"
               f"{r['r'] / r['k']:>7.2f}")
     print(f"  baseline: a bare Unicorn UC_HOOK_CODE Python callback costs {hook_us:.2f} us")
-    print("  targets (the document's rules): j and r <= 1.75 x k; kr <= 1.1 x r")
+    for arch, r in rows.items():
+        k = r["k (stepped)"]
+        target(f"{arch}: j <= 1.75 x k", r["j"] / k, r["j"] / k <= 1.75, "x k")
+        target(f"{arch}: r <= 1.75 x k", r["r"] / k, r["r"] / k <= 1.75, "x k")
+        target(f"{arch}: kr <= 1.1 x r", r["kr"] / r["r"], r["kr"] / r["r"] <= 1.1, "x r")
+
+
+def target(what: str, value: float, met: bool, unit: str = "") -> bool:
+    """One target line: what is asked, what was measured, and whether it was met."""
+    print(f"  target {what}: measured {value:.2f}{' ' + unit if unit else ''}: "
+          f"{'met' if met else 'NOT met'}")
+    return met
 
 
 def main(what: str = "all", quick: bool = False, arches=None) -> int:
@@ -270,7 +282,9 @@ def main(what: str = "all", quick: bool = False, arches=None) -> int:
         print(f"  {'configuration':<32} {'Minsn/s':>9} {'vs bare':>8}")
         for r in rows:
             print(f"  {r['config']:<32} {r['ips'] / 1e6:>9.1f} {r['ratio']:>7.1%}")
-        print("  target: 8 CPUs keep >= 50% of the bare instance")
+        last = rows[-1]
+        target(f"{last['config'].removeprefix('machine, ')} keep >= 50% of the bare instance",
+               last["ratio"] * 100, last["ratio"] >= 0.5, "%")
     if what in ("all", "overhead"):
         from smpkprobes.cpus import available
         rows = {arch: bench_overhead(arch, n=3_000 if quick else 10_000)
@@ -283,6 +297,9 @@ def main(what: str = "all", quick: bool = False, arches=None) -> int:
         for r in rows:
             us = "" if r["us"] != r["us"] else f"{r['us']:.2f}"
             print(f"  {r['what']:<62} {us:>8} {r['ratio']:>7.2f}")
-        print("  targets: hit <= 8x the bare hook; <= 1.1x with 10,000 other probes; "
-              "probe-free code at full speed (ratio ~1.0)")
+        boosted, crowded, free = rows[2]["ratio"], rows[4]["ratio"], rows[5]["ratio"]
+        target("boosted hit <= 8 x the bare hook", boosted, boosted <= 8, "x")
+        target("boosted hit with other probes <= 1.1 x alone", crowded, crowded <= 1.1, "x")
+        target("probe-free loop with probes elsewhere at full speed (0.9..1.1)", free,
+               0.9 <= free <= 1.1, "x")
     return 0

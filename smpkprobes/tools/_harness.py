@@ -26,6 +26,8 @@ from ..machine import _conductor
 from . import _mutants
 from . import _trace_export
 from ._bounds import Bounds
+from ._usage import (ArgumentParser, UsageError, arch_error, check_output, positive_int,
+                     read_input, report as report_error)
 from .._system import Machine
 
 
@@ -99,11 +101,13 @@ async def on_every_cpu(m: Machine, func: str, *args: int) -> dict[int, int]:
     return results
 
 
-def parser(description: str | None = None) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=description,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(description: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
+    """The common scenario flags.  A bad flag raises `UsageError` (one line), not argparse's
+    usage block."""
+    ap = ArgumentParser(prog=prog, description=description,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="x86_64")
-    ap.add_argument("--cpus", type=int, default=4)
+    ap.add_argument("--cpus", type=positive_int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preempt", action=argparse.BooleanOptionalAction, default=False,
                     help="preemptible guest tasks (stress draws it per seed unless given)")
@@ -144,15 +148,97 @@ CALL_BUDGET = 2_000_000
 
 
 def machine_options(args: argparse.Namespace) -> dict:
-    """The Machine options the schedule flags ask for."""
+    """The Machine options the schedule flags ask for (`UsageError` for a bad policy or
+    recording)."""
     replay = getattr(args, "replay", None)
     policy = getattr(args, "schedule", "random")
+    try:
+        _conductor.policy_factory(policy)
+    except ValueError:
+        raise UsageError(f"unknown schedule policy {policy!r}",
+                         "use --schedule random, pct, pct:D or pct:D:STEPS") from None
     conductor = policy
     if replay is not None:          # "" is the empty recording: round-robin, coins 0
-        text = open(replay[1:]).read() if replay.startswith("@") else replay
-        conductor = _conductor.replay_factory(_conductor.parse_recording(text), policy)
+        conductor = _conductor.replay_factory(load_recording(replay, args), policy)
     return {"conductor": conductor, "call_budget": CALL_BUDGET,
             "quantum": QUANTA[getattr(args, "quanta", "mixed")]}
+
+
+# == recordings ============================================================================
+# A recording file (--record, and the reproducers stress writes) starts with this line, so
+# that replaying it on another machine shape is refused instead of silently diverging.
+RECORDING_HEADER = "# smpkprobes recording:"
+_ITEM_FORMS = "CPU:QUANTUM, STEP@CPU:QUANTUM or #STEP.K=VALUE items, comma-separated"
+
+
+def recording_file(args: argparse.Namespace, recording: str) -> str:
+    """A recording as a file: the header (arch, CPUs, seed, policy), then the text."""
+    return (f"{RECORDING_HEADER} arch={args.arch} cpus={args.cpus} seed={args.seed} "
+            f"schedule={getattr(args, 'schedule', 'random')}\n{recording}\n")
+
+
+def load_recording(spec: str, args: argparse.Namespace) -> _conductor.Recording:
+    """`--replay TEXT` or `--replay @FILE`, parsed and checked against the machine `args`
+    asks for: CPU ids below --cpus, quanta >= 1, steps and coins >= 0, and for a file with a
+    header, the same --arch and --cpus."""
+    source = f"--replay {spec!r}"
+    text = spec
+    if spec.startswith("@"):
+        source = f"recording {spec[1:]!r}"
+        text = read_input(spec[1:], "recording")
+    meta: dict[str, str] = {}
+    items: list[str] = []
+    for line in text.splitlines():
+        if line.startswith(RECORDING_HEADER):
+            meta = dict(tok.split("=", 1) for tok in line[len(RECORDING_HEADER):].split()
+                        if "=" in tok)
+        elif not line.startswith("# "):
+            items += [it for it in line.replace(" ", "").split(",") if it]
+    for item in items:
+        try:
+            _conductor.parse_recording(item)
+        except ValueError:
+            raise UsageError(f"{source}: {item!r} is not a recording item",
+                             f"write {_ITEM_FORMS}") from None
+    try:
+        rec = _conductor.parse_recording(",".join(items))
+    except ValueError as err:
+        raise UsageError(f"{source}: {err}", f"write {_ITEM_FORMS}") from None
+    for key, flag in (("arch", "arch"), ("cpus", "cpus")):
+        if key in meta and meta[key] != str(getattr(args, flag)):
+            raise UsageError(
+                f"{source} was recorded with --arch {meta.get('arch')} --cpus "
+                f"{meta.get('cpus')}, not --arch {args.arch} --cpus {args.cpus}",
+                f"replay it with --arch {meta.get('arch')} --cpus {meta.get('cpus')}")
+    for step, (cpu, quantum) in sorted(rec.choices.items()):
+        where = f"{source}: choice {step}@{cpu}:{quantum}"
+        if step < 0:
+            raise UsageError(f"{where} has a negative step", "steps count from 0")
+        if not 0 <= cpu < args.cpus:
+            raise UsageError(f"{where} names CPU {cpu} of a {args.cpus}-CPU machine",
+                             f"use CPU ids 0..{args.cpus - 1}, or the --cpus it was "
+                             f"recorded with")
+        if quantum < 1:
+            raise UsageError(f"{where} has a quantum of {quantum}",
+                             "a quantum is at least 1 instruction")
+    for (step, k), value in sorted(rec.coins.items()):
+        if step < 0 or k < 0 or value < 0:
+            raise UsageError(f"{source}: coin #{step}.{k}={value} is negative",
+                             "coins are #STEP.K=VALUE with all three >= 0")
+    return rec
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Everything about `args` that can be checked before the run: the schedule policy, the
+    recording to replay, and that every output file can be written.  Raises `UsageError`."""
+    machine_options(args)
+    for flag in ("trace", "perfetto", "plot", "record"):
+        check_output(getattr(args, flag, None), f"--{flag}")
+    if getattr(args, "plot", None):
+        try:
+            _trace_export.require_matplotlib()
+        except _trace_export.PlotUnavailable as err:
+            raise UsageError(str(err)) from None
 
 
 async def run(scenario: Scenario, args: argparse.Namespace,
@@ -185,29 +271,26 @@ async def run(scenario: Scenario, args: argparse.Namespace,
 
 
 def scenario_main(scenario: Scenario, description: str | None = None,
-                  argv: list[str] | None = None, configure=None) -> int:
-    """Parse the command line, run, print, and exit with 0 (all expectations held) or 1."""
-    ap = parser(description)
+                  argv: list[str] | None = None, configure=None, prog: str | None = None) -> int:
+    """Parse the command line, run, print, and exit with 0 (all expectations held) or 1; a
+    bad argument, file or recording is one line on stderr and exit status 2."""
+    ap = parser(description, prog)
     if configure is not None:
         configure(ap)
-    args = ap.parse_args(argv)
-    if getattr(args, "plot", None):
-        try:
-            _trace_export.require_matplotlib()
-        except _trace_export.PlotUnavailable as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
     try:
+        args = ap.parse_args(argv)
+        check_args(args)
         report, m = trio.run(functools.partial(run, scenario, args))
+    except UsageError as err:
+        return report_error(err)
     except UnsupportedArchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report_error(arch_error(err))
     if not args.quiet:
         for line in report.lines:
             print(line)
     if args.record:
         with open(args.record, "w") as f:
-            f.write(m.conductor.recording() + "\n")
+            f.write(recording_file(args, m.conductor.recording()))
     verdict = "PASS" if report.ok else "FAIL"
     print(f"{verdict}: {report.checks - len(report.failures)}/{report.checks} expectations held "
           f"(arch {args.arch}, {args.cpus} CPUs, seed {args.seed}"
@@ -218,7 +301,7 @@ def scenario_main(scenario: Scenario, description: str | None = None,
     _trace_export.export_all(m, trace=getattr(args, "trace", None),
                              perfetto=getattr(args, "perfetto", None),
                              plot=getattr(args, "plot", None), curves=report.plot,
-                             title=sys.argv[0].rsplit("/", 1)[-1].removesuffix(".py"),
+                             title=ap.prog.rsplit(" ", 1)[-1].removesuffix(".py"),
                              log=functools.partial(print, file=sys.stderr))
     return 0 if report.ok else 1
 

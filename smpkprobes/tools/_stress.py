@@ -44,11 +44,13 @@ from ..machine import _conductor
 from . import _mutants
 from . import _harness as harness
 from ._harness import scenarios_dir
+from ._usage import UsageError, check_output_dir
 
 SCENARIOS = scenarios_dir()
 DEFAULT_TIMEOUT = 120.0
-MEMORY_BOUND_MB = 3072
-LIVELOCK_BOUND = 8.0      # the wall bound a livelocking mutant is caught by    # growth of one run's memory that counts as a livelock
+MEMORY_BOUND_MB = 3072    # growth of one run's memory that counts as a livelock
+LIVELOCK_BOUND = 8.0      # the wall bound a livelocking mutant is caught by
+DEFAULT_OUT = ".smpkprobes"   # where stress writes reproducer files (`--out DIR`)
 SHRINK_KINDS = 3          # kinds of failure shrunk per stress run (each costs many replays)
 INLINE_CHOICES = 40       # longer recordings go to a file, replayed with --replay @FILE
 
@@ -88,7 +90,7 @@ def load(name: str) -> Loaded:
         return _loaded[name]
     path = SCENARIOS / f"{name}.py"
     if not path.exists():
-        raise LookupError(f"no scenario {name!r}; see `smpkprobes list`")
+        raise UsageError(f"no scenario {name!r}", "see `smpkprobes list`")
     spec = importlib.util.spec_from_file_location(f"smpkprobes_scenario_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -99,13 +101,16 @@ def load(name: str) -> Loaded:
 
 
 def parse_args(name: str, argv: list[str]) -> argparse.Namespace:
+    """The scenario's flags, checked as far as they can be before a run (`UsageError`)."""
     sc = load(name)
     if sc.scenario is None:
         raise LookupError(f"scenario {name!r} is a standalone script, not built on the harness")
-    ap = harness.parser(sc.doc)
+    ap = harness.parser(sc.doc, prog=f"smpkprobes stress {name}")
     if sc.configure is not None:
         sc.configure(ap)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    harness.check_args(args)
+    return args
 
 
 # == one run =============================================================================
@@ -319,10 +324,17 @@ def shrink(name: str, extra: list[str], seed: int, schedule: list[tuple[int, int
 
 # == many seeds ==========================================================================
 def parse_seeds(text: str) -> range:
+    """"A:B" (seeds A..B-1) or one seed "A"; `UsageError` for anything else."""
     a, sep, b = text.partition(":")
-    if not sep:
-        return range(int(a), int(a) + 1)
-    return range(int(a), int(b))
+    try:
+        seeds = range(int(a), int(b) if sep else int(a) + 1)
+    except ValueError:
+        raise UsageError(f"--seeds {text!r} is not A:B or A",
+                         "give whole numbers, e.g. --seeds 0:100") from None
+    if not seeds:
+        raise UsageError(f"--seeds {text!r} is empty (seeds run from A up to B-1)",
+                         "give A:B with A < B, e.g. --seeds 0:100")
+    return seeds
 
 
 def run_seeds(name: str, extra: list[str], seeds, jobs: int = 1,
@@ -391,13 +403,16 @@ class _Progress:
 
 def stress_main(name: str, seeds: range, extra: list[str], jobs: int = 1,
                 timeout: float = DEFAULT_TIMEOUT, do_shrink: bool = True,
-                shrink_runs: int = 120, progress: bool = True, out=print) -> int:
-    """The `smpkprobes stress` command.  Returns the exit status."""
+                shrink_runs: int = 120, progress: bool = True, out=print,
+                out_dir: str = DEFAULT_OUT) -> int:
+    """The `smpkprobes stress` command.  Returns the exit status.  Reproducer recordings too
+    long for the command line are written under `out_dir` (created when needed)."""
     from rich.console import Console
     from rich.table import Table
     harnessed = load(name).scenario is not None      # fails early for a bad name
     if harnessed:
         parse_args(name, seed_argv(extra, seeds.start))  # and for bad scenario flags
+    check_output_dir(out_dir, "--out")
     t0 = time.perf_counter()
     outcomes = run_seeds(name, extra, seeds, jobs, timeout, progress)
     wall = time.perf_counter() - t0
@@ -445,8 +460,11 @@ def stress_main(name: str, seeds: range, extra: list[str], jobs: int = 1,
             policy = parse_args(name, seed_argv(extra, o.seed)).schedule
             choices = _conductor.format_recording(s.recording)
             if len(s) > INLINE_CHOICES:
-                path = Path(f"smpkprobes-replay-{name}-seed{o.seed}.txt")
-                path.write_text(choices + "\n")
+                path = Path(out_dir) / f"replay-{name}-seed{o.seed}.txt"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(harness.recording_file(parse_args(name, seed_argv(
+                    extra, o.seed)), choices))
+                out(f"  (the recording is long: written to {path})")
                 choices = f"@{path}"
             argv = [*seed_argv(extra, o.seed), "--schedule", policy, "--replay", choices]
             out(f"  minimal reproducer ({len(s.recording.choices)} choices and "
