@@ -9,7 +9,7 @@ JOBS   ?= 2
 
 .PHONY: demo test bench kernels clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py smpkprobes/machine/_blockbudget_native.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
