@@ -23,7 +23,7 @@ counts its quantum at block starts instead:
     much slower.  `SMPKPROBES_BLOCK_HOOK=python` forces the twin; tests/test_blockbudget.py
     runs both on probed preemptive runs (x86_64, arm64, ppc) and compares them.
 
-Why C (decided 2026-12-07; figures from a shared, noisy 2-core host, load average ~15):
+Why C (decided 2026-12-07; figures from a shared, noisy 2-core host, load average 9-20):
 until then the callback was 111 bytes of hand-assembled x86-64 code in a page mapped
 writable and executable, kept in lockstep with a listing and a ctypes struct, and every
 other host ran the twin.  Three routes were measured against it.
@@ -31,44 +31,47 @@ other host ran the twin.  Three routes were measured against it.
   `python -m smpkprobes.tools._blockbudget_bench x86_64 arm64` (one bare Unicorn instance
   per route, bench_loop(200000), rounds interleaved, best of 7; time relative to no hook;
   every route charged exactly the instructions a code hook counts; the stub's column from
-  the same script with commit 60e0d37's stub, mapped read+execute, added as a route):
+  the same script with commit 60e0d37's stub, mapped read+execute, added as a route).
+  Range over separate runs (x86_64: 5, arm64: 2), the first run's figure in brackets:
 
-      guest     stub (asm)   C callback   request_cache   Python twin
-      x86_64    1.38x        1.17x        22.45x          40.18x
-      arm64     1.14x        1.16x        22.00x          32.29x
+      guest     stub (asm)          C callback          request_cache   Python twin
+      x86_64    0.82-1.38x (1.38)   0.85-1.17x (1.17)   20.3-23.2x      28.5-40.2x
+      arm64     0.81-1.14x (1.14)   1.02-1.16x (1.16)   18.7-22.0x      30.8-32.3x
 
   `smpkprobes bench machine --quick` (probe-free bench_loop on every CPU, x86_64 guest),
-  the machine's speed as a share of the bare instance's, measured in the same run; the
-  three runs back to back (the stub from commit 60e0d37, the twin forced with
+  the machine's speed as a share of the bare instance's, measured in the same run; two
+  rounds of three runs back to back (the stub from commit 60e0d37, the twin forced with
   SMPKPROBES_BLOCK_HOOK=python):
 
       callback       1 CPU   2 CPUs   4 CPUs   8 CPUs
-      stub (asm)     47.4%   41.1%    33.4%    29.4%
+      stub (asm)     47.4%   41.1%    33.4%    29.4%     round 1
       C callback     48.1%   37.0%    54.0%    57.6%
-      Python twin     5.2%     5.2%     4.8%     4.0%
+      Python twin     5.2%    5.2%     4.8%     4.0%
+      stub (asm)     53.4%   45.0%    55.5%    57.7%     round 2
+      C callback     69.0%   49.6%    48.6%    44.2%
+      Python twin     4.3%    4.0%     4.2%     3.6%
 
-  A second stub run read 79-144%: its bare figure fell in a busy moment.  On this host the
-  stub and the C callback cannot be told apart; the twin's tenfold loss can.
+  On this host the stub and the C callback cannot be told apart (gcc -O3 compiles the same
+  dozen-instruction fast path); the twin's tenfold loss can.
 
-  * (a) the C callback costs what the stub costs, within this host's noise: gcc compiles
-    the same dozen-instruction fast path.  It is plain C that any compiler checks, runs on
-    every host the extension builds on (arm64 hosts had only the twin), and the dynamic
-    loader maps it read+execute: no writable code page, no listing to keep in step, no
-    calling convention written out by hand.  The price: a host with no C compiler or no
-    Python headers at install time gets the twin.  `hook_route()` says which one runs;
+  * (a) the C callback costs what the stub costs, within this host's noise.  It is plain
+    C that any compiler checks, runs on every host the extension builds on (arm64 hosts
+    had only the twin), and the dynamic loader maps it read+execute: no writable code
+    page, no listing to keep in step, no calling convention written out by hand.  The
+    price: a host with no C compiler or no Python headers at install time gets the twin.
+    `hook_route()` says which one a CPU gets;
   * (b) Unicorn's own facilities do not remove the per-block callback, only the count's
-    source.  `ctl_request_cache(addr)` gives a block's instruction count (it equals the
-    InsnStarts count on every block of this loop), but asking it once per block from
-    Python, cached, still costs a Python callback per block (22x).  Called from the C
-    callback on a cache miss it would replace only InsnStarts, at the price of asking
-    QEMU's translator for a block from inside a block hook (uc_ctl is variadic and
-    documents no such use) instead of a table tests compare with the decoder; not taken.
+    source.  `ctl_request_cache(addr)` gives a block's instruction count (charged, it
+    gives the same totals as InsnStarts above), but asking it once per block from Python,
+    cached, still costs a Python callback per block (19-23x).  Called from the C callback
+    on a cache miss it would replace only InsnStarts, at the price of asking QEMU's
+    translator for a block from inside a block hook (uc_ctl is variadic and documents no
+    such use) instead of reading a table the tests compare with the decoder: not taken.
     The block hook that carries the count (UC_HOOK_BLOCK_ICOUNT, unicorn-engine/unicorn
-    pull request 2378, merged
-    2026-08) is in no Unicorn release this project allows (2.1.x); with it, the count
-    could come from Unicorn and only the callback would remain;
+    pull request 2378, merged 2026-08) is in no Unicorn release this project allows
+    (2.1.x); with it, the count could come from Unicorn and only the callback remain;
   * (c) the Python twin is the reference semantics and the fallback: identical runs,
-    30-40x the bare time on this loop (about 4 instructions per block).
+    28-40x the bare time on this loop (about 4 instructions per block).
 """
 
 from __future__ import annotations
