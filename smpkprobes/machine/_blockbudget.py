@@ -16,14 +16,62 @@ counts its quantum at block starts instead:
     variable-length ones (x86) mark what a linear decode of each piece of code written to
     executable memory finds (kernel image, modules, instruction slots).  A block the map
     knows nothing of still counts as one instruction, so a budget always runs out;
-  * the callback itself is 111 bytes (35 instructions) of x86-64 machine code (`_STUB`,
-    listed below) in an executable page, so a block costs no trip through Python.  On a host where that
-    cannot work (not x86-64 System V, or no executable mapping allowed) the same
-    semantics run as a Python callback - slower, identical runs.  `SMPKPROBES_BLOCK_HOOK=
-    python` forces that.
+  * the callback is `block_budget()` in _blockbudget_native.c, a small C extension that
+    setup.py builds where it can (`optional=True`: no C compiler or no Python headers is a
+    warning, never a failed install), so a block costs no trip through Python.  Where it
+    was not built, the same semantics run as a Python callback, the twin: identical runs,
+    much slower.  `SMPKPROBES_BLOCK_HOOK=python` forces the twin; tests/test_blockbudget.py
+    runs both on probed preemptive runs (x86_64, arm64, ppc) and compares them.
 
-Measured on the probe-free bench_loop (one CPU, one emu_start): bare Unicorn 216 Minsn/s,
-with the native block budget 201 Minsn/s; with `count`, about 65 Minsn/s.
+Why C (decided 2026-12-07; figures from a shared, noisy 2-core host, load average 9-20):
+until then the callback was 111 bytes of hand-assembled x86-64 code in a page mapped
+writable and executable, kept in lockstep with a listing and a ctypes struct, and every
+other host ran the twin.  Three routes were measured against it.
+
+  `python -m smpkprobes.tools._blockbudget_bench x86_64 arm64` (one bare Unicorn instance
+  per route, bench_loop(200000), rounds interleaved, best of 7; time relative to no hook;
+  every route charged exactly the instructions a code hook counts; the stub's column from
+  the same script with commit 60e0d37's stub, mapped read+execute, added as a route).
+  Range over separate runs (x86_64: 5, arm64: 2), the first run's figure in brackets:
+
+      guest     stub (asm)          C callback          request_cache   Python twin
+      x86_64    0.82-1.38x (1.38)   0.85-1.17x (1.17)   20.3-23.2x      28.5-40.2x
+      arm64     0.81-1.14x (1.14)   1.02-1.16x (1.16)   18.7-22.0x      30.8-32.3x
+
+  `smpkprobes bench machine --quick` (probe-free bench_loop on every CPU, x86_64 guest),
+  the machine's speed as a share of the bare instance's, measured in the same run; two
+  rounds of three runs back to back (the stub from commit 60e0d37, the twin forced with
+  SMPKPROBES_BLOCK_HOOK=python):
+
+      callback       1 CPU   2 CPUs   4 CPUs   8 CPUs
+      stub (asm)     47.4%   41.1%    33.4%    29.4%     round 1
+      C callback     48.1%   37.0%    54.0%    57.6%
+      Python twin     5.2%    5.2%     4.8%     4.0%
+      stub (asm)     53.4%   45.0%    55.5%    57.7%     round 2
+      C callback     69.0%   49.6%    48.6%    44.2%
+      Python twin     4.3%    4.0%     4.2%     3.6%
+
+  On this host the stub and the C callback cannot be told apart (gcc -O3 compiles the same
+  dozen-instruction fast path); the twin's tenfold loss can.
+
+  * (a) the C callback costs what the stub costs, within this host's noise.  It is plain
+    C that any compiler checks, runs on every host the extension builds on (arm64 hosts
+    had only the twin), and the dynamic loader maps it read+execute: no writable code
+    page, no listing to keep in step, no calling convention written out by hand.  The
+    price: a host with no C compiler or no Python headers at install time gets the twin.
+    `hook_route()` says which one a CPU gets;
+  * (b) Unicorn's own facilities do not remove the per-block callback, only the count's
+    source.  `ctl_request_cache(addr)` gives a block's instruction count (charged, it
+    gives the same totals as InsnStarts above), but asking it once per block from Python,
+    cached, still costs a Python callback per block (19-23x).  Called from the C callback
+    on a cache miss it would replace only InsnStarts, at the price of asking QEMU's
+    translator for a block from inside a block hook (uc_ctl is variadic and documents no
+    such use) instead of reading a table the tests compare with the decoder: not taken.
+    The block hook that carries the count (UC_HOOK_BLOCK_ICOUNT, unicorn-engine/unicorn
+    pull request 2378, merged 2026-08) is in no Unicorn release this project allows
+    (2.1.x); with it, the count could come from Unicorn and only the callback remain;
+  * (c) the Python twin is the reference semantics and the fallback: identical runs,
+    28-40x the bare time on this loop (about 4 instructions per block).
 """
 
 from __future__ import annotations
@@ -31,152 +79,45 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import platform
-import sys
 from typing import Callable
 
 import unicorn
-from unicorn.unicorn_py3.unicorn import uclib
+from unicorn.unicorn_py3.unicorn import HOOK_CODE_CFUNC, uclib
+
+try:
+    from . import _blockbudget_native
+except ImportError:         # not built here (no C compiler or no Python headers at install)
+    _blockbudget_native = None
 
 # A translation block spans at most two pages: this much of the tables past their limit
 # keeps a block that starts just below it inside them, and this much below a write is
 # where a block that overlaps the write may start.
 _PAD = 0x2000
 
+_STOP = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
+
 
 class BudgetCtx(ctypes.Structure):
-    """What the native callback gets as user_data (offsets are in `_STUB`)."""
+    """The C callback's user_data: `budget_ctx` in _blockbudget_native.c, field for field."""
 
-    _fields_ = [("budget", ctypes.c_int64),     # +0: instructions left; <= 0: stop
-                ("starts", ctypes.c_void_p),    # +8: InsnStarts' byte per address
-                ("limit", ctypes.c_uint64),     # +16: blocks at or past this count 1
-                ("cache", ctypes.c_void_p)]     # +24: u32 per address: size | count << 16
-
-
-def _assemble(items, stop_target: int) -> bytes:
-    """A two-pass assembler for the stub: bytes, labels, and short jumps to labels."""
-    def layout():
-        pos, labels = 0, {}
-        for it in items:
-            if isinstance(it, str):
-                labels[it] = pos
-            elif isinstance(it, tuple):
-                pos += 2
-            else:
-                pos += len(it)
-        return labels
-    labels = layout()
-    out = bytearray()
-    for it in items:
-        if isinstance(it, str):
-            continue
-        if isinstance(it, tuple):
-            opcode, label = it
-            rel = labels[label] - (len(out) + 2)
-            assert -128 <= rel <= 127
-            out += bytes([opcode, rel & 0xFF])
-        else:
-            out += it
-    out += b"\x48\xb8" + stop_target.to_bytes(8, "little")     # movabs rax, uc_emu_stop
-    out += b"\xff\xe0"                                          # jmp rax (tail call)
-    return bytes(out)
+    _fields_ = [("budget", ctypes.c_int64),     # instructions left; <= 0: stop
+                ("starts", ctypes.c_void_p),    # InsnStarts' byte per address
+                ("limit", ctypes.c_uint64),     # blocks at or past this count 1
+                ("cache", ctypes.c_void_p),     # u32 per address: size | count << 16
+                ("stop", ctypes.c_void_p)]      # uc_emu_stop
 
 
-JLE, JAE, JE, JNE, JMP = 0x7E, 0x73, 0x74, 0x75, 0xEB
-
-# void cb(uc_engine *uc /*rdi*/, uint64_t addr /*rsi*/, uint32_t size /*edx*/,
-#         BudgetCtx *ctx /*rcx*/)
-# A block's count is cached per start address with the size it was counted for; a block
-# seen before (the common case: loops) costs a dozen instructions, a new one a loop over
-# its bytes.  InsnStarts.code_written drops the cached counts that a write can change.
-_STUB = [
-    bytes.fromhex("48833900"),      # cmp qword [rcx], 0          budget spent?
-    (JLE, "stop"),
-    bytes.fromhex("85d2"),          # test edx, edx
-    (JE, "one"),
-    bytes.fromhex("483b7110"),      # cmp rsi, [rcx+16]           addr past the tables?
-    (JAE, "one"),
-    bytes.fromhex("4c8b5118"),      # mov r10, [rcx+24]
-    bytes.fromhex("418b04b2"),      # mov eax, [r10+rsi*4]        cached size | count << 16
-    bytes.fromhex("6639d0"),        # cmp ax, dx
-    (JNE, "count"),
-    bytes.fromhex("c1e810"),        # shr eax, 16
-    (JMP, "take"),
-    "count",
-    bytes.fromhex("4c8b4108"),      # mov r8, [rcx+8]
-    bytes.fromhex("4901f0"),        # add r8, rsi                 r8 = &starts[addr]
-    bytes.fromhex("31c0"),          # xor eax, eax
-    bytes.fromhex("4189d3"),        # mov r11d, edx
-    "loop",
-    bytes.fromhex("450fb608"),      # movzx r9d, byte [r8]
-    bytes.fromhex("4401c8"),        # add eax, r9d
-    bytes.fromhex("49ffc0"),        # inc r8
-    bytes.fromhex("41ffcb"),        # dec r11d
-    (JNE, "loop"),
-    bytes.fromhex("85c0"),          # test eax, eax
-    (JNE, "store"),
-    bytes.fromhex("b801000000"),    # mov eax, 1                  at least one instruction
-    "store",
-    bytes.fromhex("4189c1"),        # mov r9d, eax
-    bytes.fromhex("41c1e110"),      # shl r9d, 16
-    bytes.fromhex("440fb7da"),      # movzx r11d, dx
-    bytes.fromhex("4509d9"),        # or r9d, r11d
-    bytes.fromhex("45890cb2"),      # mov [r10+rsi*4], r9d
-    (JMP, "take"),
-    "one",
-    bytes.fromhex("b801000000"),    # mov eax, 1
-    "take",
-    bytes.fromhex("482901"),        # sub [rcx], rax
-    bytes.fromhex("c3"),            # ret
-    "stop",                         # movabs rax, uc_emu_stop; jmp rax  (appended)
-]
-
-# What the stub disassembles to (tests/test_machine.py checks it with capstone).
-STUB_LISTING = (
-    "cmp qword ptr [rcx], 0", "jle", "test edx, edx", "je", "cmp rsi, qword ptr [rcx + 0x10]",
-    "jae", "mov r10, qword ptr [rcx + 0x18]", "mov eax, dword ptr [r10 + rsi*4]",
-    "cmp ax, dx", "jne", "shr eax, 0x10", "jmp",
-    "mov r8, qword ptr [rcx + 8]", "add r8, rsi", "xor eax, eax", "mov r11d, edx",
-    "movzx r9d, byte ptr [r8]", "add eax, r9d", "inc r8", "dec r11d", "jne",
-    "test eax, eax", "jne", "mov eax, 1",
-    "mov r9d, eax", "shl r9d, 0x10", "movzx r11d, dx", "or r9d, r11d",
-    "mov dword ptr [r10 + rsi*4], r9d", "jmp",
-    "mov eax, 1", "sub qword ptr [rcx], rax", "ret",
-    "movabs rax", "jmp rax",
-)
-
-_native: tuple[int, mmap.mmap, bytes] | None | bool = False      # False: not tried yet
-
-
-def native_stub() -> tuple[int, bytes] | None:
-    """(address, code) of the native block callback, made once per process; None where it
-    cannot run here."""
-    global _native
-    if _native is False:
-        _native = _make_native()
-    return None if _native is None else (_native[0], _native[2])
-
-
-def _make_native():
-    if os.environ.get("SMPKPROBES_BLOCK_HOOK", "native") == "python":
-        return None
-    if platform.machine().lower() not in ("x86_64", "amd64") or sys.platform == "win32" \
-            or sys.maxsize < 2 ** 32:
-        return None     # the stub is x86-64 System V code
-    stop = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
-    code = _assemble(_STUB, stop)
-    try:
-        page = mmap.mmap(-1, mmap.PAGESIZE,
-                         prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-    except (OSError, AttributeError, ValueError):
-        return None     # W^X policy: fall back to Python
-    page.write(code)
-    return ctypes.addressof(ctypes.c_char.from_buffer(page)), page, code
+def hook_route() -> str:
+    """Which block callback a CPU made now gets: "c" (the extension) or "python" (the
+    twin: where the extension was not built, or `SMPKPROBES_BLOCK_HOOK=python`)."""
+    if _blockbudget_native is None or os.environ.get("SMPKPROBES_BLOCK_HOOK") == "python":
+        return "python"
+    return "c"
 
 
 class InsnStarts:
     """One byte per guest-physical address below `limit` (the end of executable memory):
-    1 where an instruction starts; and the stub's cache of block counts."""
+    1 where an instruction starts; and the C callback's cache of block counts."""
 
     def __init__(self, limit: int, fixed_len: int,
                  insn_length: Callable[[bytes, int], int | None]):
@@ -216,7 +157,7 @@ class InsnStarts:
         self._mm[addr:end] = marks
 
     def count(self, addr: int, size: int) -> int:
-        """The instructions a block [addr, addr+size) counts for (what the stub computes)."""
+        """The instructions a block [addr, addr+size) counts for (what the C callback computes)."""
         if addr >= self.limit or not size:
             return 1
         return self._mm[addr:addr + size].count(1) or 1
@@ -226,25 +167,24 @@ class BlockBudget:
     """One CPU's block-counted budget: the callback and its context."""
 
     def __init__(self, starts: InsnStarts):
-        self.ctx = BudgetCtx(0, starts.address, starts.limit, starts.cache_address)
+        self.ctx = BudgetCtx(0, starts.address, starts.limit, starts.cache_address, _STOP)
         self._ctx_ref = ctypes.byref(self.ctx)
         self._starts = starts
+        self.route = hook_route()
 
     def install(self, uch, raw_hook: Callable) -> None:
         """Add the block hook to the Unicorn instance `uch` with `raw_hook(type, fptr,
         user_data)`."""
-        stub = native_stub()
-        if stub is not None:
-            raw_hook(unicorn.UC_HOOK_BLOCK, ctypes.c_void_p(stub[0]),
+        if self.route == "c":
+            raw_hook(unicorn.UC_HOOK_BLOCK, ctypes.c_void_p(_blockbudget_native.CALLBACK),
                      ctypes.cast(self._ctx_ref, ctypes.c_void_p))
         else:
-            from unicorn.unicorn_py3.unicorn import HOOK_CODE_CFUNC
             self._uch = uch
             self._cb = HOOK_CODE_CFUNC(self._python_hook)
             raw_hook(unicorn.UC_HOOK_BLOCK, self._cb, ctypes.c_void_p(0))
 
     def _python_hook(self, _uc, addr, size, _user):
-        # The stub's semantics, in Python.
+        # block_budget() of _blockbudget_native.c, in Python.
         ctx = self.ctx
         if ctx.budget <= 0:
             uclib.uc_emu_stop(self._uch)
