@@ -12,6 +12,7 @@ import importlib
 from ._base import (CallingConvention as CallingConvention, CpuBackend as CpuBackend,
                     InsnPlan as InsnPlan, StepKind as StepKind,
                     UnsteppableError as UnsteppableError)
+from ._hwbp import HwBreakpointFacts as HwBreakpointFacts, hw_breakpoint_facts as hw_breakpoint_facts
 
 # name -> (module, reason it is unavailable or None).  Order is the README's table order.
 _REGISTRY: dict[str, tuple[str | None, str | None]] = {

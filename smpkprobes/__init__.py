@@ -7,6 +7,8 @@ The layout, bottom up (dependencies point one way: tools -> probe core -> machin
                          patching, grace periods, modules, oopses, kernel images
   smpkprobes/kprobes/    the probe core: registry, hit path, slots, kretprobes, jprobes,
                          debugfs, tracefs
+  smpkprobes/hw_breakpoint/  hardware breakpoints (watchpoints): per-CPU debug registers,
+                         the slot constraint table, wide and per-task breakpoints
   smpkprobes/tools/      the command line, scenario harness, stress, mutants, bench, export
   smpkprobes/_system     `Machine`: the machine with the probe core attached
   smpkprobes/scenarios   (scenarios/ in the source tree) the scenario scripts
@@ -26,5 +28,6 @@ from .kprobes._core import Jprobe as Jprobe
 from .kprobes._core import Kretprobe as Kretprobe
 from .kprobes._core import jprobe_return as jprobe_return
 from .kprobes._core import regs_return_value as regs_return_value
+from .hw_breakpoint._core import HwBreakpointAttr as HwBreakpointAttr
 
 __version__ = "0.1.0"

@@ -7,6 +7,7 @@ from .tools._invariants import Invariants
 from .kprobes._core import KprobesSubsystem
 from .machine._machine import SMPMachine
 from .kprobes._tracefs import Tracefs
+from .hw_breakpoint._core import HwBreakpointSubsystem
 
 
 class Machine(SMPMachine):
@@ -27,6 +28,8 @@ class Machine(SMPMachine):
         self.kprobes = KprobesSubsystem(self)
         self.debugfs = Debugfs(self, self.kprobes)
         self.tracefs = Tracefs(self, self.kprobes)
+        self.hw_breakpoints = HwBreakpointSubsystem(self)
+        self.debugfs.files["hw_breakpoint/list"] = self.hw_breakpoints.debugfs_list
         self.invariants = Invariants(self, self.kprobes, "raise" if invariants is True
                                      else invariants) if invariants else None
 

@@ -40,7 +40,7 @@ from . import _memory as mem
 from ._blockbudget import InsnStarts
 from ._conductor import Conductor, make_conductor
 from ._cpu import CPU
-from .._errors import Oops, OopsRecord, RunawayError
+from .._errors import OopsRecord
 from ._kernel import IMAGES, Image, Kallsyms
 from ._task import Task, TaskState
 
@@ -211,6 +211,8 @@ class SMPMachine:
         self.module_notifiers: list[Callable[[str, Module], None]] = []
         # Called after every quantum with the CPU that ran it (the invariant checks).
         self.quantum_notifiers: list[Callable[[CPU], None]] = []
+        # Called when a task is switched in on a CPU (per-task debug registers follow it).
+        self.sched_in_notifiers: list[Callable[[CPU, Task], None]] = []
 
     # == lifecycle ======================================================================
     async def __aenter__(self):
@@ -229,6 +231,11 @@ class SMPMachine:
     # == public API =====================================================================
     async def call(self, func, *args: int, cpu: int | None = None, comm: str | None = None) -> int:
         """Run guest function `func` as a new task; return its (sign-extended) result."""
+        return await self.spawn(func, *args, cpu=cpu, comm=comm).wait()
+
+    def spawn(self, func, *args: int, cpu: int | None = None, comm: str | None = None) -> Task:
+        """Start guest function `func` as a new task and return it at once; `await
+        task.wait()` gives its result (as `call` does)."""
         addr = self.resolve_function(func)
         if cpu is not None and not 0 <= cpu < self.ncpus:
             raise ValueError(f"no CPU {cpu} (machine has {self.ncpus})")
@@ -237,11 +244,7 @@ class SMPMachine:
                     order_key=(addr, tuple(args), -1 if cpu is None else cpu, name))
         self._pending.append(task)
         self._idle_event.set()
-        await task.done.wait()
-        if task.oops is not None:
-            cls = RunawayError if task.oops.cause.startswith("runaway") else Oops
-            raise cls(task.oops)
-        return task.result
+        return task
 
     def kallsyms_lookup_name(self, name: str) -> int:
         """The address of `name`, or 0 when there is no such symbol (as in the kernel)."""
@@ -374,6 +377,9 @@ class SMPMachine:
             if delay > 0:
                 entry[1] -= 1
                 keep.append(entry)
+                continue
+            if callable(ranges):
+                ranges(cpu)         # a cross-CPU function call (smp_call_function_many)
                 continue
             for a, b in ranges:
                 cpu.flush_tb(a, b)
@@ -603,6 +609,8 @@ class SMPMachine:
         task.last_cpu = cpu.id
         task.state = TaskState.RUNNING
         cpu.current = task
+        for notify in self.sched_in_notifiers:
+            notify(cpu, task)
         self._c.context_switches += 1
         self.trace_event("run", cpu.id, task.pid, cpu.clock)
 

@@ -16,6 +16,7 @@ import heapq
 from dataclasses import dataclass
 from typing import Callable
 
+from ..hw_breakpoint._core import HwBreakpointSubsystem
 from ..kprobes._core import KprobesSubsystem, Status
 from ..machine._machine import SMPMachine
 
@@ -187,6 +188,22 @@ def _batch_register_no_rollback():
     return _patch(KprobesSubsystem, "_register_batch", register_batch)
 
 
+def _wide_breakpoint_local_only():
+    """register_wide_hw_breakpoint installs the breakpoint in the local CPU's debug registers
+    only (CPU 0's), with no cross-CPU call to the others."""
+    return _patch(HwBreakpointSubsystem, "_wide_cpus", lambda self: [self._m.cpus[0]])
+
+
+def _slot_not_moved_with_task():
+    """A per-task breakpoint is loaded into the registers of the first CPU its task runs on
+    and stays there: not moved at context switch when the task migrates."""
+    def sched_in(self, cpu, task):
+        regs = self.debugregs[cpu.id]
+        if self._user and regs.task is None and all(r.task is not task for r in self.debugregs):
+            regs.load_task(task)
+    return _patch(HwBreakpointSubsystem, "_sched_in", sched_in)
+
+
 MUTANTS: dict[str, Mutant] = {m.name: m for m in (
     Mutant("no_text_sync", "no cross-CPU sync after arming or disarming",
            ("unregister_while_firing", "concurrent_hits"), _no_text_sync),
@@ -204,6 +221,10 @@ MUTANTS: dict[str, Mutant] = {m.name: m for m in (
            ("unregister_while_firing",), _no_backup_on_stray_trap),
     Mutant("batch_register_no_rollback", "a batch register that forgets the rollback",
            ("unregister_while_firing",), _batch_register_no_rollback),
+    Mutant("wide_breakpoint_local_only", "a wide hardware breakpoint installed on the local "
+           "CPU only", ("data_breakpoint", "watchpoint_race"), _wide_breakpoint_local_only),
+    Mutant("slot_not_moved_with_task", "a per-task breakpoint's slot not moved with its "
+           "migrating task", ("watchpoint_race",), _slot_not_moved_with_task),
 )}
 
 

@@ -1,0 +1,316 @@
+"""Hardware breakpoints (m.hw_breakpoints): the API's errnos, the per-arch semantics, and the
+SMP behaviour, each triggered call checked against what the guest counted itself."""
+
+import errno
+import functools
+
+import pytest
+import trio
+
+from smpkprobes import HwBreakpointAttr, KprobeError, Machine
+
+DATA_ARCHES = ["x86_64", "i386", "arm64", "arm", "ppc"]
+
+
+def word(m, name):
+    w = m.backend.word_bytes
+    return int.from_bytes(m.read_memory(m.kallsyms_lookup_name(name), w), m.backend.endian)
+
+
+def watch(m, bp_type="w", **kw):
+    return HwBreakpointAttr(symbol_name="watched_counter", bp_len=m.backend.word_bytes,
+                            bp_type=bp_type, **kw)
+
+
+async def fork_on_every_cpu(m, n):
+    async with trio.open_nursery() as nursery:
+        for c in range(m.ncpus):
+            nursery.start_soon(functools.partial(m.call, "fork_loop", n, cpu=c))
+
+
+# == errnos ==================================================================================
+@pytest.mark.parametrize("attr, match", [
+    (HwBreakpointAttr(symbol_name="watched_counter", bp_len=3), "bp_len 3 is not one of"),
+    (HwBreakpointAttr(symbol_name="watched_counter", bp_len=16), "bp_len 16 is not one of"),
+    (HwBreakpointAttr(symbol_name="watched_counter", bp_type="r"), "x86_64 has no 'r' breakpoints"),
+    (HwBreakpointAttr(symbol_name="watched_counter", bp_type="wx"), "bp_type must be one of"),
+    (HwBreakpointAttr(symbol_name="do_fork", bp_type="x", bp_len=1), "has bp_len 8, not 1"),
+    (HwBreakpointAttr(), "exactly one of bp_addr and symbol_name"),
+])
+async def test_bad_attr_is_einval(attr, match):
+    """A bad length or type, or no address, is EINVAL on x86_64 (hw_breakpoint_arch_parse)."""
+    async with Machine(cpus=2) as m:
+        with pytest.raises(KprobeError, match=match) as e:
+            await m.hw_breakpoints.register_wide_hw_breakpoint(attr, lambda *a: None)
+        assert e.value.errno == errno.EINVAL
+
+
+async def test_misaligned_is_einval():
+    """x86 wants the address aligned to the length; arm64 only one doubleword for the bytes."""
+    async with Machine(cpus=1) as m:
+        a = m.kallsyms_lookup_name("watched_counter")
+        with pytest.raises(KprobeError, match="not aligned to bp_len 4") as e:
+            await m.hw_breakpoints.register_wide_hw_breakpoint(
+                HwBreakpointAttr(bp_addr=a + 2, bp_len=4), lambda *a: None)
+        assert e.value.errno == errno.EINVAL
+    async with Machine(arch="arm64", cpus=1) as m:
+        a = m.kallsyms_lookup_name("watched_counter")
+        await m.hw_breakpoints.register_wide_hw_breakpoint(
+            HwBreakpointAttr(bp_addr=a + 2, bp_len=4), lambda *a: None)
+        with pytest.raises(KprobeError, match="crosses an aligned 8-byte unit") as e:
+            await m.hw_breakpoints.register_wide_hw_breakpoint(
+                HwBreakpointAttr(bp_addr=a + 6, bp_len=4), lambda *a: None)
+        assert e.value.errno == errno.EINVAL
+
+
+async def test_fifth_breakpoint_on_x86_is_enospc():
+    """x86 has four debug registers per CPU: the fifth wide breakpoint is ENOSPC, and freeing
+    one makes room again."""
+    async with Machine(cpus=4) as m:
+        hw = m.hw_breakpoints
+        a = m.kallsyms_lookup_name("watched_counter")
+        handles = [await hw.register_wide_hw_breakpoint(
+            HwBreakpointAttr(bp_addr=a + 8 * i), lambda *x: None) for i in range(4)]
+        assert [len(m.hw_breakpoints.installed(c)) for c in range(4)] == [4, 4, 4, 4]
+        with pytest.raises(KprobeError, match="no data breakpoint slot left on CPU 0") as e:
+            await hw.register_wide_hw_breakpoint(HwBreakpointAttr(bp_addr=a + 32), lambda *x: None)
+        assert e.value.errno == errno.ENOSPC
+        await hw.unregister_wide_hw_breakpoint(handles[1])
+        await hw.register_wide_hw_breakpoint(HwBreakpointAttr(bp_addr=a + 32), lambda *x: None)
+
+
+async def test_task_breakpoints_count_against_every_cpu():
+    """A per-task breakpoint needs a slot on every CPU: 3 wide + 1 task fill x86's four, so a
+    second one for the task, or another wide one, is ENOSPC; another task still fits."""
+    async with Machine(cpus=2) as m:
+        hw = m.hw_breakpoints
+        for _ in range(3):
+            await hw.register_wide_hw_breakpoint(watch(m), lambda *x: None)
+        t1, t2 = m.spawn("fork_loop", 1), m.spawn("fork_loop", 1)
+        await hw.register_user_hw_breakpoint(watch(m), lambda *x: None, t1)
+        for register in (lambda: hw.register_user_hw_breakpoint(watch(m), lambda *x: None, t1),
+                         lambda: hw.register_wide_hw_breakpoint(watch(m), lambda *x: None)):
+            with pytest.raises(KprobeError) as e:
+                await register()
+            assert e.value.errno == errno.ENOSPC
+        await hw.register_user_hw_breakpoint(watch(m), lambda *x: None, t2)
+        assert [await t.wait() for t in (t1, t2)] == [1, 1]
+
+
+async def test_ppc_has_one_dabr_and_arm64_separate_pools():
+    """ppc: one DABR, no instruction breakpoints.  arm64: 4 watchpoints and 6 breakpoints."""
+    async with Machine(arch="ppc", cpus=1) as m:
+        await m.hw_breakpoints.register_wide_hw_breakpoint(watch(m), lambda *x: None)
+        with pytest.raises(KprobeError, match="ENOSPC"):
+            await m.hw_breakpoints.register_wide_hw_breakpoint(watch(m, "r"), lambda *x: None)
+        with pytest.raises(KprobeError, match="ppc has no 'x' breakpoints"):
+            await m.hw_breakpoints.register_wide_hw_breakpoint(
+                HwBreakpointAttr(symbol_name="do_fork", bp_type="x", bp_len=4), lambda *x: None)
+    async with Machine(arch="arm64", cpus=1) as m:
+        hw = m.hw_breakpoints
+        for _ in range(4):
+            await hw.register_wide_hw_breakpoint(watch(m), lambda *x: None)
+        for _ in range(6):
+            await hw.register_wide_hw_breakpoint(
+                HwBreakpointAttr(symbol_name="do_fork", bp_type="x", bp_len=4), lambda *x: None)
+        for attr in (watch(m), HwBreakpointAttr(symbol_name="do_fork", bp_type="x", bp_len=4)):
+            with pytest.raises(KprobeError, match="ENOSPC"):
+                await hw.register_wide_hw_breakpoint(attr, lambda *x: None)
+
+
+async def test_sparc64_refuses_with_the_reason():
+    """sparc64 has no hardware breakpoints in Linux: ENOSYS, saying why."""
+    async with Machine(arch="sparc64", cpus=1) as m:
+        with pytest.raises(KprobeError, match="no HAVE_HW_BREAKPOINT") as e:
+            await m.hw_breakpoints.register_wide_hw_breakpoint(watch(m), lambda *x: None)
+        assert e.value.errno == errno.ENOSYS
+
+
+async def test_concurrent_registration_counts_slots_exactly():
+    """Eight host tasks register wide breakpoints at once on x86: exactly four get slots, the
+    others ENOSPC, and every CPU's registers hold exactly the four."""
+    async with Machine(cpus=4, seed=5) as m:
+        hw = m.hw_breakpoints
+        ok, refused = [], []
+
+        async def one(i):
+            try:
+                ok.append(await hw.register_wide_hw_breakpoint(watch(m), lambda *x: None))
+            except KprobeError as e:
+                refused.append(e.errno)
+        async with trio.open_nursery() as n:
+            n.start_soon(fork_on_every_cpu, m, 300)
+            for i in range(8):
+                n.start_soon(one, i)
+        assert (len(ok), refused) == (4, [errno.ENOSPC] * 4)
+        assert [len(hw.installed(c)) for c in range(4)] == [4, 4, 4, 4]
+        async with trio.open_nursery() as n:
+            for h in ok:
+                n.start_soon(hw.unregister_wide_hw_breakpoint, h)
+        assert [hw.constraints.in_use("data", c) for c in range(4)] == [0, 0, 0, 0]
+        assert [hw.installed(c) for c in range(4)] == [[], [], [], []]
+
+
+# == every trigger is one guest access ===========================================================
+@pytest.mark.parametrize("preempt", [False, True])
+@pytest.mark.parametrize("arch", DATA_ARCHES)
+async def test_every_trigger_is_one_guest_write(arch, preempt):
+    """A wide write breakpoint on watched_counter triggers once per do_fork call on each CPU:
+    per CPU the calls that CPU made, in all last_pid's count (the guest's own counter)."""
+    async with Machine(arch=arch, cpus=4, seed=7, preempt=preempt) as m:
+        per_cpu = [0] * 4
+        a = m.kallsyms_lookup_name("watched_counter")
+
+        def triggered(bp, data, regs):
+            assert data.addr == a and bp.cpu == data.cpu == regs.cpu.id
+            per_cpu[data.cpu] += 1
+        h = await m.hw_breakpoints.register_wide_hw_breakpoint(watch(m), triggered)
+        before = word(m, "last_pid")
+        await fork_on_every_cpu(m, 150)
+        await m.hw_breakpoints.unregister_wide_hw_breakpoint(h)
+        assert per_cpu == [150] * 4
+        assert word(m, "last_pid") - before == h.hits == 600
+
+
+@pytest.mark.parametrize("arch, seen, at", [("x86_64", [1, 2, 3], "do_fork+0xc"),
+                                            ("i386", [1, 2, 3], "do_fork+0x1b"),
+                                            ("ppc", [1, 2, 3], "do_fork+0x20"),
+                                            ("arm64", [0, 1, 2], "do_fork+0x14"),
+                                            ("arm", [0, 1, 2], "do_fork+0x18")])
+async def test_trap_after_or_fault_before(arch, seen, at):
+    """x86 and ppc call the handler after the store (new value, ip past the instruction);
+    arm and arm64 before it (old value, ip at the store)."""
+    async with Machine(arch=arch, cpus=1) as m:
+        log = []
+        await m.hw_breakpoints.register_wide_hw_breakpoint(
+            watch(m), lambda bp, data, regs: log.append((word(m, "watched_counter"),
+                                                         m.format_addr(regs.ip))))
+        await m.call("fork_loop", 3)
+        assert log == [(v, at) for v in seen]
+
+
+@pytest.mark.parametrize("arch, bp_type, per_call", [
+    ("x86_64", "rw", 1),       # `add [watched_counter], 1`: one read-modify-write instruction
+    ("arm64", "rw", 2), ("arm64", "r", 1), ("arm", "r", 1), ("ppc", "rw", 2), ("ppc", "r", 1)])
+async def test_read_breakpoints_trigger_once_per_instruction(arch, bp_type, per_call):
+    """A debug exception is per instruction: x86's read-modify-write triggers once for "rw";
+    a load and a store trigger one each."""
+    async with Machine(arch=arch, cpus=2) as m:
+        h = await m.hw_breakpoints.register_wide_hw_breakpoint(watch(m, bp_type), lambda *a: None)
+        await fork_on_every_cpu(m, 20)
+        assert h.hits == 40 * per_call
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "arm64", "arm"])
+async def test_instruction_breakpoint(arch):
+    """An "x" breakpoint on do_fork triggers before each call's first instruction."""
+    async with Machine(arch=arch, cpus=2) as m:
+        ips = []
+        h = await m.hw_breakpoints.register_wide_hw_breakpoint(
+            HwBreakpointAttr(symbol_name="do_fork", bp_type="x", bp_len=m.hw_breakpoints.facts.inst_len),
+            lambda bp, data, regs: ips.append(regs.ip))
+        await fork_on_every_cpu(m, 10)
+        assert ips == [m.kallsyms_lookup_name("do_fork")] * 20 and h.hits == 20
+
+
+# == SMP ====================================================================================
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_no_handler_after_unregister_returns(seed):
+    """Unregistering while every CPU writes: once unregister_wide_hw_breakpoint returns, no
+    handler runs on any CPU."""
+    async with Machine(cpus=4, seed=seed) as m:
+        done = []
+        h = await m.hw_breakpoints.register_wide_hw_breakpoint(
+            watch(m), lambda bp, data, regs: done and pytest.fail("handler after unregister"))
+        async with trio.open_nursery() as n:
+            n.start_soon(fork_on_every_cpu, m, 2000)
+            await m.sleep_ns(0)
+            assert h.hits > 0
+            await m.hw_breakpoints.unregister_wide_hw_breakpoint(h)
+            done.append(True)
+        assert not m.hw_breakpoints.stale_triggers and not m.oopses
+        assert m.debugfs.read("hw_breakpoint/list") == ""
+
+
+@pytest.mark.parametrize("preempt", [False, True])
+async def test_task_breakpoint_follows_its_task(preempt):
+    """A per-task breakpoint fires for its task only, on whichever CPU it runs: exactly its
+    own do_fork calls, while other tasks write the same counter."""
+    async with Machine(cpus=4, seed=3, preempt=preempt) as m:
+        cpus, others = set(), []
+        task = m.spawn("fork_schedule_loop", 60)
+
+        def triggered(bp, data, regs):
+            if regs.cpu.current is not task:
+                others.append(data.cpu)
+            cpus.add(data.cpu)
+        bp = await m.hw_breakpoints.register_user_hw_breakpoint(watch(m), triggered, task)
+        async with trio.open_nursery() as n:
+            n.start_soon(fork_on_every_cpu, m, 100)
+            assert await task.wait() == 60
+        assert bp.hits == 60 and others == [] and task.migrations > 0 and len(cpus) > 1
+        await m.hw_breakpoints.unregister_hw_breakpoint(bp)
+
+
+async def test_modify_user_breakpoint():
+    """modify_user_hw_breakpoint moves a task's breakpoint; a bad attr is EINVAL and keeps it."""
+    async with Machine(cpus=2) as m:
+        task = m.spawn("fork_schedule_loop", 10)
+        hits = []
+        bp = await m.hw_breakpoints.register_user_hw_breakpoint(
+            watch(m), lambda bp, data, regs: hits.append(m.format_addr(data.addr)), task)
+        with pytest.raises(KprobeError, match="EINVAL"):
+            await m.hw_breakpoints.modify_user_hw_breakpoint(bp, watch(m, "r"))
+        await m.hw_breakpoints.modify_user_hw_breakpoint(
+            bp, HwBreakpointAttr(symbol_name="last_pid", bp_type="rw"))
+        await task.wait()
+        assert hits == ["last_pid+0x0"] * 10      # lock xadd: one read-modify-write
+
+
+async def test_debugfs_and_trace():
+    """debugfs shows a line per breakpoint with the slots holding it; hits are traced."""
+    async with Machine(cpus=2) as m:
+        h = await m.hw_breakpoints.register_wide_hw_breakpoint(watch(m), lambda *a: None)
+        await m.call("fork_loop", 2, cpu=1)
+        a = m.kallsyms_lookup_name("watched_counter")
+        assert m.debugfs.read("hw_breakpoint/list") == (
+            f"{a:016x}  8  w   watched_counter+0x0  wide  cpu0:data0 cpu1:data0  hits=2\n")
+        hits = [ev[:6] for ev in m.trace if ev[0] == "bp_hit"]
+        assert hits == [("bp_hit", 1, a, a, "w", "trap")] * 2
+        await m.hw_breakpoints.unregister_wide_hw_breakpoint(h)
+
+
+# == scenarios and mutants =================================================================
+@pytest.mark.parametrize("arch", DATA_ARCHES)
+def test_data_breakpoint_prints_the_samples_output(arch):
+    """data_breakpoint prints the sample's messages and a stack from do_fork, and passes."""
+    from smpkprobes.tools import _stress
+    out = _stress.run_once("data_breakpoint", ["--arch", arch, "--cpus", "2", "--size", "1"])
+    assert out.ok, out.failures
+    text = "\n".join(out.lines)
+    assert text.count("watched_counter value is changed") == 2
+    assert text.count("Dump stack from sample_hbp_handler") == 2
+    assert "HW Breakpoint for watched_counter write installed" in text
+    assert "HW Breakpoint for watched_counter write uninstalled" in text
+    assert "Call Trace:\n do_fork+0x" in text
+
+
+def test_data_breakpoint_on_sparc64_refuses_with_the_reason():
+    """sparc64: "Breakpoint registration failed", and why."""
+    from smpkprobes.tools import _stress
+    out = _stress.run_once("data_breakpoint", ["--arch", "sparc64"])
+    assert out.ok and out.lines[:2] == [
+        "Breakpoint registration failed",
+        "  ENOSYS: sparc64 has no hardware breakpoint support in Linux (no HAVE_HW_BREAKPOINT: "
+        "its watchpoint registers are not driven by kernel/events/hw_breakpoint.c)"]
+
+
+def test_hw_breakpoint_mutants_are_undone():
+    """Leaving `injected` puts the hw_breakpoint subsystem's methods back."""
+    from smpkprobes.hw_breakpoint._core import HwBreakpointSubsystem
+    from smpkprobes.tools import _mutants
+    before = dict(vars(HwBreakpointSubsystem))
+    for name in ("wide_breakpoint_local_only", "slot_not_moved_with_task"):
+        with _mutants.injected(name):
+            assert dict(vars(HwBreakpointSubsystem)) != before
+    assert dict(vars(HwBreakpointSubsystem)) == before
