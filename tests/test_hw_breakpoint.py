@@ -7,7 +7,7 @@ import functools
 import pytest
 import trio
 
-from smpkprobes import HwBreakpointAttr, KprobeError, Machine
+from smpkprobes import HwBreakpointAttr, KprobeError, Machine, Oops
 
 DATA_ARCHES = ["x86_64", "i386", "arm64", "arm", "ppc"]
 
@@ -314,3 +314,65 @@ def test_hw_breakpoint_mutants_are_undone():
         with _mutants.injected(name):
             assert dict(vars(HwBreakpointSubsystem)) != before
     assert dict(vars(HwBreakpointSubsystem)) == before
+
+
+async def test_trace_exports_show_breakpoints():
+    """ftrace text and Perfetto show registrations and each trigger as an instant."""
+    from smpkprobes.tools import _trace_export
+    async with Machine(cpus=2) as m:
+        h = await m.hw_breakpoints.register_wide_hw_breakpoint(watch(m), lambda *a: None)
+        await m.call("fork_loop", 1, cpu=0)
+        await m.hw_breakpoints.unregister_wide_hw_breakpoint(h)
+    text = _trace_export.ftrace_text(m, kinds=["bp_register", "bp_hit", "bp_unregister"])
+    assert [line.split(": ", 1)[1] for line in text.splitlines() if not line.startswith("#")] == [
+        "hw_breakpoint_register: (watched_counter+0x0)/8:w wide",
+        "hw_breakpoint: (watched_counter+0x0) access=w how=trap",
+        "hw_breakpoint_unregister: (watched_counter+0x0)/8:w wide"]
+    instants = sorted((e["tid"], e["name"]) for e in _trace_export.perfetto_events(m)
+                      if e.get("cat") == "hw_breakpoint" and e["ph"] == "i")
+    assert instants == [(0, "hw_breakpoint w watched_counter+0x0"),
+                        (2, "bp_register watched_counter+0x0/8:w (wide)"),
+                        (2, "bp_unregister watched_counter+0x0/8:w (wide)")]
+
+
+def test_smpkprobes_trace_mem_event(capsys):
+    """`smpkprobes trace 'mem:SYMBOL/LEN:w'` prints one line per write, perf's syntax."""
+    from smpkprobes.tools import _cli
+    assert _cli.main(["trace", "mem:watched_counter/8:w", "--cpus", "2", "--loops", "2"]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert len(lines) == 4 and all(
+        line.endswith("mem:watched_counter: (do_fork+0x4) addr=0x200010 access=w")
+        for line in lines)
+    assert err.strip().endswith("# 4 lines; mem:watched_counter 4 hits")
+
+
+@pytest.mark.parametrize("spec, attr", [
+    ("mem:watched_counter", HwBreakpointAttr(symbol_name="watched_counter", bp_len=4, bp_type="rw")),
+    ("mem:0x200010/8:w", HwBreakpointAttr(bp_addr=0x200010, bp_len=8, bp_type="w")),
+    ("mem:do_fork:x", HwBreakpointAttr(symbol_name="do_fork", bp_len=8, bp_type="x"))])
+def test_mem_event_syntax(spec, attr):
+    """perf's defaults: rw, 4 bytes for data, sizeof(long) for x."""
+    from smpkprobes.hw_breakpoint._perf import parse_mem_event
+    assert parse_mem_event(spec, 8) == attr
+    with pytest.raises(ValueError, match="x cannot be combined"):
+        parse_mem_event("mem:do_fork:rx", 8)
+
+
+def test_bench_watchpoint_rows():
+    """`smpkprobes bench watchpoint` measures its three rows (figures are not asserted)."""
+    from smpkprobes.tools._bench_hwbp import bench_watchpoint
+    rows = bench_watchpoint(n=500, repeat=1)
+    assert [r["what"].split(",")[0] for r in rows] == [
+        "bare UC_HOOK_MEM_WRITE callback on the word", "watchpoint hit",
+        "bench_loop with 4 breakpoints installed elsewhere (time ratio)"]
+    assert rows[2]["ratio"] > 0
+
+
+async def test_spawn_returns_a_task_handle():
+    """m.spawn starts a task at once; task.wait() gives its result, as m.call would."""
+    async with Machine(cpus=2) as m:
+        t = m.spawn("kprobe_target", 30, cpu=1)
+        assert await t.wait() == 10 and t.last_cpu == 1
+        with pytest.raises(Oops):
+            await m.spawn("null_deref").wait()

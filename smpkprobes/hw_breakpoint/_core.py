@@ -28,7 +28,7 @@ from .._errors import KprobeError
 from ..machine._machine import TRAP_COST_NS
 from ..machine._smp_call import smp_call_function_many
 from ._constraints import SlotConstraints
-from ._debugreg import DebugRegisters, TriggerData, make_regs
+from ._debugreg import DebugRegisters, TriggerData
 
 if TYPE_CHECKING:    # pragma: no cover
     from ..machine._cpu import CPU
@@ -318,17 +318,17 @@ class HwBreakpointSubsystem:
         if not bp.registered:
             self.stale_triggers.append((cpu.id, bp))
         ip = pc
+        debugregs = self.debugregs[cpu.id]
         if self.facts.trap_after and access != "x":
             if store is not None:
                 size, value = store
                 self.memory.poke(addr, (value & ((1 << 8 * size) - 1)).to_bytes(size, self._endian))
-            b = cpu.backend
-            ip = pc + (b.fixed_insn_len or b.insn_length(self.memory.peek(pc, b.max_insn_len), pc))
+            ip = debugregs.next_ip(pc)
         bp.hits += 1
         cpu.intra += TRAP_COST_NS
         m.trace_event("bp_hit", cpu.id, bp.addr, addr, access,
                       "trap" if ip != pc else "fault", cpu.clock + cpu.intra)
-        regs = make_regs(cpu, ip)
+        regs = debugregs.Regs(cpu, ip)
         cpu.preempt_count += 1
         try:
             bp.triggered(bp, TriggerData(addr, cpu.id, access, pc), regs)

@@ -61,7 +61,8 @@ class DebugRegisters:
         self.slots: dict[str, list] = {pool: [None] * n for pool, n in self._facts.slots}
         self._hooks: dict[int, list[int]] = {}        # id(bp) -> Unicorn hook handles
         self.task = None
-        self._decoded: dict[tuple[int, bytes], bool] = {}
+        self._decoded: dict[tuple[int, bytes], tuple[int, bool]] = {}
+        self.Regs = regs_class(cpu.backend)
 
     def holds(self, bp: "HwBreakpoint") -> bool:
         return id(bp) in self._hooks
@@ -123,7 +124,7 @@ class DebugRegisters:
         cpu = self.cpu
         try:
             pc = cpu.pc
-            if access == _READ and self._read_is_part_of_write(pc):
+            if access == _READ and self._decode(pc)[1]:
                 return      # the write that follows triggers, once for the instruction
             self._sub.trigger(cpu, bp, addr, "w" if access == _WRITE else "r", pc,
                               (size, value) if access == _WRITE else None)
@@ -137,17 +138,18 @@ class DebugRegisters:
         except BaseException as exc:
             cpu._host.on_hook_exception(cpu, exc)
 
-    def _read_is_part_of_write(self, pc: int) -> bool:
+    def _decode(self, pc: int) -> tuple[int, bool]:
+        """The length of the instruction at `pc`, and whether a read it makes is part of its
+        write; decoded once per instruction (and again if its bytes change)."""
         backend = self.cpu.backend
         code = self._sub.memory.peek(pc, backend.max_insn_len)
         key = (pc, code)
         known = self._decoded.get(key)
         if known is None:
             insn = next(backend.disassembler().disasm(code, pc, 1), None)
-            known = self._decoded[key] = insn is not None and \
-                self._facts.read_is_part_of_write(insn)
+            known = self._decoded[key] = (0, False) if insn is None else \
+                (insn.size, self._facts.read_is_part_of_write(insn))
         return known
 
-
-def make_regs(cpu: "CPU", ip: int):
-    return regs_class(cpu.backend)(cpu, ip)
+    def next_ip(self, pc: int) -> int:
+        return pc + (self.cpu.backend.fixed_insn_len or self._decode(pc)[0])

@@ -79,7 +79,7 @@ def _main(argv: list[str] | None = None) -> int:
         p.add_argument("--preempt", action="store_true")
     b = sub.add_parser("bench", help="benchmarks: machine throughput, kprobe hit cost")
     b.add_argument("what", nargs="?", default="all",
-                   choices=["all", "machine", "kprobe", "overhead"])
+                   choices=["all", "machine", "kprobe", "overhead", "watchpoint"])
     b.add_argument("--quick", action="store_true", help="smaller runs")
     b.add_argument("--arch", action="append", help="overhead table for this arch only "
                    "(repeatable; default: every available arch)")
@@ -119,7 +119,8 @@ def _main(argv: list[str] | None = None) -> int:
                                    "ret=$retval:s32' --workload fork_loop,open_loop --cpus 4")
     t.add_argument("definitions", nargs="+", metavar="DEFINITION",
                    help="p[:[GRP/]EVENT] SYMBOL[+offs]|ADDR [FETCHARGS] or "
-                        "r[MAXACTIVE][:[GRP/]EVENT] SYMBOL[+0] [FETCHARGS]")
+                        "r[MAXACTIVE][:[GRP/]EVENT] SYMBOL[+0] [FETCHARGS], or "
+                        "mem:SYMBOL|ADDR[/LEN][:rwx] (a hardware breakpoint, perf's syntax)")
     t.add_argument("--workload", default="fork_loop", metavar="F[:ARG...],...",
                    help="guest functions to run on every CPU (default fork_loop)")
     t.add_argument("--loops", type=int, default=5, help="iterations of the loop workloads")
@@ -202,8 +203,11 @@ def _trace(a) -> int:
         return 2
     log = functools.partial(print, file=sys.stderr)
     after = functools.partial(_trace_export.export_all, perfetto=a.perfetto, plot=a.plot, log=log)
+    session = _tracefs.trace_session
+    if any(d.startswith("mem:") for d in a.definitions):
+        from ..hw_breakpoint._perf import trace_session as session
     return trio.run(functools.partial(
-        _tracefs.trace_session, a.definitions, workloads, arch=a.arch, cpus=a.cpus, seed=a.seed,
+        session, a.definitions, workloads, arch=a.arch, cpus=a.cpus, seed=a.seed,
         preempt=a.preempt, out=functools.partial(print, flush=True), err=log, after=after))
 
 
