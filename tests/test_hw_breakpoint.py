@@ -376,3 +376,42 @@ async def test_spawn_returns_a_task_handle():
         assert await t.wait() == 10 and t.last_cpu == 1
         with pytest.raises(Oops):
             await m.spawn("null_deref").wait()
+
+
+async def test_other_error_paths():
+    """Unknown symbol ENOENT, unmapped EINVAL, a misaligned instruction breakpoint EINVAL, an
+    exited task ESRCH, modifying what is not registered EINVAL, a non-attr TypeError."""
+    async with Machine(arch="arm64", cpus=1) as m:
+        hw, noop = m.hw_breakpoints, (lambda *a: None)
+        cases = [(HwBreakpointAttr(symbol_name="no_such_thing"), errno.ENOENT, "unknown symbol"),
+                 (HwBreakpointAttr(bp_addr=0x10), errno.EINVAL, "0x10 is not mapped"),
+                 (HwBreakpointAttr(bp_addr=m.kallsyms_lookup_name("do_fork") + 2, bp_len=4,
+                                   bp_type="x"), errno.EINVAL, "not an instruction address")]
+        for attr, err, match in cases:
+            with pytest.raises(KprobeError, match=match) as e:
+                await hw.register_wide_hw_breakpoint(attr, noop)
+            assert e.value.errno == err
+        task = m.spawn("fork_loop", 1)
+        await task.wait()
+        with pytest.raises(KprobeError, match="has exited") as e:
+            await hw.register_user_hw_breakpoint(watch(m), noop, task)
+        assert e.value.errno == errno.ESRCH
+        wide = await hw.register_wide_hw_breakpoint(watch(m), noop)
+        with pytest.raises(KprobeError, match="not a registered user breakpoint"):
+            await hw.modify_user_hw_breakpoint(wide[0], watch(m))
+        with pytest.raises(TypeError, match="attr must be a HwBreakpointAttr"):
+            await hw.register_wide_hw_breakpoint({"bp_addr": 0x200000}, noop)
+
+
+async def test_disabled_breakpoint_holds_its_slot_but_does_not_trigger():
+    """attr.disabled: registered (its slot reserved) but not installed; modify enables it."""
+    async with Machine(cpus=1) as m:
+        hw = m.hw_breakpoints
+        wide = await hw.register_wide_hw_breakpoint(watch(m, disabled=True), lambda *a: None)
+        await m.call("fork_loop", 3)
+        assert (wide.hits, hw.installed(0), hw.constraints.in_use("data", 0)) == (0, [], 1)
+        task = m.spawn("fork_schedule_loop", 5)
+        bp = await hw.register_user_hw_breakpoint(watch(m, disabled=True), lambda *a: None, task)
+        await hw.modify_user_hw_breakpoint(bp, watch(m))
+        await task.wait()
+        assert bp.hits == 5 and hw.constraints.in_use("data", 0) == 2
