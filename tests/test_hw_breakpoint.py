@@ -5,6 +5,7 @@ import errno
 import functools
 
 import pytest
+from hypothesis import example, given, settings, strategies as st
 import trio
 
 from smpkprobes import HwBreakpointAttr, KprobeError, Machine, Oops
@@ -415,3 +416,55 @@ async def test_disabled_breakpoint_holds_its_slot_but_does_not_trigger():
         await hw.modify_user_hw_breakpoint(bp, watch(m))
         await task.wait()
         assert bp.hits == 5 and hw.constraints.in_use("data", 0) == 2
+
+
+_OPS = st.lists(st.one_of(
+    st.tuples(st.just("wide"), st.sampled_from(["w", "x"])),
+    st.tuples(st.just("user"), st.sampled_from(["w", "x"]), st.integers(0, 1)),
+    st.tuples(st.just("unregister"), st.integers(0, 20))), max_size=25)
+
+
+@settings(max_examples=20, deadline=None)
+@given(ops=_OPS)
+@example(ops=[("user", "w", 0)] * 3 + [("wide", "x"), ("wide", "w"), ("user", "x", 1)])
+@pytest.mark.parametrize("arch", ["x86_64", "arm64"])
+def test_slot_table_follows_the_kernels_rule(arch, ops):
+    """Any sequence of registrations and unregistrations (x86: 4 slots shared by data and
+    instruction breakpoints; arm64: 4 watchpoints and 6 breakpoints per CPU): ENOSPC exactly
+    when the kernel's rule says so (CPU-bound ones plus the busiest task's, or this task's,
+    plus one, over the slots), and every CPU's registers hold exactly the wide breakpoints."""
+    async def run():
+        async with Machine(arch=arch, cpus=2, seed=1) as m:
+            hw, noop = m.hw_breakpoints, (lambda *a: None)
+            tasks = [m.spawn("msleep", 10_000) for _ in range(2)]
+            attrs = {"w": watch(m), "x": HwBreakpointAttr(symbol_name="do_fork", bp_type="x",
+                                                          bp_len=hw.facts.inst_len)}
+            pool = hw.facts.pool_of
+            slots = {t: hw.facts.nr_slots(pool(t)) for t in "wx"}
+            live = []                        # (type, task index or None, handle)
+            for op in ops:
+                if op[0] == "unregister":
+                    if not live:
+                        continue
+                    t, who, h = live.pop(op[1] % len(live))
+                    await (hw.unregister_wide_hw_breakpoint(h) if who is None
+                           else hw.unregister_hw_breakpoint(h))
+                    continue
+                t = op[1]
+                who = op[2] if op[0] == "user" else None
+                same = [w for x, w, _ in live if pool(x) == pool(t)]
+                wide = same.count(None)
+                per_task = [same.count(i) for i in range(2)]
+                fits = wide + (max(per_task) if who is None else per_task[who]) + 1 <= slots[t]
+                try:
+                    h = await (hw.register_wide_hw_breakpoint(attrs[t], noop) if who is None else
+                               hw.register_user_hw_breakpoint(attrs[t], noop, tasks[who]))
+                except KprobeError as e:
+                    assert not fits and e.errno == errno.ENOSPC
+                else:
+                    assert fits
+                    live.append((t, who, h))
+                for c in range(2):
+                    assert sorted(id(bp) for _, _, bp in hw.installed(c)) == sorted(
+                        id(h[c]) for _, w, h in live if w is None)
+    trio.run(run)
