@@ -54,10 +54,11 @@ class HwBreakpoint:
     """One breakpoint (the kernel's struct perf_event): bound to a CPU (`cpu`, a member of a
     wide breakpoint) or to a task (`task`).  `hits` counts its triggered calls."""
 
-    def __init__(self, attr: HwBreakpointAttr, addr: int, triggered, cpu: int | None = None,
-                 task=None):
+    def __init__(self, attr: HwBreakpointAttr, addr: int, pool: str, triggered,
+                 cpu: int | None = None, task=None):
         self.attr = attr
         self.addr = addr
+        self.pool = pool            # the slot pool it takes: "data" or "inst"
         self.triggered = triggered
         self.cpu = cpu
         self.task = task
@@ -71,10 +72,6 @@ class HwBreakpoint:
     @property
     def type(self) -> str:
         return self.attr.bp_type
-
-    @property
-    def pool(self) -> str:
-        return self._pool
 
     def __repr__(self) -> str:
         where = f"cpu{self.cpu}" if self.task is None else f"task {self.task.pid}"
@@ -127,7 +124,7 @@ class HwBreakpointSubsystem:
         addr, pool = self._parse(attr)
         cpus = list(range(self._m.ncpus))
         self.constraints.reserve(pool, cpus)
-        handle = WideHwBreakpoint(tuple(self._new(attr, addr, pool, triggered, cpu=c)
+        handle = WideHwBreakpoint(tuple(HwBreakpoint(attr, addr, pool, triggered, cpu=c)
                                         for c in cpus))
         self._wide.append(handle)
         self._m.trace_event("bp_register", addr, attr.bp_len, attr.bp_type, "wide",
@@ -159,7 +156,7 @@ class HwBreakpointSubsystem:
             raise KprobeError(E.ESRCH, f"{task!r} has exited")
         addr, pool = self._parse(attr)
         self.constraints.reserve(pool, list(range(self._m.ncpus)), task)
-        bp = self._new(attr, addr, pool, triggered, task=task)
+        bp = HwBreakpoint(attr, addr, pool, triggered, task=task)
         self._user.append(bp)
         task.hw_breakpoints.append(bp)
         self._m.trace_event("bp_register", addr, attr.bp_len, attr.bp_type, "task",
@@ -174,9 +171,12 @@ class HwBreakpointSubsystem:
         if pool != bp.pool:
             self.constraints.reserve(pool, list(range(self._m.ncpus)), bp.task)
             self.constraints.release(bp.pool, list(range(self._m.ncpus)), bp.task)
-        # Off every CPU first: a CPU's registers never hold a half-changed breakpoint.
+        # Off the task and every CPU first (a context switch meanwhile must not load it
+        # again): a CPU's registers never hold a half-changed breakpoint.
+        bp.task.hw_breakpoints.remove(bp)
         await self._remove([bp], unregister=False)
-        bp.attr, bp.addr, bp._pool = attr, addr, pool
+        bp.attr, bp.addr, bp.pool = attr, addr, pool
+        bp.task.hw_breakpoints.append(bp)
         await self._reload_task(bp.task)
 
     async def unregister_hw_breakpoint(self, bp: HwBreakpoint) -> None:
@@ -218,11 +218,6 @@ class HwBreakpointSubsystem:
                 f"{owner}  {' '.join(held) or '-'}  hits={hits}{flags}\n")
 
     # == internals ========================================================================
-    def _new(self, attr, addr, pool, triggered, cpu=None, task=None) -> HwBreakpoint:
-        bp = HwBreakpoint(attr, addr, triggered, cpu=cpu, task=task)
-        bp._pool = pool
-        return bp
-
     def _parse(self, attr: HwBreakpointAttr) -> tuple[int, str]:
         """hw_breakpoint_arch_parse: the address, and the slot pool the type takes."""
         f = self.facts
@@ -279,9 +274,9 @@ class HwBreakpointSubsystem:
     async def _reload_task(self, task) -> None:
         """The task's CPU, if it is running, loads its breakpoints again."""
         def reload(cpu):
-            regs = self.debugregs[cpu.id]
             if cpu.current is task:
-                regs.task = None
+                regs = self.debugregs[cpu.id]
+                regs.load_task(None)
                 regs.load_task(task)
         cpus = [c for c in self._m.cpus if c.current is task]
         await smp_call_function_many(self._m, cpus, reload)
