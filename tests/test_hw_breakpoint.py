@@ -468,3 +468,19 @@ def test_slot_table_follows_the_kernels_rule(arch, ops):
                     assert sorted(id(bp) for _, _, bp in hw.installed(c)) == sorted(
                         id(h[c]) for _, w, h in live if w is None)
     trio.run(run)
+
+
+async def test_modify_while_the_task_runs():
+    """Modified while its task runs and migrates: the old watch ends, the new one begins,
+    never both, and no CPU keeps the old range."""
+    async with Machine(cpus=2, seed=4) as m:
+        task = m.spawn("fork_schedule_loop", 300)
+        seen = []
+        bp = await m.hw_breakpoints.register_user_hw_breakpoint(
+            watch(m), lambda bp, data, regs: seen.append(m.format_addr(data.addr)), task)
+        await m.call("fork_schedule_loop", 20)
+        await m.hw_breakpoints.modify_user_hw_breakpoint(
+            bp, HwBreakpointAttr(symbol_name="last_pid", bp_type="rw"))
+        await task.wait()
+        n = seen.count("watched_counter+0x0")
+        assert 0 < n < len(seen) <= 300 and seen[n:] == ["last_pid+0x0"] * (len(seen) - n)
