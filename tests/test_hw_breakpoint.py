@@ -484,3 +484,23 @@ async def test_modify_while_the_task_runs():
         await task.wait()
         n = seen.count("watched_counter+0x0")
         assert 0 < n < len(seen) <= 300 and seen[n:] == ["last_pid+0x0"] * (len(seen) - n)
+
+
+async def test_a_cancelled_registration_is_not_left_half_done():
+    """Registering and unregistering are shielded: cancelled while the cross-CPU calls are in
+    flight, they still reach every CPU."""
+    async with Machine(cpus=4, seed=2) as m:
+        hw = m.hw_breakpoints
+        async with trio.open_nursery() as n:
+            for c in range(3):
+                n.start_soon(functools.partial(m.call, "fork_loop", 20_000, cpu=c))
+            await m.call("fork_loop", 10, cpu=3)     # CPUs 0-2 are busy now: IPIs, late
+            with trio.CancelScope() as cs:
+                cs.cancel()
+                h = await hw.register_wide_hw_breakpoint(watch(m), lambda *a: None)
+            assert [len(hw.installed(c)) for c in range(4)] == [1, 1, 1, 1]
+            with trio.CancelScope() as cs:
+                cs.cancel()
+                await hw.unregister_wide_hw_breakpoint(h)
+            assert [hw.installed(c) for c in range(4)] == [[], [], [], []]
+            assert hw.constraints.in_use("data", 0) == 0

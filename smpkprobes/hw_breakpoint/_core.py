@@ -22,6 +22,8 @@ import errno as E
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
+import trio
+
 from smpkprobes.cpus import hw_breakpoint_facts
 
 from .._errors import KprobeError
@@ -130,8 +132,7 @@ class HwBreakpointSubsystem:
         self._m.trace_event("bp_register", addr, attr.bp_len, attr.bp_type, "wide",
                             self._m.now_ns())
         if not attr.disabled:
-            await smp_call_function_many(self._m, self._wide_cpus(),
-                                         lambda cpu: self._install_own(cpu, handle))
+            await self._cross_call(self._wide_cpus(), lambda cpu: self._install_own(cpu, handle))
         return handle
 
     def _wide_cpus(self) -> list["CPU"]:
@@ -189,9 +190,6 @@ class HwBreakpointSubsystem:
         self._m.trace_event("bp_unregister", bp.addr, bp.len, bp.type, "task", self._m.now_ns())
 
     # == introspection ====================================================================
-    def breakpoints(self) -> list[HwBreakpoint]:
-        return [bp for h in self._wide for bp in h.per_cpu] + list(self._user)
-
     def installed(self, cpu: int) -> list[tuple[str, int, HwBreakpoint]]:
         """(pool, slot, breakpoint) in CPU `cpu`'s debug registers."""
         return self.debugregs[cpu].breakpoints()
@@ -265,8 +263,8 @@ class HwBreakpointSubsystem:
         def off(cpu):
             for bp in bps:
                 self.debugregs[cpu.id].uninstall(bp)
-        await smp_call_function_many(self._m, [r.cpu for r in self.debugregs
-                                               if any(r.holds(bp) for bp in bps)], off)
+        await self._cross_call([r.cpu for r in self.debugregs
+                                if any(r.holds(bp) for bp in bps)], off)
         if unregister:
             for bp in bps:
                 bp.registered = False
@@ -279,7 +277,14 @@ class HwBreakpointSubsystem:
                 regs.load_task(None)
                 regs.load_task(task)
         cpus = [c for c in self._m.cpus if c.current is task]
-        await smp_call_function_many(self._m, cpus, reload)
+        await self._cross_call(cpus, reload)
+
+    async def _cross_call(self, cpus: list["CPU"], func: Callable[["CPU"], None]) -> None:
+        """Run func on each of `cpus` by cross-CPU calls.  Shielded: a registration or an
+        unregistration is never left half done by a cancellation (it takes effect when
+        the caller reaches its next checkpoint)."""
+        with trio.CancelScope(shield=True):
+            await smp_call_function_many(self._m, cpus, func)
 
     def _sched_in(self, cpu: "CPU", task) -> None:
         """A task's breakpoints follow it: off the CPU it left (the sched-out it had there),
