@@ -13,6 +13,7 @@ from ._base import (CallingConvention as CallingConvention, CpuBackend as CpuBac
                     InsnPlan as InsnPlan, Register as Register, StepKind as StepKind,
                     UnsteppableError as UnsteppableError)
 from ._unicorn import UnicornQuirks as UnicornQuirks
+from ._hwbp import HwBreakpointFacts as HwBreakpointFacts, hw_breakpoint_facts as hw_breakpoint_facts
 
 # name -> (module, reason it is unavailable or None).  Order is the README's table order.
 _REGISTRY: dict[str, tuple[str | None, str | None]] = {

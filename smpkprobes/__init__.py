@@ -9,6 +9,8 @@ The layout, bottom up (dependencies point one way: tools -> probe core -> machin
                          uses `KernelServices` (machine/_services.py) and its typed events.
   smpkprobes/kprobes/    the probe core: probe objects, registry, hit path, slots,
                          kretprobes, jprobes, debugfs, tracefs (kprobes/_core.py maps them)
+  smpkprobes/hw_breakpoint/  hardware breakpoints (watchpoints) beside the probe core: per-CPU
+                         debug registers, the slot constraint table, wide and per-task ones
   smpkprobes/tools/      the command line, scenario harness, stress, mutants, invariants,
                          bench, trace export
   smpkprobes/_system     `Machine`: the machine, the probe core and the invariant checker,
@@ -44,5 +46,6 @@ from .kprobes._core import Jprobe as Jprobe
 from .kprobes._core import Kretprobe as Kretprobe
 from .kprobes._core import jprobe_return as jprobe_return
 from .kprobes._core import regs_return_value as regs_return_value
+from .hw_breakpoint._core import HwBreakpointAttr as HwBreakpointAttr
 
 __version__ = "0.1.0"

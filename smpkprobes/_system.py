@@ -14,6 +14,7 @@ from .kprobes._tracefs import Tracefs
 from .machine._machine import SMPMachine
 from .machine._services import KernelServices
 from .tools._invariants import Invariants
+from .hw_breakpoint._core import HwBreakpointSubsystem
 
 
 def _forward(name: str, settable: bool = False, doc: str | None = None) -> property:
@@ -40,7 +41,7 @@ class Machine:
 
     `probe_core` is the class of the probe core, `KprobesSubsystem` unless a tool says
     otherwise: it is the seam through which `tools._mutants` builds a machine whose probe
-    core has one known bug.
+    core has one known bug; `hw_breakpoint_core` is the same seam for `m.hw_breakpoints`.
     """
 
     # The machine's public surface, forwarded: read-only facts and state ...
@@ -70,12 +71,16 @@ class Machine:
 
     def __init__(self, arch: str = "x86_64", cpus: int = 4, seed: int = 0, preempt: bool = False,
                  kernel=None, *, invariants: str | bool = "raise",
-                 probe_core: type[KprobesSubsystem] = KprobesSubsystem, **options):
+                 probe_core: type[KprobesSubsystem] = KprobesSubsystem,
+                 hw_breakpoint_core: type[HwBreakpointSubsystem] = HwBreakpointSubsystem,
+                 **options):
         self.machine = SMPMachine(arch, cpus, seed, preempt, kernel, **options)
         services = KernelServices(self.machine)
         self.kprobes = probe_core(services)
         self.debugfs = Debugfs(services, self.kprobes)
         self.tracefs = Tracefs(self, self.kprobes)
+        self.hw_breakpoints = hw_breakpoint_core(self)
+        self.debugfs.files["hw_breakpoint/list"] = self.hw_breakpoints.debugfs_list
         self.invariants = Invariants(self.machine, self.kprobes, "raise" if invariants is True
                                      else invariants) if invariants else None
         m = self.machine
@@ -95,6 +100,8 @@ class Machine:
         self.text_poke = m.text_poke
         self.text_poke_batch = m.text_poke_batch
         self.synchronize = m.synchronize
+        self.smp_call_function_many = m.smp_call_function_many
+        self.spawn = m.spawn
         self.quiescent = m.quiescent
         self.load_module = m.load_module
         self.unload_module = m.unload_module

@@ -8,7 +8,8 @@ def test_public_names_are_pinned():
               and not isinstance(getattr(smpkprobes, n), types.ModuleType)}
     assert public == {"Machine", "Kprobe", "Kretprobe", "Jprobe", "KprobeError", "Oops",
                       "OopsRecord", "RunawayError", "SimulationError", "MachineStatistics",
-                      "jprobe_return", "regs_return_value", "replay_factory"}
+                      "jprobe_return", "regs_return_value", "replay_factory",
+                      "HwBreakpointAttr"}
 
 
 def test_kprobe_error_is_an_oserror():

@@ -14,6 +14,8 @@ class Debugfs:
         self._kernel = kernel
         self._k = kprobes
         self._w = kernel.backend.bits // 4
+        # More read-only files, path -> function giving the text (hw_breakpoint/list).
+        self.files: dict = {}
 
     def read(self, path: str) -> str:
         if path == "kprobes/list":
@@ -23,6 +25,8 @@ class Debugfs:
         if path == "kprobes/blacklist":
             return "".join(f"0x{a:0{self._w}x}-0x{b:0{self._w}x}\t{name}\n"
                            for a, b, name in self._k.blacklist())
+        if path in self.files:
+            return self.files[path]()
         raise KprobeError(E.ENOENT, f"no debugfs file {path!r}")
 
     async def write(self, path: str, value: str) -> None:

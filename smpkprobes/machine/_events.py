@@ -42,6 +42,17 @@ class TaskExited(Event):
         self.task = task
 
 
+class TaskScheduledIn(Event):
+    """`task` was just switched in on `cpu` (per-task state such as debug registers follows
+    it: the kernel's sched-in notifiers)."""
+
+    __slots__ = ("cpu", "task")
+
+    def __init__(self, cpu: "CPU", task: "Task"):
+        self.cpu = cpu
+        self.task = task
+
+
 class TaskOopsed(Event):
     """The task on `cpu` is being killed with an oops (before its exit)."""
 

@@ -171,6 +171,11 @@ class SMPMachine(Scheduler, TextPoke, GracePeriods, Modules, Traps, Hypercalls, 
     # == public API =====================================================================
     async def call(self, func, *args: int, cpu: int | None = None, comm: str | None = None) -> int:
         """Run guest function `func` as a new task; return its (sign-extended) result."""
+        return await self.spawn(func, *args, cpu=cpu, comm=comm).wait()
+
+    def spawn(self, func, *args: int, cpu: int | None = None, comm: str | None = None) -> Task:
+        """Start guest function `func` as a new task and return it at once; `await
+        task.wait()` gives its result (as `call` does)."""
         addr = self.resolve_function(func)
         if cpu is not None and not 0 <= cpu < self.ncpus:
             raise ValueError(f"no CPU {cpu} (machine has {self.ncpus})")
@@ -179,11 +184,7 @@ class SMPMachine(Scheduler, TextPoke, GracePeriods, Modules, Traps, Hypercalls, 
                     order_key=(addr, tuple(args), -1 if cpu is None else cpu, name))
         self._pending.append(task)
         self._idle_event.set()
-        await task.done.wait()
-        if task.oops is not None:
-            cls = RunawayError if task.oops.cause.startswith("runaway") else Oops
-            raise cls(task.oops)
-        return task.result
+        return task
 
     def kallsyms_lookup_name(self, name: str) -> int:
         """The address of `name`, or 0 when there is no such symbol (as in the kernel)."""
@@ -263,5 +264,3 @@ class SMPMachine(Scheduler, TextPoke, GracePeriods, Modules, Traps, Hypercalls, 
     async def sleep_ns(self, ns: int) -> None:
         """Let the machine run for `ns` of virtual time (a host-side delay that replays)."""
         await self.call("msleep", max(0, ns) // NS_PER_MS or 0)
-        # Awaited when a module's text is in place, before its init runs (MODULE_STATE_COMING).
-        self.module_coming_hooks: list = []

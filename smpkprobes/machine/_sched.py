@@ -29,7 +29,7 @@ import trio
 import trio.testing
 
 from . import _memory as mem
-from ._events import QuantumEnded, TaskExited
+from ._events import QuantumEnded, TaskExited, TaskScheduledIn
 from ._task import Task, TaskState
 from .._errors import OopsRecord
 
@@ -189,6 +189,8 @@ class Scheduler:
         task.last_cpu = cpu.id
         task.state = TaskState.RUNNING
         cpu.current = task
+        if self.events.wants(TaskScheduledIn):
+            self.events.publish(TaskScheduledIn(cpu, task))
         self._c.context_switches += 1
         self.trace_event("run", cpu.id, task.pid, cpu.clock)
 

@@ -49,6 +49,26 @@ class TextPoke:
             await waiter[1].wait()
         self.trace_event("synced", sync, waiter[2])
 
+    async def smp_call_function_many(self, cpus, func) -> None:
+        """Run `func(cpu)` on each online CPU of `cpus`, on that CPU, and return when all
+        have.  A CPU running a task takes the call as an IPI at the start of one of its next
+        quanta, 0 to `ipi_delay` quanta late (the seeded coin of text_poke's sync); an idle
+        CPU runs no guest code, so it takes the call at once."""
+        remaining = set()
+        for cpu in cpus:
+            if not cpu.online:
+                continue
+            if cpu.current is None and not cpu.deferred_trap:
+                func(cpu)
+                continue
+            delay = self.conductor.randint("ipi", 0, self.ipi_delay) if self.ipi_delay else 0
+            cpu.pending_flush.append([func, delay])
+            remaining.add(cpu.id)
+        if remaining:
+            waiter = [remaining, trio.Event(), self._now]
+            self._sync_waiters.append(waiter)
+            await waiter[1].wait()
+
     def _deliver_ipis(self, cpu: CPU) -> None:
         keep = []
         for entry in cpu.pending_flush:
@@ -56,6 +76,9 @@ class TextPoke:
             if delay > 0:
                 entry[1] -= 1
                 keep.append(entry)
+                continue
+            if callable(ranges):
+                ranges(cpu)         # a cross-CPU function call (smp_call_function_many)
                 continue
             for a, b in ranges:
                 cpu.flush_tb(a, b)

@@ -302,4 +302,7 @@ def main(what: str = "all", quick: bool = False, arches=None) -> int:
         target("boosted hit with other probes <= 1.1 x alone", crowded, crowded <= 1.1, "x")
         target("probe-free loop with probes elsewhere at full speed (0.9..1.1)", free,
                0.9 <= free <= 1.1, "x")
+    if what in ("all", "watchpoint"):
+        from ._bench_hwbp import bench_watchpoint, print_watchpoint
+        print_watchpoint(bench_watchpoint(n=5_000 if quick else 20_000))
     return 0

@@ -204,8 +204,9 @@ def _selftest(a) -> int:
 # == trace ===============================================================================
 def _trace_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument("definitions", nargs="+", metavar="DEFINITION",
-                   help="p[:[GRP/]EVENT] SYMBOL[+offs]|ADDR [FETCHARGS] or "
-                        "r[MAXACTIVE][:[GRP/]EVENT] SYMBOL[+0] [FETCHARGS]")
+                   help="p[:[GRP/]EVENT] [MOD:]SYM[+offs][%%return]|ADDR [FETCHARGS] or "
+                        "r[MAXACTIVE][:[GRP/]EVENT] [MOD:]SYM[+0] [FETCHARGS], or "
+                        "mem:SYMBOL|ADDR[/LEN][:rwx] (a hardware breakpoint, perf's syntax)")
     t.add_argument("--workload", default="fork_loop", metavar="F[:ARG...],...",
                    help="guest functions to run on every CPU (default fork_loop)")
     t.add_argument("--loops", type=non_negative_int, default=5,
@@ -254,9 +255,12 @@ def _trace(a) -> int:
             raise UsageError(str(err)) from None
     log = functools.partial(print, file=sys.stderr)
     after = functools.partial(_trace_export.export_all, perfetto=a.perfetto, plot=a.plot, log=log)
+    session = _tracefs.trace_session
+    if any(d.startswith("mem:") for d in a.definitions):
+        from ..hw_breakpoint._perf import trace_session as session
     try:
         return trio.run(functools.partial(
-            _tracefs.trace_session, a.definitions, workloads, arch=a.arch, cpus=a.cpus,
+            session, a.definitions, workloads, arch=a.arch, cpus=a.cpus,
             seed=a.seed, preempt=a.preempt, out=functools.partial(print, flush=True), err=log,
             after=after))
     except BaseExceptionGroup as group:     # the machine's nursery wraps what its body raised
@@ -286,7 +290,7 @@ def _definition_error(err: OSError) -> UsageError:
 # == bench ===============================================================================
 def _bench_flags(b: argparse.ArgumentParser) -> None:
     b.add_argument("what", nargs="?", default="all",
-                   choices=["all", "machine", "kprobe", "overhead"])
+                   choices=["all", "machine", "kprobe", "overhead", "watchpoint"])
     b.add_argument("--quick", action="store_true", help="smaller runs")
     b.add_argument("--arch", action="append", help="overhead table for this arch only "
                    "(repeatable; default: every available arch)")

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import trio
 
+from ..hw_breakpoint._core import HwBreakpointSubsystem
+from ..hw_breakpoint._core import HwBreakpointSubsystem
 from ..kprobes._core import KprobesSubsystem, Status
 from ..kprobes._events import KprobesArmed
 from ..kprobes._slots import InsnSlots
@@ -33,6 +35,7 @@ class Mutant:
     hunted_by: tuple[str, ...]        # the stress scenarios expected to catch it
     probe_core: type[KprobesSubsystem] = KprobesSubsystem
     options: tuple[tuple[str, object], ...] = ()      # machine options besides
+    hw_breakpoint_core: type[HwBreakpointSubsystem] = HwBreakpointSubsystem
     livelock: bool = False            # caught only by a run's wall-clock bound
 
 
@@ -244,6 +247,40 @@ class GracePeriodNeverEnds(KprobesSubsystem):
         self._kernel = _Kernel(kernel, synchronize=trio.sleep_forever)
 
 
+def _wide_breakpoint_local_only():
+    """register_wide_hw_breakpoint installs the breakpoint in the local CPU's debug registers
+    only (CPU 0's), with no cross-CPU call to the others."""
+    return _patch(HwBreakpointSubsystem, "_wide_cpus", lambda self: [self._m.cpus[0]])
+
+
+def _slot_not_moved_with_task():
+    """A per-task breakpoint is loaded into the registers of the first CPU its task runs on
+    and stays there: not moved at context switch when the task migrates."""
+    def sched_in(self, cpu, task):
+        regs = self.debugregs[cpu.id]
+        if self._user and regs.task is None and all(r.task is not task for r in self.debugregs):
+            regs.load_task(task)
+    return _patch(HwBreakpointSubsystem, "_sched_in", sched_in)
+
+
+class WideBreakpointLocalOnly(HwBreakpointSubsystem):
+    """register_wide_hw_breakpoint installs the breakpoint in the local CPU's debug
+    registers only (CPU 0's), with no cross-CPU call to the others."""
+
+    def _wide_cpus(self):
+        return [self._m.cpus[0]]
+
+
+class SlotNotMovedWithTask(HwBreakpointSubsystem):
+    """A per-task breakpoint is loaded into the registers of the first CPU its task runs on
+    and stays there: not moved at context switch when the task migrates."""
+
+    def _sched_in(self, cpu, task):
+        regs = self.debugregs[cpu.id]
+        if self._user and regs.task is None and all(r.task is not task for r in self.debugregs):
+            regs.load_task(task)
+
+
 MUTANTS: dict[str, Mutant] = {m.name: m for m in (
     # The machine's own "no cross-CPU sync" configuration: text_poke writes, sends no IPI.
     Mutant("no_text_sync", "no cross-CPU sync after text patching (arming, disarming)",
@@ -271,6 +308,11 @@ MUTANTS: dict[str, Mutant] = {m.name: m for m in (
            ("long_context_unregister",), ShortGracePeriod),
     Mutant("grace_period_never_ends", "a grace period that never ends (a livelock)",
            ("unregister_while_firing",), GracePeriodNeverEnds, livelock=True),
+    Mutant("wide_breakpoint_local_only", "a wide hardware breakpoint installed on the local "
+           "CPU only", ("data_breakpoint", "watchpoint_race"),
+           hw_breakpoint_core=WideBreakpointLocalOnly),
+    Mutant("slot_not_moved_with_task", "a per-task breakpoint's slot not moved with its "
+           "migrating task", ("watchpoint_race",), hw_breakpoint_core=SlotNotMovedWithTask),
 )}
 
 
@@ -290,7 +332,8 @@ def machine_options(name: str | None) -> dict:
     if name is None:
         return {}
     mutant = get(name)
-    return {"probe_core": mutant.probe_core, **dict(mutant.options)}
+    return {"probe_core": mutant.probe_core, "hw_breakpoint_core": mutant.hw_breakpoint_core,
+            **dict(mutant.options)}
 
 
 @contextlib.contextmanager

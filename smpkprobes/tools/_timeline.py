@@ -55,6 +55,12 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "stray": ("cpu", "addr", "t"),          # the probe was removed under this trap
     "rp_miss": ("cpu", "addr", "t"),        # kretprobe pool empty
     "ret": ("cpu", "addr", "t"),            # return through the kretprobe trampoline
+    # hardware breakpoints (smpkprobes/hw_breakpoint): registration on the host, and each
+    # trigger on its CPU: the watched address, the byte accessed, r/w/x, and whether the
+    # handler ran after the access ("trap": x86, ppc) or before it ("fault": arm, arm64)
+    "bp_register": ("addr", "len", "type", "target", "t"),
+    "bp_unregister": ("addr", "len", "type", "target", "t"),
+    "bp_hit": ("cpu", "addr", "access_addr", "access", "how", "t"),
 }
 
 TRAMPOLINE = "kretprobe_trampoline"
@@ -305,6 +311,10 @@ class _Timeline:
             where = self.sym(addr)
             name = {"stray": "stray trap", "rp_miss": "kretprobe miss"}[kind]
             self.instants.append(Instant(cpu, f"{name} {where}", kind, t, {"addr": where}))
+        elif kind == "bp_hit":
+            where = self.sym(e["access_addr"])
+            self.instants.append(Instant(cpu, f"hw_breakpoint {e['access']} {where}",
+                                         "hw_breakpoint", t, {"addr": where, "how": e["how"]}))
         elif kind == "ipi":
             self.instants.append(Instant(cpu, "sync_core (IPI)", "text_sync", t))
         elif kind == "printk":
@@ -357,6 +367,11 @@ class _Timeline:
         elif kind in ("register", "unregister"):
             where = self.sym(e["addr"]) if e["addr"] is not None else "?"
             self.instants.append(Instant(-1, f"{kind}_{e['type']}probe {where}", "kprobes", t,
+                                         {"addr": where}))
+        elif kind in ("bp_register", "bp_unregister"):
+            where = self.sym(e["addr"])
+            self.instants.append(Instant(-1, f"{kind} {where}/{e['len']}:{e['type']} "
+                                             f"({e['target']})", "hw_breakpoint", t,
                                          {"addr": where}))
         self._host_t = max(self._host_t, t)
         self.end = max(self.end, t)

@@ -103,6 +103,12 @@ def _ftrace_body(tl: _Timeline, e: dict) -> tuple[str, str]:
         return f"kprobe_{kind}", f"type={e['type']} ({where})"
     if kind == "ss":
         return "kprobe_ss", f"({sym(e['addr'])}) how={e['how']}"
+    if kind == "bp_hit":
+        return "hw_breakpoint", (f"({sym(e['access_addr'])}) access={e['access']} "
+                                 f"how={e['how']}")
+    if kind in ("bp_register", "bp_unregister"):
+        return f"hw_breakpoint_{kind[3:]}", (f"({sym(e['addr'])})/{e['len']}:{e['type']} "
+                                             f"{e['target']}")
     names = {"hit": "kprobe_hit", "ssdone": "kprobe_ss_done", "done": "kprobe_done",
              "miss": "kprobe_miss", "stray": "kprobe_stray", "rp_miss": "kretprobe_miss",
              "ret": "kretprobe_return"}

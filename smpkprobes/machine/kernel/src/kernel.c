@@ -16,12 +16,23 @@
 
 long last_pid = 100;
 
+/*
+ * The data_breakpoint sample's target: a word do_fork writes on every call.
+ * A plain increment (one load, one store, through a volatile access) rather
+ * than an atomic one, so every call makes exactly one write on every arch: an
+ * LL/SC loop (arm, arm64, ppc) retries its store-exclusive under contention,
+ * and whether a failed one triggers a watchpoint is implementation-defined.
+ * Concurrent calls may lose an increment; last_pid counts the calls exactly.
+ */
+unsigned long watched_counter;
+
 __kapi long do_fork(unsigned long clone_flags, unsigned long stack_start,
 		    void *regs, unsigned long stack_size,
 		    int *parent_tidptr, int *child_tidptr)
 {
 	USE(clone_flags); USE(stack_start); USE(regs);
 	USE(stack_size); USE(parent_tidptr); USE(child_tidptr);
+	*(volatile unsigned long *)&watched_counter += 1;
 	/* A locked read-modify-write (lock xadd on x86): CPUs fork concurrently. */
 	return __atomic_add_fetch(&last_pid, 1, __ATOMIC_SEQ_CST);
 }
@@ -370,4 +381,17 @@ __kapi long bad_insn(void)
 __kapi long text_poke_victim(long x)
 {
 	return x + 7;
+}
+
+/*
+ * A task that moves between CPUs: do_fork, then yield, n times.  Without
+ * preemption this is how a per-task hardware breakpoint sees its task migrate.
+ */
+__kapi long fork_schedule_loop(long n)
+{
+	for (long i = 0; i < n; i++) {
+		do_fork(0x11, 0, NULL, 0, NULL, NULL);
+		schedule();
+	}
+	return n;
 }

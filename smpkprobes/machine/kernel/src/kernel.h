@@ -49,11 +49,13 @@ int printk(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* kernel.c: the probe targets and helpers. */
 extern long last_pid;
+extern unsigned long watched_counter;
 extern unsigned long target_return_address[2];
 
 long do_fork(unsigned long clone_flags, unsigned long stack_start, void *regs,
 	     unsigned long stack_size, int *parent_tidptr, int *child_tidptr);
 long fork_loop(long n);
+long fork_schedule_loop(long n);
 long do_sys_open(int dfd, const char *filename, int flags, int mode);
 long sys_open(const char *filename, int flags, int mode);
 long open_loop(long n, long fail_every);
