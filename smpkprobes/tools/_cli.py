@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from . import _bench
+from . import _bench, _campaign
 from ._harness import scenarios_dir
 from .._system import Machine
 
@@ -79,7 +79,7 @@ def _main(argv: list[str] | None = None) -> int:
         p.add_argument("--preempt", action="store_true")
     b = sub.add_parser("bench", help="benchmarks: machine throughput, kprobe hit cost")
     b.add_argument("what", nargs="?", default="all",
-                   choices=["all", "machine", "kprobe", "overhead"])
+                   choices=["all", "machine", "kprobe", "overhead", "campaign"])
     b.add_argument("--quick", action="store_true", help="smaller runs")
     b.add_argument("--arch", action="append", help="overhead table for this arch only "
                    "(repeatable; default: every available arch)")
@@ -101,6 +101,7 @@ def _main(argv: list[str] | None = None) -> int:
     s.add_argument("--shrink-runs", type=int, default=120,
                    help="most replays spent shrinking one failure (default 120)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _campaign.add_engine_options(s)
     st = sub.add_parser("selftest", help="check the checkers: the mutation table, invariant cost")
     st.add_argument("--mutants", action="store_true",
                     help="inject each known probe-core bug; show which seed catches it")
@@ -111,6 +112,8 @@ def _main(argv: list[str] | None = None) -> int:
                     help="stop each mutant at its first failing seed (no detection rate)")
     st.add_argument("--invariant-cost", action="store_true",
                     help="time a hit-heavy run with the invariant checks on and off")
+    _campaign.add_engine_options(st, resume=False)
+    _campaign.add_campaign_parser(sub)
     t = sub.add_parser("trace", help="kprobe_events one-liners: define, enable, run, print lines",
                        description="Define kprobe events in the kernel's kprobe_events "
                                    "language, run workloads on every CPU and print each trace "
@@ -147,6 +150,8 @@ def _main(argv: list[str] | None = None) -> int:
         return _stress_cmd(a, rest)
     if a.cmd == "selftest":
         return _selftest(a)
+    if a.cmd == "campaign":
+        return _campaign_cmd(a)
     if a.cmd == "run":
         path = SCENARIOS / f"{a.scenario}.py"
         if not path.exists():
@@ -167,9 +172,20 @@ def _stress_cmd(a, rest: list[str]) -> int:
         seeds = _stress.parse_seeds(a.seeds)
         return _stress.stress_main(a.scenario, seeds, rest, jobs=a.jobs, timeout=a.timeout,
                                    do_shrink=not a.no_shrink, shrink_runs=a.shrink_runs,
-                                   progress=not a.no_progress)
+                                   progress=not a.no_progress, **_campaign.engine_options(a))
+    except (_campaign.CampaignError, _campaign.StoreError) as err:
+        print(f"smpkprobes: error: {err}", file=sys.stderr)
+        return 2
     except (LookupError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _campaign_cmd(a) -> int:
+    try:
+        return _campaign.campaign_main(a)
+    except (_campaign.CampaignError, _campaign.StoreError) as err:
+        print(f"smpkprobes: error: {err}", file=sys.stderr)
         return 2
 
 
@@ -184,7 +200,12 @@ def _selftest(a) -> int:
               f"({c['overhead']:+.1%}) for {c['hits']:,} hits in {c['quanta']:,} quanta on 4 "
               f"CPUs (best of 5); same run with and without: {c['same_run']}")
     if a.mutants:
-        results = _stress.mutation_check(a.max_seeds, a.jobs, a.only, rate=not a.first)
+        try:
+            results = _stress.mutation_check(a.max_seeds, a.jobs, a.only, rate=not a.first,
+                                             **_campaign.engine_options(a))
+        except (_campaign.CampaignError, _campaign.StoreError) as err:
+            print(f"smpkprobes: error: {err}", file=sys.stderr)
+            return 2
         _stress.print_mutation_table(results, a.max_seeds)
         status = 0 if all(r.caught for r in results) else 1
     return status
