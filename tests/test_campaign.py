@@ -63,7 +63,8 @@ def cluster(tmp_path_factory):
     dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
     worker = [sys.executable, "-m", "distributed.cli.dask_worker"]
     env = {**os.environ, "DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD": "fork"}
-    procs = [subprocess.Popen([*dask, "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+    procs = [subprocess.Popen([*dask, "--host", "127.0.0.1", "--port", "0",
+                               "--dashboard-address", "127.0.0.1:0",
                                "--scheduler-file", str(sched_file)], cwd=d, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)]
@@ -328,3 +329,24 @@ def test_campaign_errors_say_what_to_do(tmp_path, capsys):
                                        f"`smpkprobes campaign list`)\n")
     assert _cli.main(["stress", "reentrancy", "--scheduler", "127.0.0.1:1"]) == 2
     assert "is not a scheduler address (give tcp://HOST:PORT" in capsys.readouterr().err
+
+
+def test_a_campaign_runs_on_one_client_at_a_time(tmp_path, capsys):
+    """While a client holds a campaign, a second client of it is refused with exit 2; once
+    the first is gone (even SIGKILLed) the campaign can be resumed."""
+    db = tmp_path / "one.sqlite"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from smpkprobes.tools._store import Store; "
+         f"Store({str(db)!r}).open_campaign('reentrancy', [], 'x86_64', 'random'); "
+         "print('held', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        argv = ["stress", "reentrancy", "--seeds", "0:1", "--no-progress", "--store", str(db)]
+        assert _cli.main(argv) == 2
+        assert capsys.readouterr().err == (
+            f"smpkprobes: error: campaign 1 in {db} is being run by another client (wait for "
+            f"it to finish, or stop it and run again to resume)\n")
+    finally:
+        holder.kill()
+        holder.communicate()
+    assert _cli.main(argv) == 0

@@ -275,4 +275,7 @@ def main(what: str = "all", quick: bool = False, arches=None) -> int:
             print(f"  {r['what']:<62} {us:>8} {r['ratio']:>7.2f}")
         print("  targets: hit <= 8x the bare hook; <= 1.1x with 10,000 other probes; "
               "probe-free code at full speed (ratio ~1.0)")
+    if what in ("all", "campaign"):
+        from . import _bench_campaign
+        _bench_campaign.main(quick=quick)
     return 0

@@ -145,9 +145,11 @@ class DaskEngine:
             dask.config.set({"distributed.worker.multiprocessing-method":
                              _multiprocessing_method(),
                              "distributed.scheduler.allowed-failures": 2})
+            # The scheduler serves HTTP even without a dashboard, by default on port 8787,
+            # which another cluster may hold: take any free port on loopback.
             self.cluster = distributed.LocalCluster(
                 n_workers=jobs, threads_per_worker=1, processes=True, host="127.0.0.1",
-                dashboard_address=None, silence_logs=logging.ERROR, scheduler_port=0)
+                dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR, scheduler_port=0)
             self.client = distributed.Client(self.cluster)
             where = "an embedded LocalCluster"
         n = len(self.client.scheduler_info().get("workers", {}))
@@ -318,6 +320,8 @@ class Campaign:
         label = label or self.name
         if outcomes:
             label += f" ({len(outcomes)} recorded)"
+        if todo:
+            store.start_session(cid, self.engine.describe)
         bar = _stress._Progress(label, len(todo), enabled=progress)
         with bar:
             stream = self.engine.stream(self.name, self.extra,

@@ -12,12 +12,12 @@ import base64
 import datetime
 import html
 import io
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from ._store import CampaignInfo, Store
 
-BINS = 40
+WINDOW = 8      # chunks over which the seeds-per-second curve is averaged
 
 
 def _when(t: float) -> str:
@@ -72,7 +72,8 @@ def summary(store: Store, cid: int) -> list[str]:
              f"{c.code_digest}, created {_when(c.created)}",
              f"  {len(rows)} seeds run ({_ranges([r.seed for r in rows])}), "
              f"{len(rows) - bad} passed, {bad} failed, {len(kinds)} kind(s) of failure; "
-             f"{busy:.1f} s in runs on {len(workers)} worker(s)"]
+             f"{busy:.1f} s in runs on {len(workers)} worker(s), in "
+             f"{len(store.sessions(cid))} session(s)"]
     for k in kinds:
         lines.append(f"  {k['count']} x {k['message']}")
         lines.append(f"    first seed {k['first_seed']}: "
@@ -107,20 +108,32 @@ def _plots(store: Store, cid: int) -> list[tuple[str, str]]:
     short = {k["kind"]: f"K{i + 1}" for i, k in enumerate(kinds)}
     plots = []
 
-    # 1. seeds per second over time (the client's clock when each chunk was recorded; a
-    # resumed campaign shows its pause as a gap)
+    # 1. seeds per second over time: the client's clock when it recorded each chunk, the
+    # rate over the last WINDOW chunks, from the start of each client session (so start-up
+    # counts); a killed and resumed campaign shows the pause as a gap.
     fig = Figure(figsize=(7, 3.2))
     ax = fig.add_subplot()
+    starts = [t for t, _ in store.sessions(cid)]
+    marks = sorted([(t, n, False) for t, n in Counter(r.recorded for r in rows).items()]
+                   + [(t, 0, True) for t in starts])
     if rows:
-        times = sorted(r.recorded for r in rows)
-        t0, span = times[0], max(times[-1] - times[0], 1e-3)
-        width = span / BINS
-        counts = [0] * BINS
-        for t in times:
-            counts[min(BINS - 1, int((t - t0) / width))] += 1
-        ax.bar([(i + 0.5) * width for i in range(BINS)], [c / width for c in counts],
-               width=width * 0.9, color="tab:blue")
-    ax.set_xlabel("seconds since the first recorded seed")
+        t0 = marks[0][0]
+        xs, ys, start = [], [], 0
+        for i, (t, _, session) in enumerate(marks):
+            if session or i == 0:
+                if xs:
+                    xs.append(t - t0)
+                    ys.append(float("nan"))
+                start = i
+                continue
+            j = max(start, i - WINDOW)
+            if i > j:
+                seeds = sum(n for _, n, _ in marks[j + 1:i + 1])
+                xs.append(t - t0)
+                ys.append(seeds / max(t - marks[j][0], 1e-6))
+        ax.plot(xs, ys, color="tab:blue", marker=".")
+        ax.set_ylim(bottom=0)
+    ax.set_xlabel("seconds since the campaign started")
     ax.set_ylabel("seeds / s")
     ax.set_title("Seeds per second over time")
     fig.tight_layout()

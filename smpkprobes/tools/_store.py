@@ -11,6 +11,10 @@ is one.  A campaign can be killed and resumed at any moment:
   * a seed is the primary key within its campaign: recording one twice is an error, not a
     duplicate, and a resumed run asks the store which seeds to skip.
 
+One client at a time runs a campaign: it holds a lock on the campaign (a byte-range lock on
+FILE.lock, which the system drops when the process dies, SIGKILL included), and a second
+client of the same campaign is refused while the first runs.
+
 The code digest (a hash of every source file and kernel image of the installed smpkprobes)
 says which code produced the outcomes: resuming a campaign with other code would mix two
 programs' results, so `open_campaign` refuses that unless a new campaign is asked for.
@@ -19,6 +23,7 @@ programs' results, so `open_campaign` refuses that unless a new campaign is aske
 from __future__ import annotations
 
 import hashlib
+import os
 import importlib.util
 import json
 import sqlite3
@@ -55,6 +60,11 @@ CREATE TABLE IF NOT EXISTS seeds (
     recorded    REAL NOT NULL,      -- Unix time the client recorded it
     PRIMARY KEY (campaign, seed)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sessions (  -- each time a client ran some of a campaign's seeds
+    campaign    INTEGER NOT NULL REFERENCES campaigns(id),
+    started     REAL NOT NULL,      -- Unix time
+    engine      TEXT NOT NULL       -- where the seeds ran
+);
 CREATE TABLE IF NOT EXISTS kinds (
     campaign    INTEGER NOT NULL REFERENCES campaigns(id),
     kind        TEXT NOT NULL,
@@ -156,9 +166,30 @@ class Store:
             raise StoreError(f"{self.path} has store schema {schema}, this smpkprobes reads "
                              f"{SCHEMA_VERSION} (give another file with --store)")
         self.seconds = 0.0
+        self._lock_fd: int | None = None
 
     def close(self) -> None:
         self.db.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _lock(self, cid: int) -> None:
+        """Hold campaign `cid` for this process until `close` (or its death)."""
+        try:
+            import fcntl
+        except ImportError:             # no POSIX locks here: one client is trusted
+            return
+        if self.path == ":memory:":
+            return
+        if self._lock_fd is None:
+            self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, cid)
+        except OSError:
+            raise StoreError(f"campaign {cid} in {self.path} is being run by another client "
+                             f"(wait for it to finish, or stop it and run again to resume)"
+                             ) from None
 
     def _tx(self):
         return _Transaction(self.db)
@@ -180,6 +211,7 @@ class Store:
                     f"campaign {old.id} ({what}) in {self.path} was run by other code (digest "
                     f"{old.code_digest}, version {old.version}; this is {digest}, {version}) "
                     f"(pass --new to start a new campaign with this code)")
+            self._lock(old.id)
             return old, True
         if resume:
             raise StoreError(f"no campaign of {what} in {self.path} to resume "
@@ -189,6 +221,7 @@ class Store:
                 "INSERT INTO campaigns (scenario, arguments, arch, policy, version, "
                 "code_digest, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (scenario, args, arch, policy, version, digest, time.time()))
+        self._lock(cur.lastrowid)
         return self.campaign(cur.lastrowid), False
 
     def campaign(self, cid: int) -> CampaignInfo:
@@ -244,6 +277,17 @@ class Store:
             q += " AND seed >= ? AND seed < ?"
             params += [lo, hi]
         return [SeedRow(*r[1:]) for r in self.db.execute(q + " ORDER BY seed", params)]
+
+    def start_session(self, cid: int, engine: str) -> None:
+        t0 = time.perf_counter()
+        with self._tx():
+            self.db.execute("INSERT INTO sessions VALUES (?, ?, ?)", (cid, time.time(), engine))
+        self.seconds += time.perf_counter() - t0
+
+    def sessions(self, cid: int) -> list[tuple[float, str]]:
+        """(start time, engine) of each client session of campaign `cid`."""
+        return self.db.execute("SELECT started, engine FROM sessions WHERE campaign = ? "
+                               "ORDER BY started", (cid,)).fetchall()
 
     def count(self, cid: int) -> tuple[int, int]:
         """(seeds recorded, of which failed) for campaign `cid`."""
