@@ -85,17 +85,12 @@ def cluster(tmp_path_factory):
             client.wait_for_workers(2, timeout=60)
         yield address
     finally:
-        for p in reversed(procs):
+        for p in reversed(procs):          # each in its own session: it and its children
             try:
-                os.killpg(p.pid, signal.SIGTERM)
+                os.killpg(p.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for p in reversed(procs):
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+            p.wait()
 
 
 def stress_cmd(db, *more) -> list[str]:
@@ -327,6 +322,12 @@ def test_campaign_errors_say_what_to_do(tmp_path, capsys):
     assert _cli.main(["campaign", "report", "7", "--store", db]) == 2
     assert capsys.readouterr().err == (f"smpkprobes: error: no campaign 7 in {db} (see "
                                        f"`smpkprobes campaign list`)\n")
+    junk = tmp_path / "junk.sqlite"
+    junk.write_text("not a database, not even close\n")
+    assert _cli.main(["stress", "reentrancy", "--seeds", "0:1", "--store", str(junk)]) == 2
+    assert capsys.readouterr().err == (f"smpkprobes: error: {junk} is not a campaign store: "
+                                       f"file is not a database (give another file with "
+                                       f"--store)\n")
     assert _cli.main(["stress", "reentrancy", "--scheduler", "127.0.0.1:1"]) == 2
     assert "is not a scheduler address (give tcp://HOST:PORT" in capsys.readouterr().err
 
@@ -350,3 +351,37 @@ def test_a_campaign_runs_on_one_client_at_a_time(tmp_path, capsys):
         holder.kill()
         holder.communicate()
     assert _cli.main(argv) == 0
+
+
+def test_a_resumed_range_shrinks_a_seed_recorded_earlier(tmp_path, capsys):
+    """A kind first seen by an earlier session is shrunk from the range's own first failing
+    seed, run again for its recording."""
+    argv = ["stress", "concurrent_hits", "--no-progress", "--mutant", "no_text_sync",
+            "--size", "40", "--shrink-runs", "4"]
+    assert _cli.main([*argv, "--seeds", "3:5", "--no-shrink"]) == 1
+    capsys.readouterr()
+    assert _cli.main([*argv, "--seeds", "4:6"]) == 1
+    out = capsys.readouterr().out
+    assert "1 of these seeds were recorded before, 1 run now" in out
+    assert re.search(r"shrinking the schedule of seed 4 \([1-9]\d* choices", out)
+    assert "minimal reproducer" in out
+
+
+def test_the_mutant_table_is_a_set_of_campaigns(tmp_path, capsys):
+    """`selftest --mutants --store FILE` records each mutant and scenario as a campaign; run
+    again, it runs no seed and prints the same table."""
+    db = tmp_path / "m.sqlite"
+    argv = ["selftest", "--mutants", "--only", "no_text_sync", "--max-seeds", "2", "--first",
+            "--store", str(db)]
+    assert _cli.main(argv) == 0
+    first = capsys.readouterr().out
+    store = _store.Store(db)
+    (c,) = store.campaigns()
+    assert (c.scenario, c.arguments) == ("unregister_while_firing", ["--mutant",
+                                                                     "no_text_sync"])
+    recorded = store.count(c.id)
+    sessions = len(store.sessions(c.id))
+    assert _cli.main(argv) == 0
+    assert capsys.readouterr().out == first
+    assert store.count(c.id) == recorded and len(store.sessions(c.id)) == sessions
+    store.close()

@@ -154,7 +154,13 @@ class DaskEngine:
             where = "an embedded LocalCluster"
         n = len(self.client.scheduler_info().get("workers", {}))
         if scheduler and n == 0:
-            self.client.wait_for_workers(1, timeout=30)
+            try:
+                self.client.wait_for_workers(1, timeout=30)
+            except TimeoutError:
+                self.client.close()
+                raise CampaignError(f"no Dask worker joined the scheduler at {scheduler} in "
+                                    f"30 s (start some with `dask worker {scheduler} "
+                                    f"--nthreads 1`)") from None
             n = len(self.client.scheduler_info().get("workers", {}))
         self.workers = max(1, n)
         self.describe = f"{n} Dask worker(s) on {where}"

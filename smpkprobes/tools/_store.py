@@ -152,6 +152,13 @@ class Store:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            self.db.execute("PRAGMA schema_version")
+        except sqlite3.OperationalError as err:
+            raise StoreError(f"cannot open the store {self.path}: {err} (give another file "
+                             f"with --store)") from None
+        except sqlite3.DatabaseError:
+            pass                        # said below, as not a campaign store
+        try:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")    # durable across a process kill
             self.db.executescript(_SCHEMA)
