@@ -179,6 +179,7 @@ class DaskEngine:
             inflight[fut] = chunk
             done.add(fut)
 
+        counted = time.monotonic()
         try:
             for _ in range(IN_FLIGHT * self.workers):
                 if pending:
@@ -194,9 +195,17 @@ class DaskEngine:
                         pending.extend([s] for s in reversed(chunk))
                     else:
                         yield chunk, _crash(chunk[0], err)
+                except Exception as err:
+                    raise CampaignError(
+                        f"seeds {chunk[0]}..{chunk[-1]} failed on the cluster: "
+                        f"{type(err).__name__}: {err} (install the same smpkprobes on every "
+                        f"worker)") from err
                 else:
                     yield chunk, result
                 fut.release()
+                if time.monotonic() - counted > 5.0:    # workers come and go
+                    counted = time.monotonic()
+                    self.workers = max(1, len(self.client.scheduler_info()["workers"]))
                 while pending and len(inflight) < IN_FLIGHT * self.workers:
                     submit(pending.pop())
         finally:
