@@ -149,7 +149,8 @@ class DaskEngine:
             # which another cluster may hold: take any free port on loopback.
             self.cluster = distributed.LocalCluster(
                 n_workers=jobs, threads_per_worker=1, processes=True, host="127.0.0.1",
-                dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR, scheduler_port=0)
+                dashboard_address="127.0.0.1:0", silence_logs=logging.CRITICAL,
+                scheduler_port=0)
             self.client = distributed.Client(self.cluster)
             where = "an embedded LocalCluster"
         n = len(self.client.scheduler_info().get("workers", {}))

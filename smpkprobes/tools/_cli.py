@@ -94,7 +94,8 @@ def _main(argv: list[str] | None = None) -> int:
                                    "every failing seed and a shrunk schedule per kind of failure.")
     s.add_argument("scenario")
     s.add_argument("--seeds", default="0:100", metavar="A:B", help="seeds A..B-1 (default 0:100)")
-    s.add_argument("--jobs", type=int, default=1, help="parallel processes (default 1)")
+    s.add_argument("--jobs", type=int, default=1,
+                   help="worker processes of an embedded Dask cluster (default 1: this process)")
     s.add_argument("--timeout", type=float, default=120.0,
                    help="wall-clock seconds before a run counts as hung (default 120)")
     s.add_argument("--no-shrink", action="store_true", help="do not shrink failing schedules")

@@ -133,6 +133,7 @@ def _plots(store: Store, cid: int) -> list[tuple[str, str]]:
                 ys.append(seeds / max(t - marks[j][0], 1e-6))
         ax.plot(xs, ys, color="tab:blue", marker=".")
         ax.set_ylim(bottom=0)
+        ax.set_xlim(left=0)
     ax.set_xlabel("seconds since the campaign started")
     ax.set_ylabel("seeds / s")
     ax.set_title("Seeds per second over time")
