@@ -385,3 +385,32 @@ def test_the_mutant_table_is_a_set_of_campaigns(tmp_path, capsys):
     assert capsys.readouterr().out == first
     assert store.count(c.id) == recorded and len(store.sessions(c.id)) == sessions
     store.close()
+
+
+DIES = '''"""dies: a scenario whose seed 2 kills the process running it."""
+import os
+
+
+async def scenario(m, report, args):
+    if args.seed == 2:
+        os._exit(3)
+    report.expect(True, "nothing")
+'''
+
+
+@pytest.mark.skipif(_campaign._multiprocessing_method() != "fork",
+                    reason="the workers must be forked to see the scenario made here")
+def test_a_seed_that_kills_every_worker_is_recorded_as_a_crash(tmp_path, monkeypatch):
+    """A seed whose run kills its worker each time: its chunk is split, the other seeds of
+    the chunk pass, and the seed is recorded once, as a crash."""
+    (tmp_path / "dies.py").write_text(DIES)
+    monkeypatch.setattr(_stress, "SCENARIOS", tmp_path)
+    monkeypatch.setattr(_stress, "_loaded", {})
+    db = str(tmp_path / "d.sqlite")
+    with _campaign.Campaign.open("dies", ["--cpus", "1"], jobs=2, store=db) as camp:
+        assert _campaign.chunks_of(list(range(40)), camp.engine.workers)[0] == [0, 1]
+        outs = camp.run(range(40), progress=False)
+    assert [o.seed for o in outs if not o.ok] == [2]
+    assert outs[2].kind == "worker died"
+    assert [(s, o) for s, o, _, _ in outcomes_in(db) if o != "pass"] == [(2, "crash")]
+    assert len(outcomes_in(db)) == 40
