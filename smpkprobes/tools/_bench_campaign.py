@@ -79,19 +79,22 @@ def bench_campaign(seeds: int = 120, jobs: int = 2, repeat: int = 2) -> dict:
     with tempfile.TemporaryDirectory() as d:
         db = Path(d) / "bench.sqlite"
         span = range(1000, 1000 + seeds)
-        pool = max(process_pool(SCENARIO, EXTRA, span, jobs) for _ in range(repeat))
-        runs = [embedded(SCENARIO, EXTRA, span, jobs, db) for _ in range(repeat)]
-        dask_rate = max(r[0] for r in runs)
+        # Interleaved, so that a change in the machine's load falls on both sides.
+        pools, runs, ones, twos = [], [], [], []
+        for _ in range(repeat):
+            pools.append(process_pool(SCENARIO, EXTRA, span, jobs))
+            runs.append(embedded(SCENARIO, EXTRA, span, jobs, db))
+            ones.append(steady_rate(SCENARIO, EXTRA, span, 1, db))
+            twos.append(steady_rate(SCENARIO, EXTRA, span, 2, db))
+        pool, dask_rate, one, two = max(pools), max(r[0] for r in runs), max(ones), max(twos)
         share = min(r[1] for r in runs)
-        one = max(steady_rate(SCENARIO, EXTRA, span, 1, db) for _ in range(repeat))
-        two = max(steady_rate(SCENARIO, EXTRA, span, 2, db) for _ in range(repeat))
     return {"seeds": seeds, "jobs": jobs, "pool": pool, "dask": dask_rate,
             "ratio": dask_rate / pool, "one": one, "two": two,
             "efficiency": two / (2 * one), "store_share": share}
 
 
 def main(quick: bool = False) -> int:
-    r = bench_campaign(seeds=40 if quick else 120, repeat=1 if quick else 2)
+    r = bench_campaign(seeds=40 if quick else 120, repeat=1 if quick else 3)
     print(f"bench campaign: {SCENARIO}, {r['seeds']} seeds, {r['jobs']} jobs, best of runs")
     print(f"  {'ProcessPool (before campaigns), start-up included':<52} {r['pool']:>7.1f} "
           f"seeds/s")
