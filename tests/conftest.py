@@ -9,3 +9,10 @@ def pytest_addoption(parser):
 @pytest.fixture
 def stress_seeds(request) -> int:
     return request.config.getoption("--stress-seeds") or 3
+
+
+@pytest.fixture(autouse=True)
+def _campaign_store(tmp_path, monkeypatch):
+    """`smpkprobes stress` records its campaigns in a store (default
+    .smpkprobes/campaigns.sqlite): each test gets its own, never the work tree's."""
+    monkeypatch.setenv("SMPKPROBES_STORE", str(tmp_path / "campaigns.sqlite"))

@@ -305,4 +305,7 @@ def main(what: str = "all", quick: bool = False, arches=None) -> int:
     if what in ("all", "watchpoint"):
         from ._bench_hwbp import bench_watchpoint, print_watchpoint
         print_watchpoint(bench_watchpoint(n=5_000 if quick else 20_000))
+    if what in ("all", "campaign"):
+        from . import _bench_campaign
+        _bench_campaign.main(quick=quick)
     return 0

@@ -21,6 +21,7 @@ from typing import Callable
 
 import trio
 
+from ._campaign import CampaignError, StoreError
 from ._usage import (ArgumentParser, UsageError, arch_error, check_output, non_negative_int,
                      positive_float, positive_int, report)
 
@@ -71,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         return command.run(args)
     except UsageError as err:
         return report(err)
+    except (CampaignError, StoreError) as err:     # their messages say what to do
+        print(f"smpkprobes: error: {err}", file=sys.stderr)
+        return 2
     except UnsupportedArchError as err:
         return report(arch_error(err))
     except SystemExit as exit_:         # --help and --version, or a scenario script's exit
@@ -150,6 +154,8 @@ def _stress_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                    help=f"where reproducer recordings are written (default {DEFAULT_OUT}/)")
+    from . import _campaign
+    _campaign.add_engine_options(s)
 
 
 @subcommand("stress", "run a scenario over many seeds; replay and shrink failures",
@@ -160,11 +166,12 @@ def _stress_flags(s: argparse.ArgumentParser) -> None:
                         "schedule per kind of failure; recordings too long for a command line "
                         "are written under --out DIR.")
 def _stress_cmd(a) -> int:
-    from . import _stress
+    from . import _campaign, _stress
     seeds = _stress.parse_seeds(a.seeds)
     return _stress.stress_main(a.scenario, seeds, a.rest, jobs=a.jobs, timeout=a.timeout,
                                do_shrink=not a.no_shrink, shrink_runs=a.shrink_runs,
-                               progress=not a.no_progress, out_dir=a.out)
+                               progress=not a.no_progress, out_dir=a.out,
+                               **_campaign.engine_options(a))
 
 
 def _selftest_flags(st: argparse.ArgumentParser) -> None:
@@ -178,6 +185,8 @@ def _selftest_flags(st: argparse.ArgumentParser) -> None:
     st.add_argument("--jobs", type=positive_int, default=1)
     st.add_argument("--first", action="store_true",
                     help="stop each mutant at its first failing seed (no detection rate)")
+    from . import _campaign
+    _campaign.add_engine_options(st, resume=False)
     st.add_argument("--invariant-cost", action="store_true",
                     help="time a hit-heavy run with the invariant checks on and off")
 
@@ -195,7 +204,9 @@ def _selftest(a) -> int:
               f"({c['overhead']:+.1%}) for {c['hits']:,} hits in {c['quanta']:,} quanta on 4 "
               f"CPUs (best of 5); same run with and without: {c['same_run']}")
     if a.mutants:
-        results = _stress.mutation_check(a.max_seeds, a.jobs, a.only, rate=not a.first)
+        from . import _campaign
+        results = _stress.mutation_check(a.max_seeds, a.jobs, a.only, rate=not a.first,
+                                         **_campaign.engine_options(a))
         _stress.print_mutation_table(results, a.max_seeds)
         status = 0 if all(r.caught for r in results) else 1
     return status
@@ -287,10 +298,24 @@ def _definition_error(err: OSError) -> UsageError:
                       "fix that DEFINITION; `smpkprobes trace --help` gives the syntax")
 
 
+# == campaign ============================================================================
+def _campaign_flags(c: argparse.ArgumentParser) -> None:
+    from . import _campaign
+    _campaign.campaign_flags(c)
+
+
+@subcommand("campaign", "the campaign store: list, show, report", _campaign_flags,
+            description="What the campaign store holds: `list` the campaigns, `show ID` one's "
+                        "summary, `report ID` its summary and an HTML page with plots.")
+def _campaign_cmd(a) -> int:
+    from . import _campaign
+    return _campaign.campaign_main(a)
+
+
 # == bench ===============================================================================
 def _bench_flags(b: argparse.ArgumentParser) -> None:
     b.add_argument("what", nargs="?", default="all",
-                   choices=["all", "machine", "kprobe", "overhead", "watchpoint"])
+                   choices=["all", "machine", "kprobe", "overhead", "watchpoint", "campaign"])
     b.add_argument("--quick", action="store_true", help="smaller runs")
     b.add_argument("--arch", action="append", help="overhead table for this arch only "
                    "(repeatable; default: every available arch)")

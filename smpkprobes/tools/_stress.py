@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import argparse
 import ast
-import concurrent.futures as cf
+import contextlib
 import importlib.util
-import multiprocessing
 import random
 import re
 import shlex
@@ -45,6 +44,7 @@ from . import _mutants
 from . import _harness as harness
 from ._harness import scenarios_dir
 from ._usage import UsageError, check_output_dir
+from ._shrink import Shrunk as Shrunk, shrink as shrink     # re-exported
 
 SCENARIOS = scenarios_dir()
 DEFAULT_TIMEOUT = 120.0
@@ -188,13 +188,6 @@ def _run_script(sc: Loaded, argv: list[str], timeout: float) -> Outcome:
                    time.perf_counter() - t0, 0, None, lines)
 
 
-def _worker(job: tuple[str, list[str], float]) -> Outcome:
-    name, argv, timeout = job
-    out = run_once(name, argv, timeout)
-    out.lines = []
-    return out
-
-
 def draw_policy(seed: int, extra: list[str] = ()) -> list[str]:
     """The schedule flags stress seed `seed` runs under: quantum lengths, preemption and the
     conductor policy, drawn from the seed (with a generator of their own, so the machine's
@@ -226,102 +219,6 @@ def replay_command(name: str, argv: list[str]) -> str:
     return "smpkprobes run " + " ".join(shlex.quote(a) for a in [name, *argv])
 
 
-# == shrinking ===========================================================================
-@dataclass
-class Shrunk:
-    recording: _conductor.Recording     # choices by step and coins by index; the rest simple
-    original: int                       # choices + non-zero coins before shrinking
-    runs: int
-    reproduced: bool
-    failure: str
-
-    def __len__(self) -> int:
-        return len(self.recording)
-
-
-def shrink(name: str, extra: list[str], seed: int, schedule: list[tuple[int, int]],
-           coins: list[tuple[str, int, int]], kind: str, max_runs: int = 120,
-           max_seconds: float = 90.0, timeout: float = DEFAULT_TIMEOUT, log=None) -> Shrunk:
-    """Delta-debug the recording (`schedule` and `coins`) of a run of `name` with `extra`
-    and `seed` that failed with `kind`, down to a few overrides that still fail that way.
-
-    Each choice and each non-zero coin is one override of the simplest run (round-robin,
-    coins 0); taking one out does not move any other, which is what lets delta debugging
-    converge."""
-    policy = parse_args(name, seed_argv(extra, seed)).schedule
-    base = seed_argv(extra, seed)
-    t_end = time.perf_counter() + max_seconds
-    runs = [0]
-    last_failure = [""]
-    # (step, key, value): key ("q", step) for a choice, ("c", index) for a coin.
-    items = [(step, ("q", step), ch) for step, ch in enumerate(schedule)]
-    items += [(key[0], ("c", key), v) for key, v in _conductor.coin_keys(coins) if v]
-    items.sort(key=lambda it: (it[0], it[1][0] == "q"))
-
-    def recording(its) -> _conductor.Recording:
-        rec = _conductor.Recording()
-        for _, (what, n), v in its:
-            if what == "q":
-                rec.choices[n] = v
-            else:
-                rec.coins[n] = v
-        return rec
-
-    def fails(its) -> bool:
-        if runs[0] >= max_runs or time.perf_counter() > t_end:
-            return False
-        runs[0] += 1
-        argv = [*base, "--schedule", policy, "--replay",
-                _conductor.format_recording(recording(its))]
-        out = run_once(name, argv, timeout)
-        hit = [f for f in out.failures if failure_kind(f) == kind]
-        if hit:
-            last_failure[0] = hit[0]
-        return bool(hit)
-
-    best = items
-    if not fails(best):
-        return Shrunk(recording(best), len(items), runs[0], False, "")
-    failure = last_failure[0]
-    # 1. the shortest failing prefix, by step: prefixes of 0, 1, 2, 4... steps first (a
-    # failure need not be monotone in the prefix), then a binary search below the first
-    # that fails.  Every prefix kept was replayed.
-    n = len(schedule)
-    lo, hi = 0, n
-    length = 0
-    while length < n:
-        if fails([it for it in best if it[0] < length]):
-            hi, failure = length, last_failure[0]
-            break
-        lo = length + 1
-        length = min(n, max(1, 2 * length))
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if fails([it for it in best if it[0] < mid]):
-            hi, failure = mid, last_failure[0]
-        else:
-            lo = mid + 1
-    best = [it for it in best if it[0] < hi]
-    if log:
-        log(f"prefix: {hi} of {len(schedule)} steps, {len(best)} of {len(items)} overrides")
-    # 2. take overrides out, in chunks halving down to one
-    size = max(1, len(best) // 2)
-    while best:
-        i = 0
-        while i < len(best):
-            cand = best[:i] + best[i + size:]
-            if fails(cand):
-                best, failure = cand, last_failure[0]
-            else:
-                i += size
-        if size == 1:
-            break
-        size //= 2
-    if log:
-        log(f"shrunk: {len(best)} overrides after {runs[0]} replays")
-    return Shrunk(recording(best), len(items), runs[0], True, failure)
-
-
 # == many seeds ==========================================================================
 def parse_seeds(text: str) -> range:
     """"A:B" (seeds A..B-1) or one seed "A"; `UsageError` for anything else."""
@@ -339,33 +236,19 @@ def parse_seeds(text: str) -> range:
 
 def run_seeds(name: str, extra: list[str], seeds, jobs: int = 1,
               timeout: float = DEFAULT_TIMEOUT, progress: bool = True,
-              stop_at_first: bool = False, label: str | None = None) -> list[Outcome]:
-    """Run `name` once per seed; return the outcomes in seed order."""
-    seeds = list(seeds)
-    outcomes: dict[int, Outcome] = {}
-    jobs_list = [(name, seed_argv(extra, s), timeout) for s in seeds]
-    bar = _Progress(label or name, len(seeds), enabled=progress)
-    with bar:
-        if jobs <= 1:
-            for job, s in zip(jobs_list, seeds):
-                out = run_once(*job)
-                outcomes[s] = out
-                bar.advance(out)
-                if stop_at_first and not out.ok:
-                    break
-        else:
-            ctx = multiprocessing.get_context("spawn")
-            with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-                futures = {pool.submit(_worker, job): s for job, s in zip(jobs_list, seeds)}
-                for fut in cf.as_completed(futures):
-                    out = fut.result()
-                    outcomes[futures[fut]] = out
-                    bar.advance(out)
-                    if stop_at_first and not out.ok:
-                        for f in futures:
-                            f.cancel()
-                        break
-    return [outcomes[s] for s in seeds if s in outcomes]
+              stop_at_first: bool = False, label: str | None = None, scheduler=None,
+              store=None, engine=None) -> list[Outcome]:
+    """Run `name` once per seed; return the outcomes in seed order (with `stop_at_first`, up
+    to the lowest failing seed).  The seeds run as a campaign (`_campaign`): on `engine`, or
+    in this process (`jobs` 1) or on Dask (`jobs` workers, or the cluster at `scheduler`),
+    recorded in `store` (a path or a Store; default: in memory)."""
+    from . import _campaign
+    seeds = seeds if isinstance(seeds, range) else list(seeds)
+    with _campaign.Campaign.open(name, extra, jobs, scheduler, store, engine) as camp:
+        if isinstance(seeds, range):
+            return camp.run(seeds, timeout, progress, stop_at_first, label)
+        return [o for s in seeds
+                for o in camp.run(range(s, s + 1), timeout, progress, stop_at_first, label)]
 
 
 class _Progress:
@@ -403,24 +286,38 @@ class _Progress:
 
 def stress_main(name: str, seeds: range, extra: list[str], jobs: int = 1,
                 timeout: float = DEFAULT_TIMEOUT, do_shrink: bool = True,
-                shrink_runs: int = 120, progress: bool = True, out=print,
+                shrink_runs: int = 120, progress: bool = True, out=print, scheduler=None,
+                store=None, resume: bool = False, new: bool = False,
                 out_dir: str = DEFAULT_OUT) -> int:
-    """The `smpkprobes stress` command.  Returns the exit status.  Reproducer recordings too
-    long for the command line are written under `out_dir` (created when needed)."""
-    from rich.console import Console
-    from rich.table import Table
+    """The `smpkprobes stress` command.  Returns the exit status.  The seeds run as a
+    campaign (`_campaign`) recorded in `store` (a path; default: in memory): the seeds it
+    already holds are not run again, and the summary covers them all."""
+    from . import _campaign
     harnessed = load(name).scenario is not None      # fails early for a bad name
     if harnessed:
         parse_args(name, seed_argv(extra, seeds.start))  # and for bad scenario flags
     check_output_dir(out_dir, "--out")
+    with _campaign.Campaign.open(name, extra, jobs, scheduler, store, new=new,
+                                 resume=resume) as camp:
+        return _stress_report(name, seeds, extra, camp, timeout, do_shrink, shrink_runs,
+                              progress, out, harnessed, out_dir)
+
+
+def _stress_report(name, seeds, extra, camp, timeout, do_shrink, shrink_runs, progress, out,
+                   harnessed, out_dir: str = DEFAULT_OUT) -> int:
+    from rich.console import Console
+    from rich.table import Table
     t0 = time.perf_counter()
-    outcomes = run_seeds(name, extra, seeds, jobs, timeout, progress)
+    outcomes = camp.run(seeds, timeout, progress)
     wall = time.perf_counter() - t0
     failed = [o for o in outcomes if not o.ok]
     cpu_time = sum(o.seconds for o in outcomes)
+    if camp.recorded_before:
+        out(f"campaign {camp.id} resumed from {camp.store.path}: {camp.recorded_before} of "
+            f"these seeds were recorded before, {len(outcomes) - camp.recorded_before} run now")
     out(f"stress {name}: {len(outcomes)} seeds ({seeds.start}:{seeds.stop}), "
         f"{len(outcomes) - len(failed)} passed, {len(failed)} failed; "
-        f"{wall:.1f} s wall, {cpu_time:.1f} s in runs, {jobs} job(s); "
+        f"{wall:.1f} s wall, {cpu_time:.1f} s in runs, {camp.engine.describe}; "
         f"slowest seed {max(outcomes, key=lambda o: o.seconds).seed} "
         f"({max(o.seconds for o in outcomes):.2f} s)")
     if not failed:
@@ -446,13 +343,22 @@ def stress_main(name: str, seeds: range, extra: list[str], jobs: int = 1,
                 out(f"(shrinking only the first {SHRINK_KINDS} kinds of failure)")
                 break
             o = group[0]
+            stored = camp.kinds().get(kind) or {}
+            done = stored.get("first_seed") == o.seed and stored.get("shrunk")
+            if not done and o.schedule is None and o.seconds and o.kind != "timeout":
+                # Recorded by an earlier session, without its recording: run it once more.
+                o = run_once(name, seed_argv(extra, o.seed), timeout, keep_schedule=True)
             out(f"shrinking the schedule of seed {o.seed} ({len(o.schedule or [])} choices, "
                 f"{sum(1 for c in o.coins or [] if c[1])} non-zero coins): {o.failures[0]}")
+            if done:
+                out(f"  {stored['shrunk_note']} (shrunk before, from the store)")
+                out(f"  {stored['shrunk']}")
+                continue
             if o.schedule is None:
                 out("  (no schedule: the run did not finish)")
                 continue
             s = shrink(name, extra, o.seed, o.schedule, o.coins, kind, max_runs=shrink_runs,
-                       timeout=timeout, log=lambda msg: out(f"  {msg}"))
+                       timeout=timeout, log=lambda msg: out(f"  {msg}"), engine=camp.engine)
             if not s.reproduced:
                 out("  replaying the recorded schedule did NOT reproduce the failure: "
                     "a determinism bug")
@@ -467,13 +373,15 @@ def stress_main(name: str, seeds: range, extra: list[str], jobs: int = 1,
                 out(f"  (the recording is long: written to {path})")
                 choices = f"@{path}"
             argv = [*seed_argv(extra, o.seed), "--schedule", policy, "--replay", choices]
-            out(f"  minimal reproducer ({len(s.recording.choices)} choices and "
-                f"{len(s.recording.coins)} coins on top of round-robin, from {s.original}; "
-                f"{s.runs} replays): {s.failure}")
+            note = (f"minimal reproducer ({len(s.recording.choices)} choices and "
+                    f"{len(s.recording.coins)} coins on top of round-robin, from {s.original}; "
+                    f"{s.runs} replays): {s.failure}")
+            out(f"  {note}")
             if not s.recording:
                 out("  (the empty recording reproduces it: plain round-robin, no deferred "
                     "trap, no IPI delay, no preemption)")
             out(f"  {replay_command(name, argv)}")
+            camp.shrunk(kind, o.seed, replay_command(name, argv), note)
     return 1
 
 
@@ -493,9 +401,22 @@ class MutantResult:
 
 def mutation_check(max_seeds: int = 20, jobs: int = 1, names: list[str] | None = None,
                    extra: list[str] | None = None, progress: bool = True,
-                   timeout: float = 60.0, rate: bool = False) -> list[MutantResult]:
+                   timeout: float = 60.0, rate: bool = False, scheduler=None,
+                   store=None) -> list[MutantResult]:
     """Inject each mutant; stress the scenarios that hunt it, seed by seed, until one fails
-    (with `rate`, over all `max_seeds` seeds, to count how many catch it)."""
+    (with `rate`, over all `max_seeds` seeds, to count how many catch it).  Each mutant and
+    scenario is a campaign (`_campaign`), on one engine (`jobs`, `scheduler`) and one store
+    (a path; default: in memory), so a second check runs only what the store lacks."""
+    from . import _campaign, _store
+    with contextlib.ExitStack() as stack:
+        engine = _campaign.engine_for(jobs, scheduler)
+        stack.callback(engine.close)
+        db = _store.Store(store if store is not None else ":memory:")
+        stack.callback(db.close)
+        return _mutation_check(max_seeds, names, extra, progress, timeout, rate, engine, db)
+
+
+def _mutation_check(max_seeds, names, extra, progress, timeout, rate, engine, db):
     results = []
     for mname in names or _mutants.names():
         mutant = _mutants.MUTANTS[mname]
@@ -505,8 +426,9 @@ def mutation_check(max_seeds: int = 20, jobs: int = 1, names: list[str] | None =
         bound = min(timeout, LIVELOCK_BOUND) if mutant.livelock else timeout
         for scen in mutant.hunted_by:
             argv = [*(extra or []), "--mutant", mname]
-            outs = run_seeds(scen, argv, range(max_seeds), jobs, bound, progress,
-                             stop_at_first=not rate, label=f"{mname} / {scen}")
+            outs = run_seeds(scen, argv, range(max_seeds), 1, bound, progress,
+                             stop_at_first=not rate, label=f"{mname} / {scen}", store=db,
+                             engine=engine)
             bad = [o for o in outs if not o.ok]
             if bad:
                 result = MutantResult(mname, mutant.bug, True, scen, bad[0].seed + 1,

@@ -44,7 +44,12 @@ def report(err: BaseException, file=None) -> int:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a parse error is a `UsageError` (one line) instead of usage + exit."""
+    """argparse, but a parse error is a `UsageError` (one line) instead of usage + exit, and
+    no abbreviated flags: `stress --schedule` is the scenario's flag, not `--scheduler`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         where = self.prog.removeprefix("smpkprobes").strip()
