@@ -21,8 +21,7 @@ import unicorn
 
 from smpkprobes.cpus import StepKind
 
-from ..machine._regs import Regs
-from ..machine._services import HANDLED, NOT_MINE, TrapResult
+from ..machine._services import HANDLED, NOT_MINE, Regs, TrapResult
 from ._probes import KPROBE_FLAG_DISABLED, Kprobe, _JprobeReturn
 from ._state import _HIT_ACTIVE, _NONE, _REENTER, AggrKprobe, KprobeCtlblk, Status
 
@@ -96,10 +95,10 @@ class HitPath:
         """Execute the probed instruction: simulated now, or stepped out of line in the
         slot.  `hit` is this hit's trace event, when nothing may have been traced since."""
         reenter = kcb.kprobe_status is _REENTER
-        if p.boostable and not reenter and not p.has_post_handler():
-            # Boosted: the slot jumps back by itself.  Preemption is enabled again before
-            # the CPU enters the slot; grace periods still wait for it to leave (the slot
-            # area is unquiescent text).
+        if p.boostable and not reenter and not p.post:
+            # Boosted: the slot jumps back by itself, and the probe is done as the CPU
+            # enters it.  Preemption is enabled again before then; grace periods still wait
+            # for the CPU to leave the slot (the slot area is unquiescent text).
             trace = self._trace
             t_ss = cpu.clock + cpu.intra
             if hit is not None and trace and trace[-1] is hit:

@@ -108,6 +108,7 @@ class CPU:
         # Breakpoint traps: trap_sink(cpu, addr) -> TrapResult, set by the host (see _traps).
         self.trap_sink = None
         self.traps = 0
+        self.trap_cost = 0             # virtual ns a trap costs inside a quantum (the host's)
         self._trap_intno = quirks.trap_intno
         self._trap_pc_offset = quirks.trap_pc_offset
         # Hooks are registered with raw ctypes callbacks: the binding's own wrappers cost
@@ -120,7 +121,9 @@ class CPU:
         self._budget = BlockBudget(insn_starts)
         self._budget_ctx = self._budget.ctx
         self._unspent = 0
-        self.charged = 0               # instructions the latest run() was charged
+        self._nested = 0               # instructions nested calls ran inside the latest run()
+        self.charged = 0               # instructions the latest run() ran, nested calls included
+        self.executed = 0              # instructions this CPU ran, all told
         self._budget.install(self._uch, lambda htype, fptr, user: self._raw_hook(
             htype, fptr, 1, 0, user))
         self.initial_context = self.context_save()
@@ -199,16 +202,25 @@ class CPU:
     def run(self, count: int) -> unicorn.UcError | None:
         """Run `count` instructions from the current PC, rounded up to a whole block, or
         fewer if something stops the CPU first.  Returns the Unicorn error if emulation
-        faulted, else None."""
+        faulted, else None.  `charged` is then what ran, and `executed` has grown by it."""
         self.stop_requested = False
         begin = self._quirks.emu_start_address(self.uc, self.reg_read_id(self._pc_id))
         self._budget_ctx.budget = count
         self._unspent = 0
+        self._nested = 0
         err = _uc_emu_start(self._uch, begin, 0, 0, 0)
-        # What the blocks that started took off the budget (the last one is counted whole).
-        self.charged = count - self._unspent - self._budget_ctx.budget
+        # What the blocks that started took off the budget (the last one is counted whole),
+        # and what calls made from its handlers ran (already in `executed`).
+        ran = count - self._unspent - self._budget_ctx.budget
+        self.executed += ran
+        self.charged = ran + self._nested
         if err != unicorn.UC_ERR_OK:
             return unicorn.UcError(err)
+        if not ran and not self.stop_requested:
+            # Nothing ran and nothing stopped it: Unicorn returns at once when the start is
+            # the (unused) `until` address, 0, where a real CPU takes a fetch fault (nothing
+            # is mapped there).  Say so, or the task would stay there for ever.
+            return unicorn.UcError(unicorn.UC_ERR_FETCH_UNMAPPED)
         return None
 
     def _stop_now(self) -> None:
@@ -239,10 +251,13 @@ class CPU:
         cc.setup_call(self, sp, addr, tuple(args), self._call_return)
         self.nesting += 1
         self.stop_requested = False
+        # The nested run has a budget of its own; the outer one's is put back after it.
+        ctx = self._budget_ctx
+        outer_budget, outer_unspent = ctx.budget, self._unspent
+        ctx.budget, self._unspent = self._call_budget, 0
         try:
             # No `until`: the __hc_call_return hook stops the CPU before the stub runs (and
             # Unicorn 2.1.4's sparc64 loops on the instruction before an `until` address).
-            self._budget_ctx.budget = self._call_budget
             err = _uc_emu_start(self._uch, addr, 0, 0, 0)
             pc = self.reg_read_id(self._pc_id)
             if err != unicorn.UC_ERR_OK:
@@ -253,10 +268,14 @@ class CPU:
                                  f" within {self._call_budget} instructions")
             result = self.backend.sign_extend(self.reg_read(cc.ret_reg))
         finally:
+            ran = self._call_budget - self._unspent - ctx.budget
+            self.executed += ran
+            self._nested += ran
+            ctx.budget, self._unspent = outer_budget, outer_unspent
             self.nesting -= 1
             self.context_restore(saved)
-            # The nested emu_start used up the quantum's budget; end the outer quantum
-            # when the current callback returns.
+            # End the outer quantum when the current callback returns (the nested call
+            # took its time).
             self.stop_requested = True
         return result
 
@@ -298,8 +317,6 @@ class CPU:
         return trace
 
     # -- Unicorn callbacks ---------------------------------------------------------------
-    trap_cost = 0          # virtual ns a trap costs inside a quantum (set by the host)
-
     def _hook_intr(self, _uc, intno, _user):
         try:
             # The probe hit path: the PC read, the trap sink's call and the PC write it may

@@ -211,21 +211,25 @@ class Scheduler:
         c.quanta += 1
         cpu.quanta += 1
         self._trace.append(("q", cpu.id, task.pid if task else 0, q, cpu.clock))
+        executed = cpu.executed
         if cpu.deferred_trap:
             self._dispatch_deferred_trap(cpu)
         err = None
         if cpu.current is not None:
             err = cpu.run(q)
+        # What ran: the budget rounded up to a block, or less when the quantum was cut
+        # short (a trap, a hypercall, the task's end), plus calls made from handlers.
+        ran = cpu.executed - executed
         # Traps inside the quantum advanced now_ns() by TRAP_COST_NS each; never let the
-        # clock run backwards when they add up to more than the quantum.
-        cpu.clock += q if q >= cpu.intra else cpu.intra
-        cpu.instructions += q
-        c.instructions += q
+        # clock run backwards when they add up to more than what ran.
+        cpu.clock += ran if ran >= cpu.intra else cpu.intra
+        cpu.instructions += ran
+        c.instructions += ran
         if err is not None and cpu.current is not None:
             self._on_fault(cpu, err)
         task = cpu.current
         if task is not None:
-            task.instructions += q
+            task.instructions += ran
             # With preemption disabled the budget doubles, then it is a hard lockup (a
             # leaked preempt count must not make a runaway guest run for ever).
             if task.instructions > self.call_budget and (
@@ -262,7 +266,7 @@ class Scheduler:
         task = cpu.current
         cpu.current = None
         cpu.pc = self.idle_addr
-        # The rest of the quantum is idle time: charged, not emulated.
+        # The rest of the quantum is idle time: neither run nor charged.
         cpu.stop_requested = True
         task.state = TaskState.DEAD
         task.result = result
