@@ -94,6 +94,8 @@ class KprobesSubsystem(Registry, HitPath, Kretprobes, Jprobes):
         # Traps at a registered probe, and how each ended: a hit, a miss (reentry) or an
         # unrecoverable reentry.  The invariant checker compares them after every quantum.
         self.hits = self.missed = self.traps = self.unrecoverable = 0
+        # Bumped on every change of the registry (for the invariant checker).
+        self.generation = 0
         # Handlers of unregistered probes that were about to run: a bug, recorded where it
         # happens for the invariant checker to report: (address, probe, "pre_handler",
         # "post_handler" or "return handler"; the probe is the Kretprobe for the last).
@@ -123,6 +125,7 @@ class KprobesSubsystem(Registry, HitPath, Kretprobes, Jprobes):
         machine.task_exit_notifiers.append(self._kprobe_flush_task)
         machine.oops_notifiers.append(self._oops_reset)
         machine.module_notifiers.append(self._module_event)
+        machine.text_write_guards.append(self._text_write_guard)
         self.simulation_errors: list[str] = []
 
     # -- introspection ------------------------------------------------------------------

@@ -11,7 +11,11 @@ from smpkprobes.cpus import StepKind
 
 from ..machine import _memory as mem
 from ..machine._regs import Regs
-from ._probes import KPROBE_FLAG_DISABLED, Kprobe, _JprobeReturn
+from ._probes import KPROBE_FLAG_DISABLED, KPROBE_FLAG_GONE, Kprobe, _JprobeReturn
+
+# A child whose handlers do not run: disabled, or GONE (its module text was freed; a new
+# probe at the address may have revived the aggregate, see Registry._register).
+_OFF = KPROBE_FLAG_DISABLED | KPROBE_FLAG_GONE
 from ._state import _HIT_ACTIVE, _NONE, _REENTER, KprobeCtlblk, Status, _Site
 
 if TYPE_CHECKING:    # pragma: no cover
@@ -61,7 +65,7 @@ class HitPath:
         for child in children:
             if not child._registered:
                 self.stale_handlers.append((addr, child, "pre_handler"))
-            if child.flags & KPROBE_FLAG_DISABLED or child.pre_handler is None:
+            if child.flags & _OFF or child.pre_handler is None:
                 continue
             try:
                 ret = child.pre_handler(child, regs)
@@ -84,7 +88,7 @@ class HitPath:
                 return True
         if site.boostable and kcb.status is not _REENTER:
             for child in children:
-                if child.post_handler is not None and not child.flags & KPROBE_FLAG_DISABLED:
+                if child.post_handler is not None and not child.flags & _OFF:
                     break
             else:
                 # Boosted (see _prepare_singlestep), written out here.
@@ -195,7 +199,7 @@ class HitPath:
         for child in site.children:
             if not child._registered:
                 self.stale_handlers.append((site.addr, child, "post_handler"))
-            if child.flags & KPROBE_FLAG_DISABLED or child.post_handler is None:
+            if child.flags & _OFF or child.post_handler is None:
                 continue
             try:
                 child.post_handler(child, regs, 0)
@@ -218,6 +222,10 @@ class HitPath:
             regs.flush_except_pc()
         if resume != pc:
             cpu.pc = resume
+            if not cpu.executable(resume):
+                # A handler sent the CPU where nothing can be fetched: stop here, and the
+                # next quantum faults (never start the emulator there, see CPU.run).
+                cpu.stop_requested = True
         kcb.reset()
         cpu.preempt_count -= 1
 
@@ -250,7 +258,10 @@ class HitPath:
     # -- faults ---------------------------------------------------------------------------
     def _handler_fault(self, cpu: "CPU", child: Kprobe, regs: Regs, exc: BaseException) -> bool:
         """A handler raised: count a miss, ask the fault_handler, else oops the task.
-        Returns True if execution may go on."""
+        Returns True if execution may go on.  KeyboardInterrupt and SystemExit are no
+        faults: they go on up, out of the machine."""
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise exc
         child.nmissed += 1
         trapnr = 14 if type(exc).__name__ == "GuestFault" else TRAP_HANDLER_EXCEPTION
         if child.fault_handler is not None:
@@ -258,6 +269,8 @@ class HitPath:
                 if child.fault_handler(child, regs, trapnr):
                     return True
             except BaseException as exc2:
+                if isinstance(exc2, (KeyboardInterrupt, SystemExit)):
+                    raise
                 exc = exc2
         where = self._m.format_addr(child.addr) if child.addr is not None else "?"
         owner = child._owner if child._owner is not None else child

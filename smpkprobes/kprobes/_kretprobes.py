@@ -4,14 +4,14 @@ the return address, the trampoline handler, and the per-task instance list.  A m
 
 from __future__ import annotations
 
-import errno as E
 from typing import TYPE_CHECKING
 
 from .._errors import KprobeError
 from ..machine._regs import Regs
-from ._probes import (KPROBE_FLAG_DISABLED, KRETPROBE_MAX_DATA_SIZE, Kprobe, Kretprobe,
-                      KretprobeInstance)
+from ._probes import (KPROBE_FLAG_DISABLED, KPROBE_FLAG_GONE, KRETPROBE_MAX_DATA_SIZE, Kprobe,
+                      Kretprobe, KretprobeInstance)
 from ._state import KprobeCtlblk, Status
+from ._validate import check_not_registered
 
 if TYPE_CHECKING:    # pragma: no cover
     from ..machine._cpu import CPU
@@ -21,10 +21,9 @@ class Kretprobes:
     """The kretprobe part of `KprobesSubsystem` (see `_core`)."""
 
     async def _register_kretprobe(self, rp: Kretprobe) -> None:
-        if rp.kp._registered:
-            # Checked before the pool is touched: rebuilding it would strand the instances
-            # of the live registration (their returns could never be recycled).
-            raise KprobeError(E.EINVAL, f"{rp!r} is already registered")
+        # Checked before the pool is touched: rebuilding it would strand the instances of
+        # the live registration (their returns could never be recycled).
+        check_not_registered(rp.kp, self)
         if rp.maxactive <= 0:
             n = self._m.ncpus
             rp.maxactive = max(10, 2 * n) if self._m.preempt else n
@@ -107,7 +106,7 @@ class Kretprobes:
                 if rp is not None and rp.handler is not None:
                     if not rp.kp._registered:
                         self.stale_handlers.append((rp.kp.addr, rp, "return handler"))
-                    if not rp.kp.flags & KPROBE_FLAG_DISABLED:
+                    if not rp.kp.flags & (KPROBE_FLAG_DISABLED | KPROBE_FLAG_GONE):
                         try:
                             rp.handler(ri, regs)
                         except BaseException as exc:

@@ -7,7 +7,9 @@ import enum
 
 from smpkprobes.cpus import InsnPlan, StepKind
 
-from ._probes import KPROBE_FLAG_DISABLED, Kprobe
+from ._probes import KPROBE_FLAG_DISABLED, KPROBE_FLAG_GONE, Kprobe
+
+_OFF = KPROBE_FLAG_DISABLED | KPROBE_FLAG_GONE
 
 
 class Status(enum.Enum):
@@ -95,11 +97,11 @@ class _Site:
         self.boost_used = False
 
     def enabled(self) -> bool:
-        return not self.gone and any(not c.disabled for c in self.children)
+        return not self.gone and any(not c.flags & _OFF for c in self.children)
 
     def has_post_handler(self) -> bool:
         for c in self.children:
-            if c.post_handler is not None and not c.flags & KPROBE_FLAG_DISABLED:
+            if c.post_handler is not None and not c.flags & _OFF:
                 return True
         return False
 

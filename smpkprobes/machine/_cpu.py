@@ -115,6 +115,20 @@ class CPU:
         self._budget.install(self._uch, lambda htype, fptr, user: self._raw_hook(
             htype, fptr, 1, 0, user))
         self.initial_context = self.context_save()
+        # Where this CPU may fetch instructions; a quantum never starts elsewhere.  (A jump
+        # to unmapped memory is a fetch fault on every arch that way: Unicorn stops at
+        # address 0 as at an `until` address on most, and spins for ever on sparc64.)
+        self._exec_ranges = tuple((b, e + 1) for b, e, perms in self.uc.mem_regions()
+                                  if perms & unicorn.UC_PROT_EXEC)
+        # A KeyboardInterrupt or SystemExit raised in a callback, re-raised once Unicorn
+        # has returned (an exception cannot cross the C frames of a callback).
+        self.pending_exception: BaseException | None = None
+
+    def executable(self, addr: int) -> bool:
+        for lo, hi in self._exec_ranges:
+            if lo <= addr < hi:
+                return True
+        return False
 
     def _raw_hook(self, htype: int, fptr, begin: int, end: int, user=None) -> None:
         handle = uc_hook_h()
@@ -194,15 +208,30 @@ class CPU:
         fewer if something stops the CPU first.  Returns the Unicorn error if emulation
         faulted, else None."""
         self.stop_requested = False
-        begin = self.backend.emu_start_address(self.uc, self.reg_read_id(self._pc_id))
+        self._raise_pending()
+        pc = self.reg_read_id(self._pc_id)
+        for lo, hi in self._exec_ranges:
+            if lo <= pc < hi:
+                break
+        else:
+            self.charged = 0
+            return unicorn.UcError(unicorn.UC_ERR_FETCH_UNMAPPED)
+        begin = self.backend.emu_start_address(self.uc, pc)
         self._budget_ctx.budget = count
         self._unspent = 0
         err = _uc_emu_start(self._uch, begin, 0, 0, 0)
         # What the blocks that started took off the budget (the last one is counted whole).
         self.charged = count - self._unspent - self._budget_ctx.budget
+        self._raise_pending()
         if err != unicorn.UC_ERR_OK:
             return unicorn.UcError(err)
         return None
+
+    def _raise_pending(self) -> None:
+        exc = self.pending_exception
+        if exc is not None:
+            self.pending_exception = None
+            raise exc
 
     def stop(self) -> None:
         """Stop the current emulation at the next instruction boundary."""
@@ -240,7 +269,9 @@ class CPU:
             # No `until`: the __hc_call_return hook stops the CPU before the stub runs (and
             # Unicorn 2.1.4's sparc64 loops on the instruction before an `until` address).
             self._budget_ctx.budget = self._call_budget
-            err = _uc_emu_start(self._uch, addr, 0, 0, 0)
+            err = _uc_emu_start(self._uch, addr, 0, 0, 0) if self.executable(addr) \
+                else unicorn.UC_ERR_FETCH_UNMAPPED
+            self._raise_pending()
             pc = self.reg_read_id(self._pc_id)
             if err != unicorn.UC_ERR_OK:
                 raise GuestFault(f"guest fault in nested call of {self._host.format_addr(addr)}"

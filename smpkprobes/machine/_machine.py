@@ -26,9 +26,11 @@ from smpkprobes.cpus import get_backend
 
 from . import _memory as mem
 from ._blockbudget import InsnStarts
+from ._calls import GuestCalls
+from ._hostturns import HostTurns
 from ._conductor import Conductor, make_conductor
 from ._cpu import CPU
-from .._errors import Oops, OopsRecord, RunawayError
+from .._errors import OopsRecord
 from ._grace import GracePeriods
 from ._hypercalls import NS_PER_MS, Hypercalls
 from ._kernel import IMAGES, Image, Kallsyms
@@ -38,6 +40,10 @@ from ._sched import Scheduler, _Baton
 from ._task import Task
 from ._textpoke import TextPoke
 from ._traps import TRAP_COST_NS as TRAP_COST_NS
+
+# Events the trace keeps by default (about 150 bytes each): older ones only count in the
+# digest.
+TRACE_LIMIT = 250_000
 from ._traps import Traps
 
 
@@ -70,7 +76,7 @@ class _Counters:
 
 
 
-class SMPMachine(Scheduler, TextPoke, GracePeriods, Modules, Traps, Hypercalls, Oopses):
+class SMPMachine(GuestCalls, HostTurns, Scheduler, TextPoke, GracePeriods, Modules, Traps, Hypercalls, Oopses):
     """The machine without the probe core.  `smpkprobes.Machine` adds `kprobes` and
     `debugfs`."""
 
@@ -78,9 +84,15 @@ class SMPMachine(Scheduler, TextPoke, GracePeriods, Modules, Traps, Hypercalls, 
                  kernel: str | Path | None = None, *, quantum: tuple[int, int] = (16, 4096),
                  call_budget: int = 20_000_000, preempt_prob: float = 0.25,
                  trap_delay: float = 1 / 16, ipi_delay: int = 2, text_sync: bool = True,
-                 conductor=None):
+                 conductor=None, trace_limit: int = TRACE_LIMIT):
         if cpus < 1:
             raise ValueError("a machine needs at least one CPU")
+        if not isinstance(trace_limit, int) or isinstance(trace_limit, bool):
+            raise TypeError(f"trace_limit must be an int (events kept), not "
+                            f"{type(trace_limit).__name__}")
+        if trace_limit < 1:
+            raise ValueError(f"trace_limit must be at least 1, not {trace_limit}")
+        self.trace_limit = trace_limit
         self.backend = get_backend(arch)
         self.arch = arch
         self.ncpus = cpus
@@ -129,7 +141,11 @@ class SMPMachine(Scheduler, TextPoke, GracePeriods, Modules, Traps, Hypercalls, 
         self.printk_log: list[str] = []
         self.oopses: list[OopsRecord] = []
         self._c = _Counters()
+        # The event trace is a ring: the newest `trace_limit` events (up to twice that
+        # between two compactions); the older ones are folded into the rolling digest.
         self._trace: list[tuple] = []
+        self._digest = hashlib.blake2b(digest_size=16)
+        self._trace_high = 2 * trace_limit
         self._runq: deque[Task] = deque()
         self._sleepers: list[tuple[int, int, Task]] = []
         self._pending: list[Task] = []
@@ -155,6 +171,12 @@ class SMPMachine(Scheduler, TextPoke, GracePeriods, Modules, Traps, Hypercalls, 
         self.module_notifiers: list[Callable[[str, Module], None]] = []
         # Called after every quantum with the CPU that ran it (the invariant checks).
         self.quantum_notifiers: list[Callable[[CPU], None]] = []
+        # Called as guard(addr, size) before a host write into text; may refuse it (raise).
+        self.text_write_guards: list[Callable[[int, int], None]] = []
+        # Called as observer(addr, data) after every write into text (the invariant checks).
+        self.text_write_observers: list[Callable[[int, bytes], None]] = []
+        self._init_calls()
+        self._init_host_turns()
 
     # == lifecycle ======================================================================
     async def __aenter__(self):
@@ -171,22 +193,6 @@ class SMPMachine(Scheduler, TextPoke, GracePeriods, Modules, Traps, Hypercalls, 
         return await self._nursery_cm.__aexit__(*exc)
 
     # == public API =====================================================================
-    async def call(self, func, *args: int, cpu: int | None = None, comm: str | None = None) -> int:
-        """Run guest function `func` as a new task; return its (sign-extended) result."""
-        addr = self.resolve_function(func)
-        if cpu is not None and not 0 <= cpu < self.ncpus:
-            raise ValueError(f"no CPU {cpu} (machine has {self.ncpus})")
-        name = comm or (func if isinstance(func, str) else self.format_addr(addr))
-        task = Task(addr, tuple(int(a) for a in args), name[:15], cpu,
-                    order_key=(addr, tuple(args), -1 if cpu is None else cpu, name))
-        self._pending.append(task)
-        self._idle_event.set()
-        await task.done.wait()
-        if task.oops is not None:
-            cls = RunawayError if task.oops.cause.startswith("runaway") else Oops
-            raise cls(task.oops)
-        return task.result
-
     def kallsyms_lookup_name(self, name: str) -> int:
         """The address of `name`, or 0 when there is no such symbol (as in the kernel)."""
         s = self.kallsyms.lookup(name)
@@ -202,20 +208,28 @@ class SMPMachine(Scheduler, TextPoke, GracePeriods, Modules, Traps, Hypercalls, 
         name, off, module = s
         return f"{name}+{off:#x}" + (f" [{module}]" if module else "")
 
-    def resolve_function(self, func) -> int:
-        if isinstance(func, int):
-            return func
-        addr = self.kallsyms_lookup_name(func)
-        if not addr:
-            raise KeyError(f"no such guest symbol: {func!r}")
-        return addr
-
     def read_memory(self, addr: int, size: int) -> bytes:
         return self.memory.read(addr, size)
 
     def write_memory(self, addr: int, data: bytes) -> None:
+        """Write guest memory.  Into text, the write is checked by the text write guards
+        (the probe core refuses to overwrite an armed probe: EBUSY) and every CPU drops its
+        translations of the range before it runs again: host code runs between quanta, so
+        that is the whole of text_poke's sync (`await m.text_poke` is the traced, IPI-timed
+        way)."""
+        data = bytes(data)
+        region = self.memory.region_of(addr)
+        if region is not None and region.perms & mem.X:
+            for guard in self.text_write_guards:
+                guard(addr, len(data))
+            self.memory.write(addr, data)
+            self._code_written(addr, data)
+            for cpu in self.cpus:
+                cpu.flush_tb(addr, addr + len(data))
+            for observe in self.text_write_observers:
+                observe(addr, data)
+            return
         self.memory.write(addr, data)
-        self._code_written(addr, data)
 
     def _code_written(self, addr: int, data: bytes) -> None:
         region = self.memory.region_of(addr)
@@ -240,16 +254,30 @@ class SMPMachine(Scheduler, TextPoke, GracePeriods, Modules, Traps, Hypercalls, 
         return self.conductor.schedule
 
     def trace_digest(self) -> str:
-        h = hashlib.blake2b(digest_size=16)
+        """A hash of every event of the run, in order (the events the ring has dropped are
+        in it too): blake2b-128 over each event's repr."""
+        h = self._digest.copy()
         for ev in self._trace:
             h.update(repr(ev).encode())
         return h.hexdigest()
 
     @property
     def trace(self) -> list[tuple]:
-        """The event trace: (kind, ...) tuples in the order they happened.  The fields of
-        each kind, and their virtual timestamps, are listed in `_trace_export.EVENTS`."""
-        return self._trace
+        """The event trace: (kind, ...) tuples in the order they happened, the newest
+        `trace_limit` of them (at least).  The fields of each kind, and their virtual
+        timestamps, are listed in `_trace_export.EVENTS`."""
+        tr = self._trace
+        return tr if len(tr) <= self.trace_limit else tr[len(tr) - self.trace_limit:]
+
+    def _compact_trace(self) -> None:
+        """Fold the events beyond the newest `trace_limit` into the digest and drop them
+        (the list object stays: the probe core appends to it directly)."""
+        tr = self._trace
+        drop = len(tr) - self.trace_limit
+        update = self._digest.update
+        for ev in tr[:drop]:
+            update(repr(ev).encode())
+        del tr[:drop]
 
     def trace_event(self, *event) -> None:
         self._trace.append(event)

@@ -85,6 +85,11 @@ class Scheduler:
                     self._settled = True
                     await trio.testing.wait_all_tasks_blocked()
                     continue
+                if self._host_requests:
+                    self._grant_host_turn()
+                    continue
+                if self._kill_requests:
+                    self._reap_killed()
                 if self._pending:
                     self._admit()
                 if self._sleepers:
@@ -116,34 +121,16 @@ class Scheduler:
             self._decision = None
             self._settled = False
             self._run_quantum(me, q)
-            # Let trio deliver cancellation without giving host tasks a turn.
-            if self._c.quanta % 256 == 0:
-                await trio.lowlevel.checkpoint_if_cancelled()
+            # A checkpoint between quanta, so that trio's deadlines fire while CPUs run.
+            # Host tasks it lets run act at this quantum boundary, before the next
+            # decision, where those a machine event woke would act anyway; their
+            # registrations wait for their turn there (`host_turn`).
+            await trio.lowlevel.checkpoint()
 
     def _has_work(self, cpu: CPU) -> bool:
         if cpu.current is not None or cpu.deferred_trap:
             return True
         return any(t.allowed_on(cpu.id) for t in self._runq)
-
-    def _admit(self) -> None:
-        if not self._pending:
-            return
-        batch = sorted(self._pending, key=lambda t: t.order_key)
-        self._pending.clear()
-        for task in batch:
-            task.pid = self._next_pid
-            self._next_pid += 1
-            if not self._free_stacks:
-                raise RuntimeError("out of guest task stacks")
-            idx = heapq.heappop(self._free_stacks)
-            task.stack_base = mem.STACKS.start + idx * mem.STACK_SIZE
-            task.stack_top = task.stack_base + mem.STACK_SIZE
-            task.state = TaskState.RUNNABLE
-            task.ready_at = self._now
-            self._runq.append(task)
-            self._c.tasks += 1
-            self.trace_event("new", task.pid, task.comm, task.func, task.args, task.affinity,
-                             self._now)
 
     def _wake_sleepers(self) -> None:
         if not self._sleepers:
@@ -224,7 +211,11 @@ class Scheduler:
             self._on_fault(cpu, err)
         task = cpu.current
         if task is not None:
-            task.instructions += q
+            # The budget is charged what ran: a quantum cut short (a deferred trap, a
+            # hypercall that switched tasks) costs its instructions, not the whole quantum.
+            # (A nested regs.cpu.call() reuses the budget counter: then charge the quantum.)
+            ran = cpu.charged
+            task.instructions += ran if 0 <= ran <= q else q
             # With preemption disabled the budget doubles, then it is a hard lockup (a
             # leaked preempt count must not make a runaway guest run for ever).
             if task.instructions > self.call_budget and (
@@ -248,6 +239,8 @@ class Scheduler:
                         self._ack(self._gp_waiters, other.id, cpu.clock)
         for notify in self.quantum_notifiers:
             notify(cpu)
+        if len(self._trace) > self._trace_high:
+            self._compact_trace()
 
 
     def _switch_out(self, cpu: CPU) -> Task:
@@ -272,4 +265,5 @@ class Scheduler:
         self.trace_event("exit", cpu.id, task.pid, result if oops is None else "oops",
                          cpu.clock + cpu.intra)
         task.done.set()
+        self._release_waiter(task)
         self._host_woken = True

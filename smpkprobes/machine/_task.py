@@ -39,6 +39,8 @@ class Task:
         self.result: int | None = None
         self.oops = None
         self.done = trio.Event()
+        self.waiter = None             # the host trio task in m.call, waiting for the result
+        self.raise_cancel = None       # set when that m.call was cancelled (see _calls)
         self.kretprobe_instances: list = []
 
     def allowed_on(self, cpu_id: int) -> bool:

@@ -11,7 +11,15 @@ KASAN watches the kernel, and checks five laws:
   entries  hits + nmissed == entries: every breakpoint trap at a probed address ends as
            exactly one hit or one miss, and every entry into a kretprobe's function takes
            an instance or counts one miss;
-  handlers no handler of a probe runs once unregister has returned for it.
+  handlers no handler of a probe runs once unregister has returned for it;
+  registry whenever the registry lock is free, every registration is whole: each probe
+           marked registered is a child of its site and registered on this machine only,
+           every site has children, and every slot in use belongs to a site;
+  slots    (also) free + in use + garbage == every slot there is;
+  ctlblk   at a quantum boundary, a CPU with no probe in flight (preemptible, no deferred
+           trap, not in a slot) has an idle kprobe_ctlblk;
+  orphans  a breakpoint written into text (`Machine.text_write_observers`) that is still
+           there while no registered, armed probe owns its address.
 
 Where they are checked:
   * after every quantum (`Machine.quantum_notifiers`): slots, the pools of the registered
@@ -89,6 +97,11 @@ class Invariants:
         kprobes._register_kretprobe = self._track_kretprobe
         self._arm, self._disarm = kprobes._arm, kprobes._disarm
         kprobes._arm, kprobes._disarm = self._checked_arm, self._checked_disarm
+        self._generation = -1                     # the registry's, when last checked
+        self._suspects: set[int] = set()          # text addresses a breakpoint was written to
+        self._registered_seen: set = set()        # probes seen linked in the registry
+        machine.text_write_observers.append(self._text_written)
+        self._total_slots = kprobes.slots.statistics()["free"]
 
     # -- reporting ------------------------------------------------------------------------
     def violation(self, law: str, what: str) -> None:
@@ -105,6 +118,8 @@ class Invariants:
         self.check_text()
         self.check_pools()
         self.check_hits("at shutdown")
+        self.check_registry(force=True)
+        self.check_orphans()
         if raise_ and self.mode == "raise" and self.violations:
             raise InvariantViolation(list(self.violations))
 
@@ -126,6 +141,82 @@ class Invariants:
         if k.traps - k.hits - k.missed - k.unrecoverable != self._lost_traps \
                 or k.stale_handlers:
             self.check_hits(f"in quantum {cpu.quanta} of cpu{cpu.id}")
+        kcb = cpu.kprobe_ctlblk
+        if kcb.current is not None or kcb.prev is not None or kcb.jprobe_saved is not None:
+            self.check_ctlblk(cpu)
+        if k.generation != self._generation:
+            self.check_registry()
+        if self._suspects:
+            self.check_orphans()
+
+    # -- stuck state ------------------------------------------------------------------------
+    def check_ctlblk(self, cpu: "CPU") -> None:
+        """A CPU with no probe in flight has an idle control block."""
+        in_flight = cpu.current is not None and (
+            cpu.preempt_count or cpu.deferred_trap or mem.SLOTS.start <= cpu.pc < mem.SLOTS.end)
+        kcb = cpu.kprobe_ctlblk
+        if not in_flight and (kcb.current is not None or kcb.status.name != "NONE"
+                              or kcb.prev is not None):
+            self.violation("ctlblk", f"cpu{cpu.id}'s kprobe_ctlblk is {kcb.status.name} with "
+                                     f"no probe in flight (preempt count {cpu.preempt_count})")
+
+    def check_registry(self, force: bool = False) -> None:
+        """With the registry lock free, every registration is whole (see the docstring)."""
+        k = self._k
+        if k._mutex.locked() and not force:
+            return
+        self._generation = k.generation
+        owners = {}
+        for addr in sorted(k._table):
+            site = k._table[addr]
+            if not site.children:
+                self.violation("registry", f"site {self._m.format_addr(addr)} has no probes "
+                                           f"but is still in the table")
+            for c in site.children:
+                if not c._registered:
+                    self.violation("registry", f"{c!r} is linked at {addr:#x} but not "
+                                               f"marked registered")
+                elif c._kprobes is not k:
+                    self.violation("registry", f"{c!r} is registered on this machine and "
+                                               f"on another one")
+                owners[id(c)] = c
+                self._registered_seen.add(c)
+            if site.slot is not None:
+                owners[("slot", site.slot)] = site
+        slots = k.slots
+        for slot in sorted(slots._used):
+            if ("slot", slot) not in owners:
+                self.violation("slots", f"insn slot {slot:#x} is in use by no probe (leaked)")
+        st = slots.statistics()
+        if st["free"] + st["used"] + st["garbage"] != self._total_slots:
+            self.violation("slots", f"free {st['free']} + in use {st['used']} + garbage "
+                                    f"{st['garbage']} != {self._total_slots} slots")
+        for p in list(self._registered_seen):
+            if p._registered and p._kprobes is k and id(p) not in owners:
+                self.violation("registry", f"{p!r} is marked registered here but is linked "
+                                           f"at no site (a registration half done)")
+            if not p._registered:
+                self._registered_seen.discard(p)
+
+    def _text_written(self, addr: int, data: bytes) -> None:
+        bp = self._k._bp
+        if data[:len(bp)] == bp:
+            self._suspects.add(addr)
+
+    def check_orphans(self) -> None:
+        """A breakpoint in the text that no registered, armed probe owns."""
+        k = self._k
+        if k._mutex.locked():
+            return
+        bp = k._bp
+        for addr in sorted(self._suspects):
+            site = k._table.get(addr)
+            if self._m.memory.peek(addr, len(bp)) != bp:
+                self._suspects.discard(addr)
+            elif site is None or not site.armed:
+                self._suspects.discard(addr)
+                self.violation("orphans", f"a breakpoint at {self._m.format_addr(addr)} that no "
+                                          f"registered probe owns")
 
     def check_slots(self, cached: bool = False) -> None:
         """No CPU executes in a freed slot."""
