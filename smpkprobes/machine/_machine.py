@@ -41,9 +41,9 @@ from ._task import Task
 from ._textpoke import TextPoke
 from ._traps import TRAP_COST_NS as TRAP_COST_NS
 
-# Events the trace keeps by default (about 150 bytes each): older ones only count in the
-# digest.
-TRACE_LIMIT = 250_000
+# Events the trace keeps by default (about 200 bytes each, with their timestamps): older
+# ones only count in the digest.
+TRACE_LIMIT = 100_000
 from ._traps import Traps
 
 
@@ -141,11 +141,11 @@ class SMPMachine(GuestCalls, HostTurns, Scheduler, TextPoke, GracePeriods, Modul
         self.printk_log: list[str] = []
         self.oopses: list[OopsRecord] = []
         self._c = _Counters()
-        # The event trace is a ring: the newest `trace_limit` events (up to twice that
+        # The event trace is a ring: the newest `trace_limit` events (up to a quarter more
         # between two compactions); the older ones are folded into the rolling digest.
         self._trace: list[tuple] = []
         self._digest = hashlib.blake2b(digest_size=16)
-        self._trace_high = 2 * trace_limit
+        self._trace_high = trace_limit + max(1, trace_limit // 4)
         self._runq: deque[Task] = deque()
         self._sleepers: list[tuple[int, int, Task]] = []
         self._pending: list[Task] = []

@@ -79,7 +79,7 @@ def _main(argv: list[str] | None = None) -> int:
         p.add_argument("--preempt", action="store_true")
     b = sub.add_parser("bench", help="benchmarks: machine throughput, kprobe hit cost")
     b.add_argument("what", nargs="?", default="all",
-                   choices=["all", "machine", "kprobe", "overhead"])
+                   choices=["all", "machine", "kprobe", "overhead", "memory"])
     b.add_argument("--quick", action="store_true", help="smaller runs")
     b.add_argument("--arch", action="append", help="overhead table for this arch only "
                    "(repeatable; default: every available arch)")
