@@ -14,10 +14,10 @@ async def test_a_registration_half_done_is_a_registry_violation():
         kp = Kprobe(symbol_name="kprobe_target")
         await m.kprobes.register_kprobe(kp)
         assert await m.call("kprobe_target", 30) == 10      # a quantum: the checker sees kp
-        site = m.kprobes._table.pop(kp.addr)                # unlinked, still "registered"
+        site = m.kprobes._kprobe_table.pop(kp.addr)                # unlinked, still "registered"
         m.kprobes.generation += 1
         assert await m.call("kprobe_target2", 30) == 11
-        m.kprobes._table[kp.addr] = site
+        m.kprobes._kprobe_table[kp.addr] = site
         m.kprobes.generation += 1
         await m.kprobes.unregister_kprobe(kp)
     assert "registry: <Kprobe kprobe_target+0x0> is marked registered here but is linked " \
@@ -57,8 +57,9 @@ async def test_a_stuck_control_block_is_a_ctlblk_violation():
     async with Machine(cpus=2, seed=1, invariants="record") as m:
         kp = Kprobe(symbol_name="kprobe_target")
         await m.kprobes.register_kprobe(kp)
-        kcb = m.cpus[1].kprobe_ctlblk
-        kcb.current, kcb.status = m.kprobes._table[kp.addr], Status.HIT_ACTIVE
+        kcb = m.kprobes.kprobe_ctlblk[1]
+        kcb.current_kprobe = m.kprobes._kprobe_table[kp.addr]
+        kcb.kprobe_status = Status.HIT_ACTIVE
         assert await m.call("kprobe_target2", 30, cpu=1) == 11
         kcb.reset()
         await m.kprobes.unregister_kprobe(kp)

@@ -13,7 +13,9 @@ import trio
 from .._errors import KprobeError
 from ._probes import (KPROBE_FLAG_DISABLED, KPROBE_FLAG_GONE, KRETPROBE_MAX_DATA_SIZE, Jprobe,
                       Kprobe, Kretprobe)
-from ._state import _Site
+from ..machine._services import ModuleGoing
+from ._events import KprobesArmed, KprobesDisarmed
+from ._state import AggrKprobe
 from ._validate import as_list, check_not_registered, check_register_batch, check_unregister_batch
 
 
@@ -59,7 +61,7 @@ class Registry:
         if not items:
             raise KprobeError(E.EINVAL, "empty probe list")
         check_register_batch(items, cls, self)
-        await self._m.host_turn(("register", cls.__name__, _describe(items)))
+        await self._kernel.host_turn(("register", cls.__name__, _describe(items)))
         async with self._mutex:
             # Again: another task may have registered one of them while this one waited.
             check_register_batch(items, cls, self)
@@ -90,7 +92,7 @@ class Registry:
 
     def _resolve(self, p: Kprobe, kind: str) -> int:
         """The checks of KPROBES.md section 2, in order, up to the probed address."""
-        m = self._m
+        m = self._kernel
         check_not_registered(p, self)
         if (p.symbol_name is None) == (p.addr is None):
             raise KprobeError(E.EINVAL, "exactly one of symbol_name and addr must be set")
@@ -140,7 +142,7 @@ class Registry:
     async def _register(self, p: Kprobe) -> None:
         kind = p._type
         addr = self._resolve(p, kind)
-        site = self._table.get(addr)
+        site = self._kprobe_table.get(addr)
         # A GONE aggregate whose module is back (register_aggr_kprobe): it gets a new
         # plan and slot from the new text, and is armed again; its old children stay GONE.
         revive = site is not None and site.gone and self._text_alive(addr)
@@ -148,35 +150,37 @@ class Registry:
             try:
                 plan = self._backend.plan_probe(self.original_text, addr)
             except UnsteppableError as err:
-                raise KprobeError(err.errno, f"{self._m.format_addr(addr)}: cannot single-step: "
-                                             f"{err.reason}") from None
+                raise KprobeError(err.errno, f"{self._kernel.format_addr(addr)}: cannot "
+                                             f"single-step: {err.reason}") from None
         else:
             plan = site.plan
         if kind in ("r", "j"):
-            sym = self._m.kallsyms.containing(addr)
+            sym = self._kernel.kallsyms.containing(addr)
             if addr != sym.addr:
-                raise KprobeError(E.EINVAL, f"{'kretprobe' if kind == 'r' else 'jprobe'} must be "
-                                            f"at a function entry, not {self._m.format_addr(addr)}")
+                what = "kretprobe" if kind == "r" else "jprobe"
+                raise KprobeError(E.EINVAL, f"{what} must be at a function entry, not "
+                                            f"{self._kernel.format_addr(addr)}")
         if kind == "r" and p._owner.data_size > KRETPROBE_MAX_DATA_SIZE:
             raise KprobeError(E.E2BIG, f"data_size {p._owner.data_size} exceeds "
                                        f"{KRETPROBE_MAX_DATA_SIZE}")
         if kind == "j" and site is not None and site.jprobe() is not None:
             raise KprobeError(E.EEXIST, f"a jprobe is already registered at "
-                                        f"{self._m.format_addr(addr)}")
+                                        f"{self._kernel.format_addr(addr)}")
         # All checks passed: from here on nothing can fail half-way.
         if site is None or revive:
             old = site
-            site = _Site(addr, plan, plan.orig[:len(self._bp)])
+            site = AggrKprobe(addr, plan, plan.orig[:len(self._bp)])
             if old is not None:
                 site.children = old.children
             if plan.kind is StepKind.OUT_OF_LINE:
-                site.slot = await self.slots.get_insn_slot()
                 stride = self._slot_stride
+                site.set_slot(await self.slots.get_insn_slot(), stride)
                 code = self._backend.slot_code(plan, site.slot, boost=False)
                 boosted = self._backend.slot_code(plan, site.slot + stride, boost=True)
-                await self._m.text_poke_batch([(site.slot, code), (site.slot + stride, boosted)])
+                await self._kernel.text_poke_batch([(site.slot, code),
+                                                    (site.slot + stride, boosted)])
                 self._by_slot[site.slot] = site
-            self._table[addr] = site
+            self._kprobe_table[addr] = site
         p.addr = addr if p.symbol_name is None else addr
         p.flags &= ~KPROBE_FLAG_GONE
         # Newest first; a jprobe always last (it ends the pre_handler chain).
@@ -188,27 +192,29 @@ class Registry:
         p._kprobes = self
         self.generation += 1
         # Remembered for kprobes/list: a GONE probe's module symbols are gone too.
-        p._where = self._m.symbolize(addr)
-        self._m.trace_event("register", kind, addr, self._m.now_ns())
+        p._where = self._kernel.symbolize(addr)
+        self._kernel.trace_event("register", kind, addr, self._kernel.now_ns())
         if self.enabled and site.enabled() and not site.armed:
-            await self._arm([site])
+            await self.arm_kprobes([site])
         if p.symbol_name is not None:
             p.addr = addr
 
-    async def _arm(self, sites: list[_Site]) -> None:
+    async def arm_kprobes(self, sites: list[AggrKprobe]) -> None:
         patches = []
         for s in sites:
             s.armed = True
             patches.append((s.addr, self._bp))
-        await self._m.text_poke_batch(patches)
+        await self._kernel.text_poke_batch(patches)
+        self.events.publish(KprobesArmed(sites))
 
-    async def _disarm(self, sites: list[_Site]) -> None:
+    async def disarm_kprobes(self, sites: list[AggrKprobe]) -> None:
         patches = []
         for s in sites:
             s.armed = False
             if not s.gone:
                 patches.append((s.addr, s.orig))
-        await self._m.text_poke_batch(patches)
+        await self._kernel.text_poke_batch(patches)
+        self.events.publish(KprobesDisarmed(sites))
 
     # == unregistration ==================================================================
     async def unregister_kprobe(self, p: Kprobe) -> None:
@@ -233,7 +239,7 @@ class Registry:
         check_unregister_batch(items, cls, self)
         if not items:
             return
-        await self._m.host_turn(("unregister", cls.__name__, _describe(items)))
+        await self._kernel.host_turn(("unregister", cls.__name__, _describe(items)))
         async with self._mutex:
             check_unregister_batch(items, cls, self)
             # Disarm, grace period, free: the kernel cannot be interrupted in between.
@@ -245,18 +251,18 @@ class Registry:
 
     async def _unregister_many(self, probes: list[Kprobe]) -> None:
         """Top half for all (unlink, disarm), one grace period, bottom half for all."""
-        dead_sites: list[_Site] = []
-        to_disarm: list[_Site] = []
+        dead_sites: list[AggrKprobe] = []
+        to_disarm: list[AggrKprobe] = []
         valid = []
         for p in probes:
-            site = self._table.get(p.addr) if p._registered else None
+            site = self._kprobe_table.get(p.addr) if p._registered else None
             if site is None or p not in site.children:
                 p.addr = None          # an "incorrect" probe
                 continue
             valid.append(p)
             site.children = tuple(c for c in site.children if c is not p)
             if not site.children:
-                del self._table[site.addr]
+                del self._kprobe_table[site.addr]
                 dead_sites.append(site)
                 if site.armed:
                     to_disarm.append(site)
@@ -265,72 +271,73 @@ class Registry:
         if not valid:
             return
         if to_disarm:
-            await self._disarm(to_disarm)
-        await self._m.synchronize()
+            await self.disarm_kprobes(to_disarm)
+        await self._kernel.synchronize()
         for site in dead_sites:
             if site.slot is not None:
                 del self._by_slot[site.slot]
                 self.slots.free_insn_slot(site.slot, dirty=site.boost_used)
-                site.slot = None
+                site.set_slot(None)
         self.generation += 1
         for p in valid:
             p._registered = False
             p._kprobes = None
-            self._m.trace_event("unregister", p._type, p.addr, self._m.now_ns())
+            self._kernel.trace_event("unregister", p._type, p.addr, self._kernel.now_ns())
 
     # == enable / disable ================================================================
     async def enable_kprobe(self, p: Kprobe) -> None:
         self._registered_site(p)
-        await self._m.host_turn(("enable", _describe([p])))
+        await self._kernel.host_turn(("enable", _describe([p])))
         async with self._mutex:
             site = self._registered_site(p)
             if p.gone:
                 raise KprobeError(E.EINVAL, f"{p!r} is gone (its module text was freed)")
             p.flags &= ~KPROBE_FLAG_DISABLED
             if self.enabled and site.enabled() and not site.armed:
-                await self._arm([site])
+                await self.arm_kprobes([site])
 
     async def disable_kprobe(self, p: Kprobe) -> None:
         self._registered_site(p)
-        await self._m.host_turn(("disable", _describe([p])))
+        await self._kernel.host_turn(("disable", _describe([p])))
         async with self._mutex:
             site = self._registered_site(p)
             p.flags |= KPROBE_FLAG_DISABLED
             if site.armed and not site.enabled():
-                await self._disarm([site])
+                await self.disarm_kprobes([site])
 
-    def _registered_site(self, p: Kprobe) -> _Site:
+    def _registered_site(self, p: Kprobe) -> AggrKprobe:
         if not isinstance(p, Kprobe):
             raise TypeError(f"expected a Kprobe (for a Kretprobe or Jprobe, its .kp), not "
                             f"{type(p).__name__}")
         if p._registered and p._kprobes is not self:
             raise KprobeError(E.EINVAL, f"{p!r} is registered on another machine")
-        site = self._table.get(p.addr) if p._registered else None
+        site = self._kprobe_table.get(p.addr) if p._registered else None
         if site is None:
             raise KprobeError(E.EINVAL, f"{p!r} is not registered")
         return site
 
     async def set_enabled(self, enabled: bool) -> None:
         """kprobes/enabled: arm or disarm every probe, on all CPUs, before returning."""
-        await self._m.host_turn(("kprobes/enabled", enabled))
+        await self._kernel.host_turn(("kprobes/enabled", enabled))
         async with self._mutex:
             if enabled == self.enabled:
                 return
             self.enabled = enabled
             if enabled:
-                await self._arm([s for s in self._sorted_sites() if s.enabled() and not s.armed])
+                await self.arm_kprobes([s for s in self._sorted_sites()
+                                        if s.enabled() and not s.armed])
             else:
-                await self._disarm([s for s in self._sorted_sites() if s.armed])
+                await self.disarm_kprobes([s for s in self._sorted_sites() if s.armed])
 
     def _text_alive(self, addr: int) -> bool:
         """`addr` is kernel text, or text of a loaded module (not freed init text)."""
         if self._kernel_text[0] <= addr < self._kernel_text[1]:
             return True
-        module = self._m.module_of(addr)
+        module = self._kernel.module_of(addr)
         return module is not None and not (module.in_init(addr) and module.init_freed)
 
-    def _sorted_sites(self) -> list[_Site]:
-        return [self._table[a] for a in sorted(self._table)]
+    def _sorted_sites(self) -> list[AggrKprobe]:
+        return [self._kprobe_table[a] for a in sorted(self._kprobe_table)]
 
     # == host writes to text ==============================================================
     def _text_write_guard(self, addr: int, size: int) -> None:
@@ -339,15 +346,17 @@ class Registry:
         byte over the new code (EBUSY, as the kernel's text_poke users check)."""
         n = len(self._bp)
         for a in range(addr - n + 1, addr + size):
-            site = self._table.get(a)
+            site = self._kprobe_table.get(a)
             if site is not None and site.armed:
                 raise KprobeError(E.EBUSY, f"writing {size} byte(s) at {addr:#x} would "
                                            f"overwrite the armed probe at "
-                                           f"{self._m.format_addr(a)}; unregister it first")
+                                           f"{self._kernel.format_addr(a)}; unregister it first")
 
     # == modules =========================================================================
-    def _module_event(self, event: str, module) -> None:
-        in_range = module.in_init if event == "init_freed" else \
+    def kprobes_module_callback(self, event: ModuleGoing) -> None:
+        """Module text is going away: its probes are killed (kill_kprobe)."""
+        module = event.module
+        in_range = module.in_init if event.what == "init_freed" else \
             (lambda a: module.in_text(a) or module.in_init(a))
         for site in self._sorted_sites():
             if not in_range(site.addr) or site.gone:
@@ -361,4 +370,4 @@ class Registry:
             if site.slot is not None:
                 del self._by_slot[site.slot]
                 self.slots.free_insn_slot(site.slot, dirty=True)
-                site.slot = None
+                site.set_slot(None)

@@ -24,6 +24,7 @@ import trio
 
 from . import _memory as mem
 from .._errors import Oops, RunawayError, UnknownSymbolError
+from ._events import TaskExited
 from ._task import Task, TaskState
 
 # At most this share of a task stack may hold stack-passed arguments.
@@ -132,13 +133,15 @@ class GuestCalls:
         """At a quantum boundary: kill the tasks whose m.call was cancelled, where it is
         safe (not inside a probe); the others are tried again at the next boundary."""
         keep = []
-        for task in self._kill_requests:
+        # (By pid: trio aborts the tasks of a cancelled scope in an order of its own.)
+        for task in sorted(self._kill_requests, key=lambda t: t.pid):
             state = task.state
             if state is TaskState.DEAD:
                 continue
             if state is TaskState.RUNNING:
                 cpu = next(c for c in self.cpus if c.current is task)
-                if not cpu.preemptible() or cpu.deferred_trap or cpu.pc in mem.SLOTS:
+                if not cpu.preemptible() or cpu.deferred_trap or \
+                        self._in_unquiescent_text(cpu):
                     keep.append(task)
                     continue
                 self._finish(cpu, None)
@@ -154,8 +157,7 @@ class GuestCalls:
     def _exit_off_cpu(self, task: Task) -> None:
         task.state = TaskState.DEAD
         task.result = None
-        for notify in list(self.task_exit_notifiers):
-            notify(task)
+        self.events.publish(TaskExited(task))
         heapq.heappush(self._free_stacks, (task.stack_base - mem.STACKS.start) // mem.STACK_SIZE)
         self.trace_event("exit", task.last_cpu or 0, task.pid, None, self._now)
         task.done.set()

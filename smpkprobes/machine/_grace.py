@@ -7,8 +7,6 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from . import _memory as mem
-
 if TYPE_CHECKING:    # pragma: no cover
     from ._cpu import CPU
 
@@ -17,11 +15,27 @@ class GracePeriods:
     """The grace period part of `SMPMachine` (see `_machine`)."""
 
     def quiescent(self, cpu: CPU) -> bool:
-        """Not in a probe handler, not between a trap and the end of its single-step, not in
-        a boosted slot."""
+        """Idle, or preemptible and not in text registered as unquiescent: so not in a
+        probe handler (preemption is disabled there), not between a trap and the end of
+        its single-step, not in a boosted instruction slot."""
         if cpu.current is None and not cpu.deferred_trap:
             return True
-        return cpu.preemptible() and cpu.pc not in mem.SLOTS
+        return cpu.preemptible() and not self._in_unquiescent_text(cpu)
+
+    def register_unquiescent_text(self, start: int, end: int) -> None:
+        """A CPU executing in [start, end) is neither quiescent nor preempted there (the
+        probe core's instruction slots, left by a jump back after a boosted step)."""
+        self._unquiescent_text.append((start, end))
+
+    def _in_unquiescent_text(self, cpu: CPU) -> bool:
+        ranges = self._unquiescent_text
+        if not ranges:
+            return False
+        pc = cpu.pc
+        for start, end in ranges:
+            if start <= pc < end:
+                return True
+        return False
 
     async def synchronize(self) -> None:
         """Wait for one grace period: every online CPU passes a quiescent state."""

@@ -16,8 +16,7 @@ class TaskState(enum.Enum):
 
 
 class Task:
-    """A guest task.  `kretprobe_instances` is the task's list of in-flight return probes
-    (the kernel keeps it in the kretprobe hash; here it lives on the task)."""
+    """A guest task."""
 
     def __init__(self, func: int, args: tuple[int, ...], comm: str, affinity: int | None,
                  order_key: tuple):
@@ -41,7 +40,6 @@ class Task:
         self.done = trio.Event()
         self.waiter = None             # the host trio task in m.call, waiting for the result
         self.raise_cancel = None       # set when that m.call was cancelled (see _calls)
-        self.kretprobe_instances: list = []
 
     def allowed_on(self, cpu_id: int) -> bool:
         return self.affinity is None or self.affinity == cpu_id

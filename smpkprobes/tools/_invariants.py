@@ -21,13 +21,17 @@ KASAN watches the kernel, and checks five laws:
   orphans  a breakpoint written into text (`Machine.text_write_observers`) that is still
            there while no registered, armed probe owns its address.
 
+It only observes: it subscribes to the events the machine publishes (`QuantumEnded`,
+`ModuleGoing`) and those of the probe core (`KprobesArmed`, `KprobesDisarmed`,
+`KretprobeRegistered`), and reads the probe core's public state.
+
 Where they are checked:
-  * after every quantum (`Machine.quantum_notifiers`): slots, the pools of the registered
+  * after every quantum (`QuantumEnded`): slots, the pools of the registered
     kretprobes (with their entries), and the entries and handlers laws of kprobe hits.
     Those are not checked around each trap or call, which would put a wrapper on the hit
     path: the probe core counts each trap at a registered probe and each way one ends
     (`traps`, `hits`, `missed`, `unrecoverable`) and each entry into a kretprobe's
-    function (`Kretprobe._entries`), and records a pre, post or return handler of an
+    function (`Kretprobe.statistics().entries`), and records a pre, post or return handler of an
     unregistered probe that is about to run (`stale_handlers`); the checker compares and
     reports after the quantum in which it happened;
   * after every arm and disarm, on the sites patched (text only changes there);
@@ -51,9 +55,11 @@ from ..machine import _memory as mem
 from .._errors import SimulationError
 
 if TYPE_CHECKING:    # pragma: no cover
-    from ..machine._cpu import CPU
     from ..kprobes._core import KprobesSubsystem, Kretprobe
     from ..machine._machine import SMPMachine
+
+from ..kprobes._events import KprobesArmed, KprobesDisarmed, KretprobeRegistered
+from ..machine._events import ModuleGoing, QuantumEnded, TextWritten
 
 MAX_RECORDED = 64
 
@@ -87,21 +93,21 @@ class Invariants:
         # register read per quantum keeps this exact.
         self._pcs = {cpu.id: 0 for cpu in machine.cpus}
         self._in_slots: set[int] = set()     # ids of the CPUs whose _pcs are in the slot area
-        self._kernel_text = kprobes._kernel_text
-        # Hooks: the machine calls the first two; the others wrap the probe core's bound
-        # methods on this instance only (the class, and so other machines, are untouched).
-        machine.quantum_notifiers.append(self._after_quantum)
-        machine.module_notifiers.append(self._module_event)
+        text = machine.kernel.sections[".text"]
+        self._kernel_text = (text[0], text[0] + text[1])
+        self._bp = machine.backend.breakpoint
         self._lost_traps = 0                      # traps already reported as neither hit nor miss
-        self._register_rp = kprobes._register_kretprobe
-        kprobes._register_kretprobe = self._track_kretprobe
-        self._arm, self._disarm = kprobes._arm, kprobes._disarm
-        kprobes._arm, kprobes._disarm = self._checked_arm, self._checked_disarm
+        self._stale_seen = 0                      # stale_handlers already reported
         self._generation = -1                     # the registry's, when last checked
         self._suspects: set[int] = set()          # text addresses a breakpoint was written to
         self._registered_seen: set = set()        # probes seen linked in the registry
-        machine.text_write_observers.append(self._text_written)
         self._total_slots = kprobes.slots.statistics()["free"]
+        machine.events.subscribe(QuantumEnded, self._after_quantum)
+        machine.events.subscribe(ModuleGoing, self._module_event)
+        machine.events.subscribe(TextWritten, self._text_written)
+        kprobes.events.subscribe(KprobesArmed, self._armed)
+        kprobes.events.subscribe(KprobesDisarmed, self._disarmed)
+        kprobes.events.subscribe(KretprobeRegistered, self._track_kretprobe)
 
     # -- reporting ------------------------------------------------------------------------
     def violation(self, law: str, what: str) -> None:
@@ -124,7 +130,8 @@ class Invariants:
             raise InvariantViolation(list(self.violations))
 
     # -- after every quantum --------------------------------------------------------------
-    def _after_quantum(self, cpu: "CPU") -> None:
+    def _after_quantum(self, event: QuantumEnded) -> None:
+        cpu = event.cpu
         self.checks += 1
         pc = self._pcs[cpu.id] = cpu.pc
         # Only a CPU inside the slot area can break the law; most quanta end elsewhere.
@@ -139,10 +146,11 @@ class Invariants:
         k = self._k
         # (The cheap test first: this runs after every quantum.)
         if k.traps - k.hits - k.missed - k.unrecoverable != self._lost_traps \
-                or k.stale_handlers:
+                or len(k.stale_handlers) != self._stale_seen:
             self.check_hits(f"in quantum {cpu.quanta} of cpu{cpu.id}")
-        kcb = cpu.kprobe_ctlblk
-        if kcb.current is not None or kcb.prev is not None or kcb.jprobe_saved is not None:
+        kcb = k.kprobe_ctlblk[cpu.id]
+        if kcb.current_kprobe is not None or kcb.prev_kprobe is not None \
+                or kcb.jprobe_saved is not None:
             self.check_ctlblk(cpu)
         if k.generation != self._generation:
             self.check_registry()
@@ -154,11 +162,12 @@ class Invariants:
         """A CPU with no probe in flight has an idle control block."""
         in_flight = cpu.current is not None and (
             cpu.preempt_count or cpu.deferred_trap or mem.SLOTS.start <= cpu.pc < mem.SLOTS.end)
-        kcb = cpu.kprobe_ctlblk
-        if not in_flight and (kcb.current is not None or kcb.status.name != "NONE"
-                              or kcb.prev is not None):
-            self.violation("ctlblk", f"cpu{cpu.id}'s kprobe_ctlblk is {kcb.status.name} with "
-                                     f"no probe in flight (preempt count {cpu.preempt_count})")
+        kcb = self._k.kprobe_ctlblk[cpu.id]
+        if not in_flight and (kcb.current_kprobe is not None or kcb.kprobe_status.name != "NONE"
+                              or kcb.prev_kprobe is not None):
+            self.violation("ctlblk", f"cpu{cpu.id}'s kprobe_ctlblk is "
+                                     f"{kcb.kprobe_status.name} with no probe in flight "
+                                     f"(preempt count {cpu.preempt_count})")
 
     def check_registry(self, force: bool = False) -> None:
         """With the registry lock free, every registration is whole (see the docstring)."""
@@ -167,8 +176,8 @@ class Invariants:
             return
         self._generation = k.generation
         owners = {}
-        for addr in sorted(k._table):
-            site = k._table[addr]
+        for addr in sorted(k._kprobe_table):
+            site = k._kprobe_table[addr]
             if not site.children:
                 self.violation("registry", f"site {self._m.format_addr(addr)} has no probes "
                                            f"but is still in the table")
@@ -198,19 +207,19 @@ class Invariants:
             if not p._registered:
                 self._registered_seen.discard(p)
 
-    def _text_written(self, addr: int, data: bytes) -> None:
-        bp = self._k._bp
-        if data[:len(bp)] == bp:
-            self._suspects.add(addr)
+    def _text_written(self, event: TextWritten) -> None:
+        bp = self._bp
+        if event.data[:len(bp)] == bp:
+            self._suspects.add(event.addr)
 
     def check_orphans(self) -> None:
         """A breakpoint in the text that no registered, armed probe owns."""
         k = self._k
         if k._mutex.locked():
             return
-        bp = k._bp
+        bp = self._bp
         for addr in sorted(self._suspects):
-            site = k._table.get(addr)
+            site = k._kprobe_table.get(addr)
             if self._m.memory.peek(addr, len(bp)) != bp:
                 self._suspects.discard(addr)
             elif site is None or not site.armed:
@@ -220,7 +229,7 @@ class Invariants:
 
     def check_slots(self, cached: bool = False) -> None:
         """No CPU executes in a freed slot."""
-        used = self._k.slots._used
+        is_used = self._k.slots.is_used
         lo, hi = mem.SLOTS.start, mem.SLOTS.end
         pcs = self._pcs
         for cpu in self._m.cpus:
@@ -229,31 +238,28 @@ class Invariants:
             pc = pcs[cpu.id] if cached else cpu.pc
             if lo <= pc < hi:
                 base = pc - (pc - lo) % self._slot_size
-                if base not in used:
+                if not is_used(base):
                     self.violation("slots", f"cpu{cpu.id} executes at {pc:#x} in insn slot "
                                             f"{base:#x}, which is free")
 
-    async def _checked_arm(self, sites) -> None:
-        for s in sites:
-            self._tracked.setdefault(s.addr, s.orig)
-        await self._arm(sites)
-        self.check_text([s.addr for s in sites])
+    def _armed(self, event: KprobesArmed) -> None:
+        for p in event.probes:
+            self._tracked.setdefault(p.addr, p.orig)
+        self.check_text([p.addr for p in event.probes])
 
-    async def _checked_disarm(self, sites) -> None:
-        await self._disarm(sites)
-        self.check_text([s.addr for s in sites])
+    def _disarmed(self, event: KprobesDisarmed) -> None:
+        self.check_text([p.addr for p in event.probes])
 
     def check_text(self, addrs=None) -> None:
         """Disarmed text equals the original bytes; armed text holds the breakpoint.
         Checks `addrs`, or every address ever armed."""
-        k = self._k
-        table = k._table
+        get_kprobe = self._k.get_kprobe
         tracked = self._tracked
         peek = self._m.memory.peek
-        bp = k._bp
+        bp = self._bp
         for addr in list(tracked) if addrs is None else addrs:
             orig = tracked.get(addr)
-            site = table.get(addr)
+            site = get_kprobe(addr)
             if orig is None or (site is not None and site.gone) or not self._text_alive(addr):
                 tracked.pop(addr, None)
                 continue
@@ -270,8 +276,9 @@ class Invariants:
         module = self._m.module_of(addr)
         return module is not None and not (module.in_init(addr) and module.init_freed)
 
-    def _module_event(self, event: str, module) -> None:
+    def _module_event(self, event: ModuleGoing) -> None:
         # Its text is about to be freed: the bytes there stop being ours to check.
+        module = event.module
         for addr in [a for a in self._tracked if module.in_text(a) or module.in_init(a)]:
             del self._tracked[addr]
 
@@ -281,14 +288,13 @@ class Invariants:
             if not rp.kp._registered:
                 del self._rps[key]
                 continue
-            free, used = len(rp._free), len(rp._used)
-            if free + used != rp.maxactive:
-                self.violation("pool", f"{rp!r}: free {free} + in use {used} != maxactive "
-                                       f"{rp.maxactive}")
-            entries = rp._entries
-            if rp._taken + rp.nmissed != entries:
-                self.violation("entries", f"{rp!r}: taken {rp._taken} + nmissed {rp.nmissed} "
-                                          f"!= entries {entries}")
+            s = rp.statistics()
+            if s.free + s.in_use != s.maxactive:
+                self.violation("pool", f"{rp!r}: free {s.free} + in use {s.in_use} != "
+                                       f"maxactive {s.maxactive}")
+            if s.taken + s.missed != s.entries:
+                self.violation("entries", f"{rp!r}: taken {s.taken} + nmissed {s.missed} "
+                                          f"!= entries {s.entries}")
 
     # -- kprobe hits ----------------------------------------------------------------------
     def check_hits(self, where: str) -> None:
@@ -303,8 +309,10 @@ class Invariants:
                                       f"neither a hit nor a miss" if lost > 0 else
                                       f"{-lost} more hits and misses than traps at probed "
                                       f"addresses {where}")
-        if k.stale_handlers:
-            for addr, probe, which in k.stale_handlers:
+        if len(k.stale_handlers) > self._stale_seen:
+            fresh = k.stale_handlers[self._stale_seen:]
+            self._stale_seen += len(fresh)
+            for addr, probe, which in fresh:
                 if which == "return handler":
                     self.violation("handlers", f"return handler of {probe!r} about to run "
                                                f"after unregister_kretprobe returned")
@@ -312,8 +320,6 @@ class Invariants:
                     self.violation("handlers", f"{which} of {probe!r} at "
                                                f"{self._m.format_addr(addr)} about to run "
                                                f"after it was unregistered")
-            k.stale_handlers.clear()
 
-    async def _track_kretprobe(self, rp: "Kretprobe") -> None:
-        await self._register_rp(rp)
-        self._rps[id(rp)] = rp
+    def _track_kretprobe(self, event: KretprobeRegistered) -> None:
+        self._rps[id(event.rp)] = event.rp
