@@ -210,7 +210,11 @@ class Invariants:
     def _text_written(self, event: TextWritten) -> None:
         bp = self._bp
         if event.data[:len(bp)] == bp:
-            self._suspects.add(event.addr)
+            # An armed probe's own breakpoint (arm_kprobe marks the site armed first) is
+            # owned: only the others are worth a look, after every quantum until resolved.
+            site = self._k._kprobe_table.get(event.addr)
+            if site is None or not site.armed:
+                self._suspects.add(event.addr)
 
     def check_orphans(self) -> None:
         """A breakpoint in the text that no registered, armed probe owns."""
@@ -220,9 +224,9 @@ class Invariants:
         bp = self._bp
         for addr in sorted(self._suspects):
             site = k._kprobe_table.get(addr)
-            if self._m.memory.peek(addr, len(bp)) != bp:
+            if self._m.memory.peek(addr, len(bp)) != bp or (site is not None and site.armed):
                 self._suspects.discard(addr)
-            elif site is None or not site.armed:
+            else:
                 self._suspects.discard(addr)
                 self.violation("orphans", f"a breakpoint at {self._m.format_addr(addr)} that no "
                                           f"registered probe owns")
