@@ -8,10 +8,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .._errors import KprobeError
-from ..machine._regs import Regs
 from ._probes import (KPROBE_FLAG_DISABLED, KPROBE_FLAG_GONE, KRETPROBE_MAX_DATA_SIZE, Kprobe,
                       Kretprobe)
-from ..machine._services import HANDLED, TaskExited, TrapResult, resume_at
+from ..machine._services import HANDLED, Regs, TaskExited, TrapResult, resume_at
 from ._events import KretprobeRegistered
 from ._state import KprobeCtlblk, Status
 from ._validate import check_not_registered

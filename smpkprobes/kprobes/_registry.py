@@ -188,6 +188,7 @@ class Registry:
             site.children = (*site.children, p)
         else:
             site.children = (p, *site.children)
+        site.refresh()
         p._registered = True
         p._kprobes = self
         self.generation += 1
@@ -261,6 +262,7 @@ class Registry:
                 continue
             valid.append(p)
             site.children = tuple(c for c in site.children if c is not p)
+            site.refresh()
             if not site.children:
                 del self._kprobe_table[site.addr]
                 dead_sites.append(site)
@@ -293,6 +295,7 @@ class Registry:
             if p.gone:
                 raise KprobeError(E.EINVAL, f"{p!r} is gone (its module text was freed)")
             p.flags &= ~KPROBE_FLAG_DISABLED
+            site.refresh()
             if self.enabled and site.enabled() and not site.armed:
                 await self.arm_kprobes([site])
 
@@ -302,6 +305,7 @@ class Registry:
         async with self._mutex:
             site = self._registered_site(p)
             p.flags |= KPROBE_FLAG_DISABLED
+            site.refresh()
             if site.armed and not site.enabled():
                 await self.disarm_kprobes([site])
 
@@ -367,6 +371,7 @@ class Registry:
             site.armed = False
             for c in site.children:
                 c.flags |= KPROBE_FLAG_GONE
+            site.refresh()
             if site.slot is not None:
                 del self._by_slot[site.slot]
                 self.slots.free_insn_slot(site.slot, dirty=True)
