@@ -15,6 +15,14 @@ class KprobeError(OSError):
         self.index = index
 
 
+class UnknownSymbolError(KeyError, ValueError):
+    """No guest symbol of that name.  A KeyError (a failed lookup) and a ValueError (bad
+    input), so that either spelling catches it."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 @dataclass(frozen=True)
 class OopsRecord:
     """One task killed by an unhandled fault, handler exception or runaway."""

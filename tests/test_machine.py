@@ -239,8 +239,9 @@ async def test_every_breakpoint_trap_is_counted_once(trap_delay):
 async def test_a_breakpoint_no_probe_owns_oopses_its_task(trap_delay):
     """A breakpoint the probe core does not own (poked into the text by hand) kills its task
     with an oops, whether the trap goes straight to the probe core, through the deferral, or
-    is handled in the next quantum; the machine goes on."""
-    async with Machine(cpus=1, seed=1, trap_delay=trap_delay) as m:
+    is handled in the next quantum; the machine goes on.  The invariant checker reports the
+    orphan breakpoint."""
+    async with Machine(cpus=1, seed=1, trap_delay=trap_delay, invariants="record") as m:
         addr = m.kallsyms_lookup_name("kprobe_target")
         orig = m.read_memory(addr, len(m.backend.breakpoint))
         await m.text_poke(addr, m.backend.breakpoint)
@@ -250,6 +251,8 @@ async def test_a_breakpoint_no_probe_owns_oopses_its_task(trap_delay):
         await m.text_poke(addr, orig)
         assert await m.call("kprobe_target", 9) == 3
         assert m.statistics().traps == 1
+    assert m.invariants.violations == ["orphans: a breakpoint at kprobe_target+0x0 that no "
+                                       "registered probe owns"]
 
 
 # -- accounting: what statistics() and the clocks say is what ran ---------------------------

@@ -125,6 +125,8 @@ class KprobesSubsystem(Registry, HitPath, Kretprobes, Jprobes):
         # Traps at a registered probe, and how each ended: a hit, a miss (reentry) or an
         # unrecoverable reentry.  The invariant checker compares them after every quantum.
         self.hits = self.missed = self.traps = self.unrecoverable = self.stray_traps = 0
+        # Bumped on every change of the registry (for the invariant checker).
+        self.generation = 0
         # Handlers of unregistered probes that were about to run: a bug, recorded where it
         # happens for the invariant checker to report: (address, probe, "pre_handler",
         # "post_handler" or "return handler"; the probe is the Kretprobe for the last).
@@ -154,6 +156,7 @@ class KprobesSubsystem(Registry, HitPath, Kretprobes, Jprobes):
         kernel.register_trap_handler(self.kprobe_int3_handler)
         kernel.register_fault_fixup(self._step_fault_fixup)
         kernel.register_return_address_resolver(self._resolve_return_address)
+        kernel.register_text_write_guard(self._text_write_guard)
         kernel.subscribe(TaskExited, self.kprobe_flush_task)
         kernel.subscribe(TaskOopsed, self._oops_reset)
         kernel.subscribe(ModuleGoing, self.kprobes_module_callback)

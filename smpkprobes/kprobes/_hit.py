@@ -22,8 +22,12 @@ import unicorn
 from smpkprobes.cpus import StepKind
 
 from ..machine._services import HANDLED, NOT_MINE, Regs, TrapResult
-from ._probes import KPROBE_FLAG_DISABLED, Kprobe, _JprobeReturn
+from ._probes import KPROBE_FLAG_DISABLED, KPROBE_FLAG_GONE, Kprobe, _JprobeReturn
 from ._state import _HIT_ACTIVE, _NONE, _REENTER, AggrKprobe, KprobeCtlblk, Status
+
+# A child whose handlers do not run: disabled, or GONE (its module text was freed; a new
+# probe at the address may have revived the aggregate, see Registry._register).
+_OFF = KPROBE_FLAG_DISABLED | KPROBE_FLAG_GONE
 
 if TYPE_CHECKING:    # pragma: no cover
     from ..machine._cpu import CPU
@@ -66,7 +70,7 @@ class HitPath:
         for child in p.children:
             if not child._registered:
                 self.stale_handlers.append((p.addr, child, "pre_handler"))
-            if child.flags & KPROBE_FLAG_DISABLED or child.pre_handler is None:
+            if child.flags & _OFF or child.pre_handler is None:
                 continue
             try:
                 ret = child.pre_handler(child, regs)
@@ -191,7 +195,7 @@ class HitPath:
         for child in p.children:
             if not child._registered:
                 self.stale_handlers.append((p.addr, child, "post_handler"))
-            if child.flags & KPROBE_FLAG_DISABLED or child.post_handler is None:
+            if child.flags & _OFF or child.post_handler is None:
                 continue
             try:
                 child.post_handler(child, regs, 0)
@@ -214,6 +218,10 @@ class HitPath:
             regs.flush_except_pc()
         if resume != pc:
             cpu.pc = resume
+            if not cpu.executable(resume):
+                # A handler sent the CPU where nothing can be fetched: stop here, and the
+                # next quantum faults (never start the emulator there, see CPU.run).
+                cpu.stop_requested = True
         kcb.reset()
         cpu.preempt_count -= 1
 
@@ -241,7 +249,10 @@ class HitPath:
     def kprobe_fault_handler(self, cpu: "CPU", child: Kprobe, regs: Regs,
                              exc: BaseException) -> bool:
         """A handler raised: count a miss, ask the fault_handler, else oops the task.
-        Returns True if execution may go on."""
+        Returns True if execution may go on.  KeyboardInterrupt and SystemExit are no
+        faults: they go on up, out of the machine."""
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise exc
         child.nmissed += 1
         trapnr = (self._backend.page_fault_trapnr if type(exc).__name__ == "GuestFault"
                   else TRAP_HANDLER_EXCEPTION)
@@ -250,6 +261,8 @@ class HitPath:
                 if child.fault_handler(child, regs, trapnr):
                     return True
             except BaseException as exc2:
+                if isinstance(exc2, (KeyboardInterrupt, SystemExit)):
+                    raise
                 exc = exc2
         where = self._kernel.format_addr(child.addr) if child.addr is not None else "?"
         owner = child._owner if child._owner is not None else child

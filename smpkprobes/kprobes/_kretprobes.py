@@ -5,14 +5,15 @@ the return address, the trampoline handler, and the instances in flight per task
 
 from __future__ import annotations
 
-import errno as E
 from typing import TYPE_CHECKING
 
 from .._errors import KprobeError
-from ._probes import KPROBE_FLAG_DISABLED, KRETPROBE_MAX_DATA_SIZE, Kprobe, Kretprobe
+from ._probes import (KPROBE_FLAG_DISABLED, KPROBE_FLAG_GONE, KRETPROBE_MAX_DATA_SIZE, Kprobe,
+                      Kretprobe)
 from ..machine._services import HANDLED, Regs, TaskExited, TrapResult, resume_at
 from ._events import KretprobeRegistered
 from ._state import KprobeCtlblk, Status
+from ._validate import check_not_registered
 
 if TYPE_CHECKING:    # pragma: no cover
     from ..machine._cpu import CPU
@@ -22,10 +23,9 @@ class Kretprobes:
     """The kretprobe part of `KprobesSubsystem` (see `_core`)."""
 
     async def _register_kretprobe(self, rp: Kretprobe) -> None:
-        if rp.kp._registered:
-            # Checked before the pool is touched: rebuilding it would strand the instances
-            # of the live registration (their returns could never be recycled).
-            raise KprobeError(E.EINVAL, f"{rp!r} is already registered")
+        # Checked before the pool is touched: rebuilding it would strand the instances of
+        # the live registration (their returns could never be recycled).
+        check_not_registered(rp.kp, self)
         if rp.maxactive <= 0:
             n = self._kernel.ncpus
             rp.maxactive = max(10, 2 * n) if self._kernel.preempt else n
@@ -108,7 +108,7 @@ class Kretprobes:
                 if rp is not None and rp.handler is not None:
                     if not rp.kp._registered:
                         self.stale_handlers.append((rp.kp.addr, rp, "return handler"))
-                    if not rp.kp.flags & KPROBE_FLAG_DISABLED:
+                    if not rp.kp.flags & (KPROBE_FLAG_DISABLED | KPROBE_FLAG_GONE):
                         try:
                             rp.handler(ri, regs)
                         except BaseException as exc:

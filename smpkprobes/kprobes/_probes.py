@@ -31,6 +31,7 @@ class Kprobe:
         self.flags = 0
         self._registered = False
         self._owner = None          # the Kretprobe or Jprobe this kprobe belongs to
+        self._kprobes = None        # the subsystem (machine) it is registered on
 
     @property
     def disabled(self) -> bool:
@@ -45,8 +46,17 @@ class Kprobe:
         return self._registered
 
     def __repr__(self) -> str:
-        where = self.symbol_name or (f"{self.addr:#x}" if self.addr is not None else "?")
-        return f"<{type(self).__name__} {where}+{self.offset:#x}>"
+        return f"<{type(self).__name__} {_where(self)}+{_hex(self.offset)}>"
+
+
+def _hex(v) -> str:
+    return f"{v:#x}" if isinstance(v, int) else repr(v)
+
+
+def _where(kp: Kprobe) -> str:
+    if isinstance(kp.symbol_name, str) and kp.symbol_name:
+        return kp.symbol_name
+    return _hex(kp.addr) if kp.addr is not None else "?"
 
 
 class _JprobeReturn(BaseException):
@@ -72,9 +82,7 @@ class Jprobe:
         return self.kp.nmissed
 
     def __repr__(self) -> str:
-        kp = self.kp
-        where = kp.symbol_name or (f"{kp.addr:#x}" if kp.addr is not None else "?")
-        return f"<Jprobe {where}>"
+        return f"<Jprobe {_where(self.kp)}>"
 
 
 class KretprobeInstance:
@@ -125,9 +133,7 @@ class Kretprobe:
         self.pool = InstancePool(self)
 
     def __repr__(self) -> str:
-        kp = self.kp
-        where = kp.symbol_name or (f"{kp.addr:#x}" if kp.addr is not None else "?")
-        return f"<Kretprobe {where}>"
+        return f"<Kretprobe {_where(self.kp)}>"
 
     def statistics(self) -> PoolStatistics:
         pool = self.pool

@@ -8,55 +8,83 @@ import errno as E
 
 from smpkprobes.cpus import StepKind, UnsteppableError
 
+import trio
+
 from .._errors import KprobeError
 from ._probes import (KPROBE_FLAG_DISABLED, KPROBE_FLAG_GONE, KRETPROBE_MAX_DATA_SIZE, Jprobe,
                       Kprobe, Kretprobe)
 from ..machine._services import ModuleGoing
 from ._events import KprobesArmed, KprobesDisarmed, KprobesFreed
 from ._state import AggrKprobe
+from ._validate import as_list, check_not_registered, check_register_batch, check_unregister_batch
+
+
+def _describe(items: list) -> tuple:
+    """What a batch is about, for ordering host actions deterministically (`host_turn`)."""
+    out = []
+    for x in items:
+        kp = x if isinstance(x, Kprobe) else x.kp
+        out.append((kp.symbol_name or "", kp.addr or 0, kp.offset))
+    return tuple(out)
 
 
 class Registry:
-    """The registry half of `KprobesSubsystem` (see `_core`)."""
+    """The registry half of `KprobesSubsystem` (see `_core`).
+
+    Every state change is all-or-nothing under errors and cancellation: a batch is checked
+    (`_validate`) before anything changes; each probe's registration, and the whole
+    unregistration from disarm to free, run shielded from cancellation, as the kernel
+    cannot be interrupted there; a batch that fails or is cancelled between two of its
+    probes is rolled back, shielded too."""
 
     async def register_kprobe(self, p: Kprobe) -> None:
-        async with self._mutex:
-            await self._register(p)
+        await self._register_batch([p], Kprobe, self._register, single=True)
 
     async def register_kprobes(self, probes) -> None:
-        await self._register_batch(list(probes), self._register)
+        await self._register_batch(as_list(probes, Kprobe), Kprobe, self._register)
 
     async def register_kretprobe(self, rp: Kretprobe) -> None:
-        async with self._mutex:
-            await self._register_kretprobe(rp)
+        await self._register_batch([rp], Kretprobe, self._register_kretprobe, single=True)
 
     async def register_kretprobes(self, rps) -> None:
-        await self._register_batch(list(rps), self._register_kretprobe)
+        await self._register_batch(as_list(rps, Kretprobe), Kretprobe,
+                                   self._register_kretprobe)
 
     async def register_jprobe(self, jp: Jprobe) -> None:
-        async with self._mutex:
-            await self._register_jprobe(jp)
+        await self._register_batch([jp], Jprobe, self._register_jprobe, single=True)
 
     async def register_jprobes(self, jps) -> None:
-        await self._register_batch(list(jps), self._register_jprobe)
+        await self._register_batch(as_list(jps, Jprobe), Jprobe, self._register_jprobe)
 
-
-    async def _register_batch(self, items: list, register_one) -> None:
+    async def _register_batch(self, items: list, cls: type, register_one,
+                              single: bool = False) -> None:
         if not items:
             raise KprobeError(E.EINVAL, "empty probe list")
+        check_register_batch(items, cls, self)
+        await self._kernel.host_turn(("register", cls.__name__, _describe(items)))
         async with self._mutex:
+            # Again: another task may have registered one of them while this one waited.
+            check_register_batch(items, cls, self)
             done = []
-            for i, item in enumerate(items):
-                try:
-                    await register_one(item)
-                except KprobeError as err:
-                    if done:
+            i = 0
+            try:
+                for i, item in enumerate(items):
+                    with trio.CancelScope(shield=True):
+                        await register_one(item)
+                    done.append(item)
+                    if i + 1 < len(items):
+                        await trio.lowlevel.checkpoint_if_cancelled()
+            except BaseException as err:
+                if done:
+                    with trio.CancelScope(shield=True):
                         await self._unregister_many([self._kp_of(x) for x in done])
                         for x in done:
                             if isinstance(x, Kretprobe):
                                 self._cleanup_kretprobe(x)
-                    raise KprobeError(err.errno, f"probe {i}: {err.strerror}", index=i) from None
-                done.append(item)
+                if isinstance(err, KprobeError) and not single:
+                    raise KprobeError(err.errno, f"probe {i}: {err.strerror}",
+                                      index=i) from None
+                raise
 
     @staticmethod
     def _kp_of(item) -> Kprobe:
@@ -65,6 +93,7 @@ class Registry:
     def _resolve(self, p: Kprobe, kind: str) -> int:
         """The checks of KPROBES.md section 2, in order, up to the probed address."""
         m = self._kernel
+        check_not_registered(p, self)
         if (p.symbol_name is None) == (p.addr is None):
             raise KprobeError(E.EINVAL, "exactly one of symbol_name and addr must be set")
         if p.symbol_name is not None:
@@ -74,8 +103,6 @@ class Registry:
             addr = sym.addr + p.offset
         else:
             addr = p.addr + p.offset
-        if p._registered:
-            raise KprobeError(E.EINVAL, f"{p!r} is already registered")
         module = m.module_of(addr)
         in_kernel = self._kernel_text[0] <= addr < self._kernel_text[1]
         lo, hi = m.kprobes_text
@@ -116,7 +143,10 @@ class Registry:
         kind = p._type
         addr = self._resolve(p, kind)
         site = self._kprobe_table.get(addr)
-        if site is None:
+        # A GONE aggregate whose module is back (register_aggr_kprobe): it gets a new
+        # plan and slot from the new text, and is armed again; its old children stay GONE.
+        revive = site is not None and site.gone and self._text_alive(addr)
+        if site is None or revive:
             try:
                 plan = self._backend.plan_probe(self.original_text, addr)
             except UnsteppableError as err:
@@ -137,8 +167,11 @@ class Registry:
             raise KprobeError(E.EEXIST, f"a jprobe is already registered at "
                                         f"{self._kernel.format_addr(addr)}")
         # All checks passed: from here on nothing can fail half-way.
-        if site is None:
+        if site is None or revive:
+            old = site
             site = AggrKprobe(addr, plan, plan.orig[:len(self._bp)])
+            if old is not None:
+                site.children = old.children
             if plan.kind is StepKind.OUT_OF_LINE:
                 stride = self._slot_stride
                 site.set_slot(await self.slots.get_insn_slot(), stride)
@@ -157,6 +190,8 @@ class Registry:
             site.children = (p, *site.children)
         site.refresh()
         p._registered = True
+        p._kprobes = self
+        self.generation += 1
         # Remembered for kprobes/list: a GONE probe's module symbols are gone too.
         p._where = self._kernel.symbolize(addr)
         self._kernel.trace_event("register", kind, addr, self._kernel.now_ns())
@@ -184,28 +219,36 @@ class Registry:
 
     # == unregistration ==================================================================
     async def unregister_kprobe(self, p: Kprobe) -> None:
-        await self.unregister_kprobes([p])
+        await self._unregister_batch([p], Kprobe)
 
     async def unregister_kprobes(self, probes) -> None:
-        async with self._mutex:
-            await self._unregister_many(list(probes))
+        await self._unregister_batch(as_list(probes, Kprobe), Kprobe)
 
     async def unregister_jprobe(self, jp: Jprobe) -> None:
-        await self.unregister_jprobes([jp])
+        await self._unregister_batch([jp], Jprobe)
 
     async def unregister_jprobes(self, jps) -> None:
-        async with self._mutex:
-            await self._unregister_many([j.kp for j in jps])
+        await self._unregister_batch(as_list(jps, Jprobe), Jprobe)
 
     async def unregister_kretprobe(self, rp: Kretprobe) -> None:
-        await self.unregister_kretprobes([rp])
+        await self._unregister_batch([rp], Kretprobe)
 
     async def unregister_kretprobes(self, rps) -> None:
-        rps = list(rps)
+        await self._unregister_batch(as_list(rps, Kretprobe), Kretprobe)
+
+    async def _unregister_batch(self, items: list, cls: type) -> None:
+        check_unregister_batch(items, cls, self)
+        if not items:
+            return
+        await self._kernel.host_turn(("unregister", cls.__name__, _describe(items)))
         async with self._mutex:
-            await self._unregister_many([rp.kp for rp in rps])
-            for rp in rps:
-                self._cleanup_kretprobe(rp)
+            check_unregister_batch(items, cls, self)
+            # Disarm, grace period, free: the kernel cannot be interrupted in between.
+            with trio.CancelScope(shield=True):
+                await self._unregister_many([self._kp_of(x) for x in items])
+                if cls is Kretprobe:
+                    for rp in items:
+                        self._cleanup_kretprobe(rp)
 
     async def _unregister_many(self, probes: list[Kprobe]) -> None:
         """Top half for all (unlink, disarm), one grace period, bottom half for all."""
@@ -239,12 +282,16 @@ class Registry:
                 del self._by_slot[site.slot]
                 self.slots.free_insn_slot(site.slot, dirty=site.boost_used)
                 site.set_slot(None)
+        self.generation += 1
         for p in valid:
             p._registered = False
+            p._kprobes = None
             self._kernel.trace_event("unregister", p._type, p.addr, self._kernel.now_ns())
 
     # == enable / disable ================================================================
     async def enable_kprobe(self, p: Kprobe) -> None:
+        self._registered_site(p)
+        await self._kernel.host_turn(("enable", _describe([p])))
         async with self._mutex:
             site = self._registered_site(p)
             if p.gone:
@@ -255,6 +302,8 @@ class Registry:
                 await self.arm_kprobes([site])
 
     async def disable_kprobe(self, p: Kprobe) -> None:
+        self._registered_site(p)
+        await self._kernel.host_turn(("disable", _describe([p])))
         async with self._mutex:
             site = self._registered_site(p)
             p.flags |= KPROBE_FLAG_DISABLED
@@ -263,6 +312,11 @@ class Registry:
                 await self.disarm_kprobes([site])
 
     def _registered_site(self, p: Kprobe) -> AggrKprobe:
+        if not isinstance(p, Kprobe):
+            raise TypeError(f"expected a Kprobe (for a Kretprobe or Jprobe, its .kp), not "
+                            f"{type(p).__name__}")
+        if p._registered and p._kprobes is not self:
+            raise KprobeError(E.EINVAL, f"{p!r} is registered on another machine")
         site = self._kprobe_table.get(p.addr) if p._registered else None
         if site is None:
             raise KprobeError(E.EINVAL, f"{p!r} is not registered")
@@ -270,6 +324,7 @@ class Registry:
 
     async def set_enabled(self, enabled: bool) -> None:
         """kprobes/enabled: arm or disarm every probe, on all CPUs, before returning."""
+        await self._kernel.host_turn(("kprobes/enabled", enabled))
         async with self._mutex:
             if enabled == self.enabled:
                 return
@@ -280,8 +335,28 @@ class Registry:
             else:
                 await self.disarm_kprobes([s for s in self._sorted_sites() if s.armed])
 
+    def _text_alive(self, addr: int) -> bool:
+        """`addr` is kernel text, or text of a loaded module (not freed init text)."""
+        if self._kernel_text[0] <= addr < self._kernel_text[1]:
+            return True
+        module = self._kernel.module_of(addr)
+        return module is not None and not (module.in_init(addr) and module.init_freed)
+
     def _sorted_sites(self) -> list[AggrKprobe]:
         return [self._kprobe_table[a] for a in sorted(self._kprobe_table)]
+
+    # == host writes to text ==============================================================
+    def _text_write_guard(self, addr: int, size: int) -> None:
+        """A host write into text (m.write_memory, m.text_poke) may not overwrite an armed
+        probe's bytes: the probe would die silently and its unregister would write the old
+        byte over the new code (EBUSY, as the kernel's text_poke users check)."""
+        n = len(self._bp)
+        for a in range(addr - n + 1, addr + size):
+            site = self._kprobe_table.get(a)
+            if site is not None and site.armed:
+                raise KprobeError(E.EBUSY, f"writing {size} byte(s) at {addr:#x} would "
+                                           f"overwrite the armed probe at "
+                                           f"{self._kernel.format_addr(a)}; unregister it first")
 
     # == modules =========================================================================
     def kprobes_module_callback(self, event: ModuleGoing) -> None:
@@ -292,11 +367,13 @@ class Registry:
         for site in self._sorted_sites():
             if not in_range(site.addr) or site.gone:
                 continue
+            self.generation += 1
             # kill_kprobe: the text is gone, so it is not restored.
             site.gone = True
             site.armed = False
             for c in site.children:
                 c.flags |= KPROBE_FLAG_GONE
+            site.refresh()
             if site.slot is not None:
                 del self._by_slot[site.slot]
                 self.slots.free_insn_slot(site.slot, dirty=True)

@@ -8,7 +8,9 @@ import enum
 from smpkprobes.cpus import InsnPlan, StepKind
 
 from ..machine._services import TrapResult, resume_at
-from ._probes import KPROBE_FLAG_DISABLED, Kprobe
+from ._probes import KPROBE_FLAG_DISABLED, KPROBE_FLAG_GONE, Kprobe
+
+_OFF = KPROBE_FLAG_DISABLED | KPROBE_FLAG_GONE
 
 
 class Status(enum.Enum):
@@ -128,11 +130,11 @@ class AggrKprobe:
         self.post = self.has_post_handler()
 
     def enabled(self) -> bool:
-        return not self.gone and any(not c.disabled for c in self.children)
+        return not self.gone and any(not c.flags & _OFF for c in self.children)
 
     def has_post_handler(self) -> bool:
         for c in self.children:
-            if c.post_handler is not None and not c.flags & KPROBE_FLAG_DISABLED:
+            if c.post_handler is not None and not c.flags & _OFF:
                 return True
         return False
 

@@ -46,10 +46,62 @@ from __future__ import annotations
 
 import math
 import random
+from array import array
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 Choice = tuple[int, int]        # (cpu id, quantum in instructions)
+
+
+class _Log:
+    """An append-only list of fixed-shape tuples kept in typed arrays: a recording grows by
+    one entry per quantum or coin, so it must cost bytes, not a tuple object (a few
+    megabytes per million probe hits instead of a hundred).  Reads as a list of tuples."""
+
+    def __init__(self, codes: str, symbolic: int | None = None):
+        self._cols = [array(c) for c in codes]
+        self._symbolic = symbolic           # a column of strings, stored as codes
+        self._names: list[str] = []
+        self._codes: dict[str, int] = {}
+
+    def append(self, item: tuple) -> None:
+        for i, (col, v) in enumerate(zip(self._cols, item)):
+            if i == self._symbolic:
+                code = self._codes.get(v)
+                if code is None:
+                    code = self._codes[v] = len(self._names)
+                    self._names.append(v)
+                v = code
+            col.append(v)
+
+    def _row(self, j: int) -> tuple:
+        row = tuple(col[j] for col in self._cols)
+        if self._symbolic is not None:
+            k = self._symbolic
+            row = (*row[:k], self._names[row[k]], *row[k + 1:])
+        return row
+
+    def __len__(self) -> int:
+        return len(self._cols[0])
+
+    def __iter__(self):
+        for j in range(len(self)):
+            yield self._row(j)
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return [self._row(i) for i in range(*j.indices(len(self)))]
+        if j < 0:
+            j += len(self)
+        if not 0 <= j < len(self):
+            raise IndexError(j)
+        return self._row(j)
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return repr(list(self))
 
 
 class Conductor:
@@ -64,8 +116,8 @@ class Conductor:
         self.coin_rng = rng          # the machine's generator: coins are tossed with it
         self.qmin, self.qmax = qmin, qmax
         self._lo, self._hi = math.log(qmin), math.log(qmax + 1)
-        self.schedule: list[Choice] = []
-        self.coins: list[tuple[str, int, int]] = []
+        self.schedule: list[Choice] = _Log("HQ")               # reads as a list
+        self.coins: list[tuple[str, int, int]] = _Log("BqQ", symbolic=0)
 
     # Quanta are a mixture: a share `fine` of them log-uniform over the whole range
     # [qmin, qmax] (half of those are under sqrt(qmin * qmax): the fine interleavings races

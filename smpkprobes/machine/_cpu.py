@@ -127,6 +127,20 @@ class CPU:
         self._budget.install(self._uch, lambda htype, fptr, user: self._raw_hook(
             htype, fptr, 1, 0, user))
         self.initial_context = self.context_save()
+        # Where this CPU may fetch instructions; a quantum never starts elsewhere.  (A jump
+        # to unmapped memory is a fetch fault on every arch that way: Unicorn stops at
+        # address 0 as at an `until` address on most, and spins for ever on sparc64.)
+        self._exec_ranges = tuple((b, e + 1) for b, e, perms in self.uc.mem_regions()
+                                  if perms & unicorn.UC_PROT_EXEC)
+        # A KeyboardInterrupt or SystemExit raised in a callback, re-raised once Unicorn
+        # has returned (an exception cannot cross the C frames of a callback).
+        self.pending_exception: BaseException | None = None
+
+    def executable(self, addr: int) -> bool:
+        for lo, hi in self._exec_ranges:
+            if lo <= addr < hi:
+                return True
+        return False
 
     def _raw_hook(self, htype: int, fptr, begin: int, end: int, user=None) -> None:
         handle = uc_hook_h()
@@ -204,7 +218,15 @@ class CPU:
         fewer if something stops the CPU first.  Returns the Unicorn error if emulation
         faulted, else None.  `charged` is then what ran, and `executed` has grown by it."""
         self.stop_requested = False
-        begin = self._quirks.emu_start_address(self.uc, self.reg_read_id(self._pc_id))
+        self._raise_pending()
+        pc = self.reg_read_id(self._pc_id)
+        for lo, hi in self._exec_ranges:
+            if lo <= pc < hi:
+                break
+        else:
+            self.charged = 0
+            return unicorn.UcError(unicorn.UC_ERR_FETCH_UNMAPPED)
+        begin = self._quirks.emu_start_address(self.uc, pc)
         self._budget_ctx.budget = count
         self._unspent = 0
         self._nested = 0
@@ -214,6 +236,7 @@ class CPU:
         ran = count - self._unspent - self._budget_ctx.budget
         self.executed += ran
         self.charged = ran + self._nested
+        self._raise_pending()
         if err != unicorn.UC_ERR_OK:
             return unicorn.UcError(err)
         if not ran and not self.stop_requested:
@@ -222,6 +245,12 @@ class CPU:
             # is mapped there).  Say so, or the task would stay there for ever.
             return unicorn.UcError(unicorn.UC_ERR_FETCH_UNMAPPED)
         return None
+
+    def _raise_pending(self) -> None:
+        exc = self.pending_exception
+        if exc is not None:
+            self.pending_exception = None
+            raise exc
 
     def _stop_now(self) -> None:
         # Unicorn drops a stop requested in the same callback that moved the PC (it
@@ -258,7 +287,9 @@ class CPU:
         try:
             # No `until`: the __hc_call_return hook stops the CPU before the stub runs (and
             # Unicorn 2.1.4's sparc64 loops on the instruction before an `until` address).
-            err = _uc_emu_start(self._uch, addr, 0, 0, 0)
+            err = _uc_emu_start(self._uch, addr, 0, 0, 0) if self.executable(addr) \
+                else unicorn.UC_ERR_FETCH_UNMAPPED
+            self._raise_pending()
             pc = self.reg_read_id(self._pc_id)
             if err != unicorn.UC_ERR_OK:
                 raise GuestFault(f"guest fault in nested call of {self._host.format_addr(addr)}"

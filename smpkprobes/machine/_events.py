@@ -73,6 +73,16 @@ class ModuleGoing(Event):
         self.module = module
 
 
+class TextWritten(Event):
+    """`data` was written into text at `addr` (text_poke, or a host write_memory)."""
+
+    __slots__ = ("addr", "data")
+
+    def __init__(self, addr: int, data: bytes):
+        self.addr = addr
+        self.data = data
+
+
 class EventBus:
     """Subscribers per event type."""
 

@@ -26,9 +26,11 @@ from smpkprobes.cpus import get_backend
 
 from . import _memory as mem
 from ._blockbudget import InsnStarts
+from ._calls import GuestCalls
+from ._hostturns import HostTurns
 from ._conductor import Conductor, make_conductor
 from ._cpu import CPU
-from .._errors import Oops, OopsRecord, RunawayError
+from .._errors import OopsRecord
 from ._grace import GracePeriods
 from ._hypercalls import NS_PER_MS, Hypercalls
 from ._kernel import IMAGES, Image, Kallsyms
@@ -37,8 +39,12 @@ from ._oops import Oopses
 from ._sched import Scheduler, _Baton
 from ._task import Task
 from ._textpoke import TextPoke
-from ._events import EventBus
+from ._events import EventBus, TextWritten
 from ._traps import TRAP_COST_NS, Traps, _no_handler
+
+# Events the trace keeps by default (about 200 bytes each, with their timestamps): older
+# ones only count in the digest.
+TRACE_LIMIT = 100_000
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,8 @@ class _Counters:
 
 
 
-class SMPMachine(Scheduler, TextPoke, GracePeriods, Modules, Traps, Hypercalls, Oopses):
+class SMPMachine(GuestCalls, HostTurns, Scheduler, TextPoke, GracePeriods, Modules, Traps,
+                 Hypercalls, Oopses):
     """The machine, without the probe core: `smpkprobes.Machine` puts the two together.
     What kernel code beside it (the probe core) may use is `KernelServices` (`_services`)."""
 
@@ -78,9 +85,15 @@ class SMPMachine(Scheduler, TextPoke, GracePeriods, Modules, Traps, Hypercalls, 
                  kernel: str | Path | None = None, *, quantum: tuple[int, int] = (16, 4096),
                  call_budget: int = 20_000_000, preempt_prob: float = 0.25,
                  trap_delay: float = 1 / 16, ipi_delay: int = 2, text_sync: bool = True,
-                 conductor=None):
+                 conductor=None, trace_limit: int = TRACE_LIMIT):
         if cpus < 1:
             raise ValueError("a machine needs at least one CPU")
+        if not isinstance(trace_limit, int) or isinstance(trace_limit, bool):
+            raise TypeError(f"trace_limit must be an int (events kept), not "
+                            f"{type(trace_limit).__name__}")
+        if trace_limit < 1:
+            raise ValueError(f"trace_limit must be at least 1, not {trace_limit}")
+        self.trace_limit = trace_limit
         self.backend = get_backend(arch)
         self.arch = arch
         self.ncpus = cpus
@@ -128,7 +141,11 @@ class SMPMachine(Scheduler, TextPoke, GracePeriods, Modules, Traps, Hypercalls, 
         self.printk_log: list[str] = []
         self.oopses: list[OopsRecord] = []
         self._c = _Counters()
+        # The event trace is a ring: the newest `trace_limit` events (up to a quarter more
+        # between two compactions); the older ones are folded into the rolling digest.
         self._trace: list[tuple] = []
+        self._digest = hashlib.blake2b(digest_size=16)
+        self._trace_high = trace_limit + max(1, trace_limit // 4)
         self._runq: deque[Task] = deque()
         self._sleepers: list[tuple[int, int, Task]] = []
         self._pending: list[Task] = []
@@ -150,10 +167,14 @@ class SMPMachine(Scheduler, TextPoke, GracePeriods, Modules, Traps, Hypercalls, 
         self._return_address_resolver: Callable[[CPU, int, int], tuple[int, int]] | None = None
         self._unquiescent_text: list[tuple[int, int]] = []
         self.register_trap_handler(_no_handler)
-        # Task exits, oopses, modules going, quanta: see _events.
+        # Called as guard(addr, size) before a host write into text; may refuse it (raise).
+        self._text_write_guards: list[Callable[[int, int], None]] = []
+        # Task exits, oopses, modules going, quanta, text written: see _events.
         self.events = EventBus()
         # Awaited when a module's text is in place, before its init runs (MODULE_STATE_COMING).
         self.module_coming_hooks: list = []
+        self._init_calls()
+        self._init_host_turns()
 
     # == lifecycle ======================================================================
     async def __aenter__(self):
@@ -169,23 +190,6 @@ class SMPMachine(Scheduler, TextPoke, GracePeriods, Modules, Traps, Hypercalls, 
         return await self._nursery_cm.__aexit__(*exc)
 
     # == public API =====================================================================
-    async def call(self, func, *args: int, cpu: int | None = None, comm: str | None = None) -> int:
-        """Run guest function `func` as a new task; return its (sign-extended) result."""
-        return await self.spawn(func, *args, cpu=cpu, comm=comm).wait()
-
-    def spawn(self, func, *args: int, cpu: int | None = None, comm: str | None = None) -> Task:
-        """Start guest function `func` as a new task and return it at once; `await
-        task.wait()` gives its result (as `call` does)."""
-        addr = self.resolve_function(func)
-        if cpu is not None and not 0 <= cpu < self.ncpus:
-            raise ValueError(f"no CPU {cpu} (machine has {self.ncpus})")
-        name = comm or (func if isinstance(func, str) else self.format_addr(addr))
-        task = Task(addr, tuple(int(a) for a in args), name[:15], cpu,
-                    order_key=(addr, tuple(args), -1 if cpu is None else cpu, name))
-        self._pending.append(task)
-        self._idle_event.set()
-        return task
-
     def kallsyms_lookup_name(self, name: str) -> int:
         """The address of `name`, or 0 when there is no such symbol (as in the kernel)."""
         s = self.kallsyms.lookup(name)
@@ -201,20 +205,34 @@ class SMPMachine(Scheduler, TextPoke, GracePeriods, Modules, Traps, Hypercalls, 
         name, off, module = s
         return f"{name}+{off:#x}" + (f" [{module}]" if module else "")
 
-    def resolve_function(self, func) -> int:
-        if isinstance(func, int):
-            return func
-        addr = self.kallsyms_lookup_name(func)
-        if not addr:
-            raise KeyError(f"no such guest symbol: {func!r}")
-        return addr
-
     def read_memory(self, addr: int, size: int) -> bytes:
         return self.memory.read(addr, size)
 
     def write_memory(self, addr: int, data: bytes) -> None:
+        """Write guest memory.  Into text, the write is checked by the text write guards
+        (the probe core refuses to overwrite an armed probe: EBUSY) and every CPU drops its
+        translations of the range before it runs again: host code runs between quanta, so
+        that is the whole of text_poke's sync (`await m.text_poke` is the traced, IPI-timed
+        way)."""
+        data = bytes(data)
+        region = self.memory.region_of(addr)
+        if region is not None and region.perms & mem.X:
+            for guard in self._text_write_guards:
+                guard(addr, len(data))
+            self.memory.write(addr, data)
+            self._code_written(addr, data)
+            for cpu in self.cpus:
+                cpu.flush_tb(addr, addr + len(data))
+            if self.events.wants(TextWritten):
+                self.events.publish(TextWritten(addr, data))
+            return
         self.memory.write(addr, data)
-        self._code_written(addr, data)
+
+    def register_text_write_guard(self, guard: Callable[[int, int], None]) -> None:
+        """`guard(addr, size)` is called before every host write into text (write_memory,
+        text_poke) and may refuse it by raising (the probe core: EBUSY over an armed
+        probe)."""
+        self._text_write_guards.append(guard)
 
     def _code_written(self, addr: int, data: bytes) -> None:
         region = self.memory.region_of(addr)
@@ -239,16 +257,30 @@ class SMPMachine(Scheduler, TextPoke, GracePeriods, Modules, Traps, Hypercalls, 
         return self.conductor.schedule
 
     def trace_digest(self) -> str:
-        h = hashlib.blake2b(digest_size=16)
+        """A hash of every event of the run, in order (the events the ring has dropped are
+        in it too): blake2b-128 over each event's repr."""
+        h = self._digest.copy()
         for ev in self._trace:
             h.update(repr(ev).encode())
         return h.hexdigest()
 
     @property
     def trace(self) -> list[tuple]:
-        """The event trace: (kind, ...) tuples in the order they happened.  The fields of
-        each kind, and their virtual timestamps, are listed in `_trace_export.EVENTS`."""
-        return self._trace
+        """The event trace: (kind, ...) tuples in the order they happened, the newest
+        `trace_limit` of them (at least).  The fields of each kind, and their virtual
+        timestamps, are listed in `_trace_export.EVENTS`."""
+        tr = self._trace
+        return tr if len(tr) <= self.trace_limit else tr[len(tr) - self.trace_limit:]
+
+    def _compact_trace(self) -> None:
+        """Fold the events beyond the newest `trace_limit` into the digest and drop them
+        (the list object stays: the probe core appends to it directly)."""
+        tr = self._trace
+        drop = len(tr) - self.trace_limit
+        update = self._digest.update
+        for ev in tr[:drop]:
+            update(repr(ev).encode())
+        del tr[:drop]
 
     def trace_event(self, *event) -> None:
         self._trace.append(event)

@@ -86,6 +86,11 @@ class Scheduler:
                     self._settled = True
                     await trio.testing.wait_all_tasks_blocked()
                     continue
+                if self._host_requests:
+                    self._grant_host_turn()
+                    continue
+                if self._kill_requests:
+                    self._reap_killed()
                 if self._pending:
                     self._admit()
                 if self._sleepers:
@@ -117,34 +122,19 @@ class Scheduler:
             self._decision = None
             self._settled = False
             self._run_quantum(me, q)
-            # Let trio deliver cancellation without giving host tasks a turn.
-            if self._c.quanta % 256 == 0:
-                await trio.lowlevel.checkpoint_if_cancelled()
+            # A checkpoint between quanta (every 16th: one costs about a quantum's worth
+            # of host time), so that trio's deadlines fire while CPUs run.  A host task it
+            # lets run acts at this quantum boundary, before the next decision; only tasks
+            # woken from outside the machine (a deadline, wall-clock time) can be ready
+            # here, and their registrations wait for their turn (`host_turn`).  A cancel
+            # made inside a handler needs no checkpoint (see `_calls`).
+            if not self._c.quanta & 15:
+                await trio.lowlevel.checkpoint()
 
     def _has_work(self, cpu: CPU) -> bool:
         if cpu.current is not None or cpu.deferred_trap:
             return True
         return any(t.allowed_on(cpu.id) for t in self._runq)
-
-    def _admit(self) -> None:
-        if not self._pending:
-            return
-        batch = sorted(self._pending, key=lambda t: t.order_key)
-        self._pending.clear()
-        for task in batch:
-            task.pid = self._next_pid
-            self._next_pid += 1
-            if not self._free_stacks:
-                raise RuntimeError("out of guest task stacks")
-            idx = heapq.heappop(self._free_stacks)
-            task.stack_base = mem.STACKS.start + idx * mem.STACK_SIZE
-            task.stack_top = task.stack_base + mem.STACK_SIZE
-            task.state = TaskState.RUNNABLE
-            task.ready_at = self._now
-            self._runq.append(task)
-            self._c.tasks += 1
-            self.trace_event("new", task.pid, task.comm, task.func, task.args, task.affinity,
-                             self._now)
 
     def _wake_sleepers(self) -> None:
         if not self._sleepers:
@@ -253,6 +243,8 @@ class Scheduler:
                         self._ack(self._gp_waiters, other.id, cpu.clock)
         if self.events.wants(QuantumEnded):
             self.events.publish(QuantumEnded(cpu))
+        if len(self._trace) > self._trace_high:
+            self._compact_trace()
 
 
     def _switch_out(self, cpu: CPU) -> Task:
@@ -276,4 +268,5 @@ class Scheduler:
         self.trace_event("exit", cpu.id, task.pid, result if oops is None else "oops",
                          cpu.clock + cpu.intra)
         task.done.set()
+        self._release_waiter(task)
         self._host_woken = True

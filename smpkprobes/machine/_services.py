@@ -12,6 +12,8 @@ one:
   kernel text ........ peek / poke (reads and writes the kernel does through its own
                        mapping), module_of
   symbols ............ format_addr, symbolize, resolve_function
+  host actions ....... host_turn (a registration waits for its seeded turn, see _hostturns);
+                       register_text_write_guard (may refuse a host write into text)
   traps .............. register_trap_handler (the int3 handler: one per machine),
                        register_fault_fixup (kprobe_fault_handler), register_return_address_
                        resolver (the unwinder's kretprobe hook)
@@ -79,6 +81,8 @@ class KernelServices:
         self.format_addr = m.format_addr
         self.symbolize = m.symbolize
         self.resolve_function = m.resolve_function
+        self.host_turn = m.host_turn
+        self.register_text_write_guard = m.register_text_write_guard
         self.register_trap_handler: Callable[["TrapHandler"], None] = m.register_trap_handler
         self.register_fault_fixup = m.register_fault_fixup
         self.register_return_address_resolver = m.register_return_address_resolver

@@ -40,14 +40,9 @@ class Task:
         self.result: int | None = None
         self.oops = None
         self.done = trio.Event()
+        self.waiter = None             # the host trio task in m.call, waiting for the result
+        self.raise_cancel = None       # set when that m.call was cancelled (see _calls)
         self.hw_breakpoints: list = []      # per-task hardware breakpoints (follow the task)
-
-    async def wait(self) -> int:
-        """The task's result once it ends (`Machine.spawn`); raises Oops if it was killed."""
-        await self.done.wait()
-        if self.oops is not None:
-            raise (RunawayError if self.oops.cause.startswith("runaway") else Oops)(self.oops)
-        return self.result
 
     def allowed_on(self, cpu_id: int) -> bool:
         return self.affinity is None or self.affinity == cpu_id

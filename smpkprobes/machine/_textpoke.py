@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ._events import TextWritten
+
 if TYPE_CHECKING:    # pragma: no cover
     from ._cpu import CPU
 
@@ -17,7 +19,12 @@ class TextPoke:
 
     async def text_poke(self, addr: int, data: bytes) -> None:
         """Write kernel text and wait until every online CPU has dropped its stale
-        translations of it (the IPI + sync_core of the kernel)."""
+        translations of it (the IPI + sync_core of the kernel).  The text write guards
+        may refuse it (the probe core: EBUSY over an armed probe)."""
+        data = bytes(data)
+        self.memory.read(addr, len(data))           # a clear error if it is not mapped
+        for guard in self._text_write_guards:
+            guard(addr, len(data))
         await self.text_poke_batch([(addr, data)])
 
     async def text_poke_batch(self, patches: list[tuple[int, bytes]]) -> None:
@@ -26,6 +33,8 @@ class TextPoke:
         for addr, data in patches:
             self.memory.poke(addr, data)
             self._code_written(addr, data)
+            if self.events.wants(TextWritten):
+                self.events.publish(TextWritten(addr, data))
         self._c.text_syncs += 1
         sync = self._c.text_syncs
         self.trace_event("poke", tuple((a, d.hex()) for a, d in patches), sync, self._now)

@@ -141,7 +141,9 @@ class Traps:
     def on_hook_exception(self, cpu: "CPU", exc: BaseException) -> None:
         cpu.stop_requested = True
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise exc
+            # Not an oops: the user asked to stop.  Raised again once Unicorn returns.
+            cpu.pending_exception = exc
+            return
         self.kill_current(cpu, f"internal error in a CPU callback: {type(exc).__name__}: {exc}")
 
     # -- the other hooks the probe core registers ------------------------------------------

@@ -275,7 +275,53 @@ def target(what: str, value: float, met: bool, unit: str = "") -> bool:
     return met
 
 
+def _rss_mb() -> float:
+    """This process's resident set size now, in MB (VmRSS; peak RSS where /proc is absent)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_memory(hits=(1_000_000, 2_000_000, 3_000_000), arch: str = "x86_64") -> list[dict]:
+    """RSS as probe hits accumulate: one kprobe on bench_target, bench_loop on one CPU, the
+    default configuration (trap_delay, invariants, trace_limit).  Memory per hit must be
+    O(1) amortised: the event trace is a ring, the digest a rolling hash."""
+    from ..kprobes._core import Kprobe
+
+    async def run() -> list[dict]:
+        rows = []
+        async with Machine(arch=arch, cpus=1, seed=1, call_budget=10**12) as m:
+            kp = Kprobe(symbol_name="bench_target", pre_handler=lambda p, regs: 0)
+            await m.kprobes.register_kprobe(kp)
+            done = 0
+            for target in hits:
+                await m.call("bench_loop", target - done)
+                done = target
+                gc.collect()
+                rows.append({"hits": m.kprobes.hits, "rss": _rss_mb(),
+                             "trace": len(m.trace)})
+            await m.kprobes.unregister_kprobe(kp)
+        return rows
+    return trio.run(run)
+
+
 def main(what: str = "all", quick: bool = False, arches=None) -> int:
+    if what == "memory":
+        hits = (100_000, 200_000, 300_000) if quick else (1_000_000, 2_000_000, 3_000_000)
+        rows = bench_memory(hits)
+        print("bench memory: RSS as kprobe hits accumulate (bench_loop, 1 CPU, defaults)")
+        print(f"  {'hits':>10} {'RSS MB':>8} {'trace events kept':>18}")
+        for r in rows:
+            print(f"  {r['hits']:>10,} {r['rss']:>8.1f} {r['trace']:>18,}")
+        print(f"  growth from {rows[0]['hits']:,} to {rows[-1]['hits']:,} hits: "
+              f"{rows[-1]['rss'] - rows[0]['rss']:.1f} MB (target: under 150 MB)")
+        return 0
     if what in ("all", "machine"):
         rows = bench_machine(n=50_000 if quick else 200_000)
         print("bench machine: guest instructions per second, probe-free bench_loop on every CPU")

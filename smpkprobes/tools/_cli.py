@@ -315,7 +315,8 @@ def _campaign_cmd(a) -> int:
 # == bench ===============================================================================
 def _bench_flags(b: argparse.ArgumentParser) -> None:
     b.add_argument("what", nargs="?", default="all",
-                   choices=["all", "machine", "kprobe", "overhead", "watchpoint", "campaign"])
+                   choices=["all", "machine", "kprobe", "overhead", "watchpoint", "campaign",
+                            "memory"])
     b.add_argument("--quick", action="store_true", help="smaller runs")
     b.add_argument("--arch", action="append", help="overhead table for this arch only "
                    "(repeatable; default: every available arch)")

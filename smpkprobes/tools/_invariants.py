@@ -11,7 +11,15 @@ KASAN watches the kernel, and checks five laws:
   entries  hits + nmissed == entries: every breakpoint trap at a probed address ends as
            exactly one hit or one miss, and every entry into a kretprobe's function takes
            an instance or counts one miss;
-  handlers no handler of a probe runs once unregister has returned for it.
+  handlers no handler of a probe runs once unregister has returned for it;
+  registry whenever the registry lock is free, every registration is whole: each probe
+           marked registered is a child of its site and registered on this machine only,
+           every site has children, and every slot in use belongs to a site;
+  slots    (also) free + in use + garbage == every slot there is;
+  ctlblk   at a quantum boundary, a CPU with no probe in flight (preemptible, no deferred
+           trap, not in a slot) has an idle kprobe_ctlblk;
+  orphans  a breakpoint written into text (`Machine.text_write_observers`) that is still
+           there while no registered, armed probe owns its address.
 
 It only observes: it subscribes to the events the machine publishes (`QuantumEnded`,
 `ModuleGoing`) and those of the probe core (`KprobesArmed`, `KprobesDisarmed`,
@@ -52,7 +60,7 @@ if TYPE_CHECKING:    # pragma: no cover
 
 from ..kprobes._events import (KprobesArmed, KprobesChanged, KprobesDisarmed,
                                 KprobesFreed, KretprobeRegistered)
-from ..machine._events import ModuleGoing, QuantumEnded
+from ..machine._events import ModuleGoing, QuantumEnded, TextWritten
 
 MAX_RECORDED = 64
 
@@ -95,8 +103,13 @@ class Invariants:
         self._lost_traps = 0                      # traps already reported as neither hit nor miss
         self._stale_seen = 0                      # stale_handlers already reported
         self._sweep = 0                           # where check_arming's window starts
+        self._generation = -1                     # the registry's, when last checked
+        self._suspects: set[int] = set()          # text addresses a breakpoint was written to
+        self._registered_seen: set = set()        # probes seen linked in the registry
+        self._total_slots = kprobes.slots.statistics()["free"]
         machine.events.subscribe(QuantumEnded, self._after_quantum)
         machine.events.subscribe(ModuleGoing, self._module_event)
+        machine.events.subscribe(TextWritten, self._text_written)
         kprobes.events.subscribe(KprobesArmed, self._armed)
         kprobes.events.subscribe(KprobesDisarmed, self._disarmed)
         kprobes.events.subscribe(KretprobeRegistered, self._track_kretprobe)
@@ -118,6 +131,8 @@ class Invariants:
         self.check_text()
         self.check_pools()
         self.check_hits("at shutdown")
+        self.check_registry(force=True)
+        self.check_orphans()
         if raise_ and self.mode == "raise" and self.violations:
             raise InvariantViolation(list(self.violations))
 
@@ -140,6 +155,88 @@ class Invariants:
         if k.traps - k.hits - k.missed - k.unrecoverable != self._lost_traps \
                 or len(k.stale_handlers) != self._stale_seen:
             self.check_hits(f"in quantum {cpu.quanta} of cpu{cpu.id}")
+        kcb = k.kprobe_ctlblk[cpu.id]
+        if kcb.current_kprobe is not None or kcb.prev_kprobe is not None \
+                or kcb.jprobe_saved is not None:
+            self.check_ctlblk(cpu)
+        if k.generation != self._generation:
+            self.check_registry()
+        if self._suspects:
+            self.check_orphans()
+
+    # -- stuck state ------------------------------------------------------------------------
+    def check_ctlblk(self, cpu: "CPU") -> None:
+        """A CPU with no probe in flight has an idle control block."""
+        in_flight = cpu.current is not None and (
+            cpu.preempt_count or cpu.deferred_trap or mem.SLOTS.start <= cpu.pc < mem.SLOTS.end)
+        kcb = self._k.kprobe_ctlblk[cpu.id]
+        if not in_flight and (kcb.current_kprobe is not None or kcb.kprobe_status.name != "NONE"
+                              or kcb.prev_kprobe is not None):
+            self.violation("ctlblk", f"cpu{cpu.id}'s kprobe_ctlblk is "
+                                     f"{kcb.kprobe_status.name} with no probe in flight "
+                                     f"(preempt count {cpu.preempt_count})")
+
+    def check_registry(self, force: bool = False) -> None:
+        """With the registry lock free, every registration is whole (see the docstring)."""
+        k = self._k
+        if k._mutex.locked() and not force:
+            return
+        self._generation = k.generation
+        owners = {}
+        for addr in sorted(k._kprobe_table):
+            site = k._kprobe_table[addr]
+            if not site.children:
+                self.violation("registry", f"site {self._m.format_addr(addr)} has no probes "
+                                           f"but is still in the table")
+            for c in site.children:
+                if not c._registered:
+                    self.violation("registry", f"{c!r} is linked at {addr:#x} but not "
+                                               f"marked registered")
+                elif c._kprobes is not k:
+                    self.violation("registry", f"{c!r} is registered on this machine and "
+                                               f"on another one")
+                owners[id(c)] = c
+                self._registered_seen.add(c)
+            if site.slot is not None:
+                owners[("slot", site.slot)] = site
+        slots = k.slots
+        for slot in sorted(slots._used):
+            if ("slot", slot) not in owners:
+                self.violation("slots", f"insn slot {slot:#x} is in use by no probe (leaked)")
+        st = slots.statistics()
+        if st["free"] + st["used"] + st["garbage"] != self._total_slots:
+            self.violation("slots", f"free {st['free']} + in use {st['used']} + garbage "
+                                    f"{st['garbage']} != {self._total_slots} slots")
+        for p in list(self._registered_seen):
+            if p._registered and p._kprobes is k and id(p) not in owners:
+                self.violation("registry", f"{p!r} is marked registered here but is linked "
+                                           f"at no site (a registration half done)")
+            if not p._registered:
+                self._registered_seen.discard(p)
+
+    def _text_written(self, event: TextWritten) -> None:
+        bp = self._bp
+        if event.data[:len(bp)] == bp:
+            # An armed probe's own breakpoint (arm_kprobe marks the site armed first) is
+            # owned: only the others are worth a look, after every quantum until resolved.
+            site = self._k._kprobe_table.get(event.addr)
+            if site is None or not site.armed:
+                self._suspects.add(event.addr)
+
+    def check_orphans(self) -> None:
+        """A breakpoint in the text that no registered, armed probe owns."""
+        k = self._k
+        if k._mutex.locked():
+            return
+        bp = self._bp
+        for addr in sorted(self._suspects):
+            site = k._kprobe_table.get(addr)
+            if self._m.memory.peek(addr, len(bp)) != bp or (site is not None and site.armed):
+                self._suspects.discard(addr)
+            else:
+                self._suspects.discard(addr)
+                self.violation("orphans", f"a breakpoint at {self._m.format_addr(addr)} that no "
+                                          f"registered probe owns")
 
     def check_slots(self, cached: bool = False) -> None:
         """No CPU executes in a freed slot."""
