@@ -189,12 +189,25 @@ def _selftest_flags(st: argparse.ArgumentParser) -> None:
     _campaign.add_engine_options(st, resume=False)
     st.add_argument("--invariant-cost", action="store_true",
                     help="time a hit-heavy run with the invariant checks on and off")
+    m = st.add_argument_group("the mutation score (--mutate)")
+    m.add_argument("--mutate", type=positive_int, default=None, metavar="N",
+                   help="generate N mutants of the probe core and score the stress suite")
+    m.add_argument("--seed", type=int, default=1, help="which N mutants (default 1)")
+    m.add_argument("--baseline", choices=["current", "round1"], default="current",
+                   help="the suite: every scenario under drawn schedules (current), or the "
+                        "first round's ten scenarios under its default schedule (round1)")
+    m.add_argument("--mutate-seeds", type=positive_int, default=2, metavar="K",
+                   help="seeds per scenario in the suite (default 2)")
+    m.add_argument("--json", default=None, metavar="FILE",
+                   help="also write every mutant's verdict as JSON")
 
 
 @subcommand("selftest", "check the checkers: the mutation table, invariant cost",
             _selftest_flags)
 def _selftest(a) -> int:
     from . import _stress
+    if a.mutate is not None:
+        return _mutation_score(a)
     if not (a.mutants or a.invariant_cost):
         a.mutants = a.invariant_cost = True
     status = 0
@@ -210,6 +223,24 @@ def _selftest(a) -> int:
         _stress.print_mutation_table(results, a.max_seeds)
         status = 0 if all(r.caught for r in results) else 1
     return status
+
+
+def _mutation_score(a) -> int:
+    from . import _mutate
+    check_output(a.json, "--json")
+    done = [0]
+
+    def progress(r) -> None:
+        done[0] += 1
+        print(f"[{done[0]}/{a.mutate}] {r.verdict:<12} {r.mutant.ident}"
+              f"{'  (' + r.how + ')' if r.how else ''}", file=sys.stderr, flush=True)
+    score = _mutate.mutation_score(a.mutate, seed=a.seed, kind=a.baseline,
+                                   seeds=a.mutate_seeds, jobs=a.jobs, progress=progress)
+    print(_mutate.format_score(score))
+    if a.json:
+        with open(a.json, "w") as f:
+            f.write(_mutate.to_json(score))
+    return 0
 
 
 # == trace ===============================================================================
