@@ -29,9 +29,12 @@ class Mutant:
 
 
 def _patch(cls, attr: str, new) -> Callable[[], None]:
-    old = cls.__dict__[attr]
-    setattr(cls, attr, new)
-    return lambda: setattr(cls, attr, old)
+    if attr in cls.__dict__:
+        old = cls.__dict__[attr]
+        setattr(cls, attr, new)
+        return lambda: setattr(cls, attr, old)
+    setattr(cls, attr, new)                 # shadows the method a mixin gives the class
+    return lambda: delattr(cls, attr)
 
 
 # -- the mutants --------------------------------------------------------------------------

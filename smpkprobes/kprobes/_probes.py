@@ -1,0 +1,153 @@
+"""The user-facing probe objects: Kprobe, Jprobe, Kretprobe and its instances (see API.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..machine._regs import Regs
+
+KPROBE_FLAG_GONE = 1
+KPROBE_FLAG_DISABLED = 2
+KPROBE_FLAG_OPTIMIZED = 4
+KPROBE_FLAG_FTRACE = 8
+
+KRETPROBE_MAX_DATA_SIZE = 4096
+
+
+class Kprobe:
+    """A breakpoint on one instruction.  See API.md."""
+
+    _type = "k"
+
+    def __init__(self, symbol_name: str | None = None, offset: int = 0, addr: int | None = None,
+                 pre_handler=None, post_handler=None, fault_handler=None):
+        self.symbol_name = symbol_name
+        self.offset = offset
+        self.addr = addr
+        self.pre_handler = pre_handler
+        self.post_handler = post_handler
+        self.fault_handler = fault_handler
+        self.nmissed = 0
+        self.flags = 0
+        self._registered = False
+        self._owner = None          # the Kretprobe or Jprobe this kprobe belongs to
+
+    @property
+    def disabled(self) -> bool:
+        return bool(self.flags & KPROBE_FLAG_DISABLED)
+
+    @property
+    def gone(self) -> bool:
+        return bool(self.flags & KPROBE_FLAG_GONE)
+
+    @property
+    def registered(self) -> bool:
+        return self._registered
+
+    def __repr__(self) -> str:
+        where = self.symbol_name or (f"{self.addr:#x}" if self.addr is not None else "?")
+        return f"<{type(self).__name__} {where}+{self.offset:#x}>"
+
+
+class _JprobeReturn(BaseException):
+    """Raised by the host-side `jprobe_return()` to end a Python jprobe handler."""
+
+
+def jprobe_return():
+    """End a Python jprobe handler, as a C one ends with `jprobe_return()`."""
+    raise _JprobeReturn()
+
+
+class Jprobe:
+    """A probe on a function's entry whose handler mirrors the function's signature."""
+
+    def __init__(self, entry, symbol_name: str | None = None, addr: int | None = None):
+        self.entry = entry
+        self.kp = Kprobe(symbol_name=symbol_name, addr=addr)
+        self.kp._owner = self
+        self.kp._type = "j"
+
+    @property
+    def nmissed(self) -> int:
+        return self.kp.nmissed
+
+    def __repr__(self) -> str:
+        kp = self.kp
+        where = kp.symbol_name or (f"{kp.addr:#x}" if kp.addr is not None else "?")
+        return f"<Jprobe {where}>"
+
+
+class KretprobeInstance:
+    """`ri`: one in-flight call of a function with a return probe."""
+
+    __slots__ = ("rp", "ret_addr", "task", "data", "cpu", "_owner")
+
+    def __init__(self, owner: "Kretprobe", data_size: int):
+        self._owner = owner
+        self.rp = None
+        self.ret_addr = 0
+        self.task = None
+        self.cpu = None
+        self.data = bytearray(data_size)
+
+    def __repr__(self) -> str:
+        return f"<kretprobe_instance ret_addr={self.ret_addr:#x} task={self.task}>"
+
+
+@dataclass(frozen=True)
+class PoolStatistics:
+    """The kretprobe instance pool, shared by all CPUs."""
+
+    maxactive: int
+    free: int
+    in_use: int
+    taken: int
+    returned: int
+    missed: int
+    high_water: int
+    taken_per_cpu: tuple[int, ...]
+
+
+class Kretprobe:
+    """A return probe: hijacks the return address at entry, see API.md."""
+
+    def __init__(self, handler=None, entry_handler=None, data_size: int = 0, maxactive: int = 0,
+                 symbol_name: str | None = None, addr: int | None = None):
+        self.handler = handler
+        self.entry_handler = entry_handler
+        self.data_size = data_size
+        self.maxactive = maxactive
+        self.nmissed = 0
+        self.kp = Kprobe(symbol_name=symbol_name, addr=addr)
+        self.kp._owner = self
+        self.kp._type = "r"
+        self._free: list[KretprobeInstance] = []
+        self._used: list[KretprobeInstance] = []
+        # Entries into the function since registration: each takes an instance or misses.
+        self._entries = self._taken = self._returned = self._high = 0
+        self._taken_per_cpu: list[int] = []
+
+    def __repr__(self) -> str:
+        kp = self.kp
+        where = kp.symbol_name or (f"{kp.addr:#x}" if kp.addr is not None else "?")
+        return f"<Kretprobe {where}>"
+
+    def statistics(self) -> PoolStatistics:
+        return PoolStatistics(self.maxactive, len(self._free), len(self._used), self._taken,
+                              self._returned, self.nmissed, self._high,
+                              tuple(self._taken_per_cpu))
+
+    def _recycle(self, ri: KretprobeInstance) -> None:
+        """Give an instance back to the pool (or drop it if orphaned)."""
+        if ri.rp is None or ri._owner is not self or ri not in self._used:
+            return
+        self._used.remove(ri)
+        ri.rp = None
+        ri.task = None
+        self._free.append(ri)
+        self._returned += 1
+
+
+def regs_return_value(regs: Regs) -> int:
+    """The return value register by the arch's ABI (as an unsigned machine word)."""
+    return regs.read(regs.cpu.backend.cc.ret_reg)

@@ -1,0 +1,288 @@
+"""Registration and arming: register_* / unregister_* (batches, rollback, one grace period
+for a batch), arm_kprobe / disarm_kprobe through text_poke, enable / disable, kprobes/enabled,
+and module text going away (kill_kprobe).  A mixin of `KprobesSubsystem`."""
+
+from __future__ import annotations
+
+import errno as E
+
+from smpkprobes.cpus import StepKind, UnsteppableError
+
+from .._errors import KprobeError
+from ._probes import (KPROBE_FLAG_DISABLED, KPROBE_FLAG_GONE, KRETPROBE_MAX_DATA_SIZE, Jprobe,
+                      Kprobe, Kretprobe)
+from ._state import _Site
+
+
+class Registry:
+    """The registry half of `KprobesSubsystem` (see `_core`)."""
+
+    async def register_kprobe(self, p: Kprobe) -> None:
+        async with self._mutex:
+            await self._register(p)
+
+    async def register_kprobes(self, probes) -> None:
+        await self._register_batch(list(probes), self._register)
+
+    async def register_kretprobe(self, rp: Kretprobe) -> None:
+        async with self._mutex:
+            await self._register_kretprobe(rp)
+
+    async def register_kretprobes(self, rps) -> None:
+        await self._register_batch(list(rps), self._register_kretprobe)
+
+    async def register_jprobe(self, jp: Jprobe) -> None:
+        async with self._mutex:
+            await self._register_jprobe(jp)
+
+    async def register_jprobes(self, jps) -> None:
+        await self._register_batch(list(jps), self._register_jprobe)
+
+
+    async def _register_batch(self, items: list, register_one) -> None:
+        if not items:
+            raise KprobeError(E.EINVAL, "empty probe list")
+        async with self._mutex:
+            done = []
+            for i, item in enumerate(items):
+                try:
+                    await register_one(item)
+                except KprobeError as err:
+                    if done:
+                        await self._unregister_many([self._kp_of(x) for x in done])
+                        for x in done:
+                            if isinstance(x, Kretprobe):
+                                self._cleanup_kretprobe(x)
+                    raise KprobeError(err.errno, f"probe {i}: {err.strerror}", index=i) from None
+                done.append(item)
+
+    @staticmethod
+    def _kp_of(item) -> Kprobe:
+        return item if isinstance(item, Kprobe) else item.kp
+
+    def _resolve(self, p: Kprobe, kind: str) -> int:
+        """The checks of KPROBES.md section 2, in order, up to the probed address."""
+        m = self._m
+        if (p.symbol_name is None) == (p.addr is None):
+            raise KprobeError(E.EINVAL, "exactly one of symbol_name and addr must be set")
+        if p.symbol_name is not None:
+            sym = m.kallsyms.lookup(p.symbol_name)
+            if sym is None:
+                raise KprobeError(E.ENOENT, f"unknown symbol {p.symbol_name!r}")
+            addr = sym.addr + p.offset
+        else:
+            addr = p.addr + p.offset
+        if p._registered:
+            raise KprobeError(E.EINVAL, f"{p!r} is already registered")
+        module = m.module_of(addr)
+        in_kernel = self._kernel_text[0] <= addr < self._kernel_text[1]
+        lo, hi = m.kprobes_text
+        if not (in_kernel or module is not None) or lo <= addr < hi:
+            raise KprobeError(E.EINVAL, f"{addr:#x} is not probeable text")
+        for start, end, name in self._blacklist:
+            if start <= addr < end:
+                raise KprobeError(E.EINVAL, f"{m.format_addr(addr)} is on the blacklist ({name})")
+        if kind == "r":
+            sym = m.kallsyms.containing(addr)
+            if sym is not None and sym.name in self._backend.kretprobe_blacklist:
+                raise KprobeError(E.EINVAL, f"kretprobes may not probe {sym.name}")
+        if module is not None and module.in_init(addr) and module.init_freed:
+            raise KprobeError(E.ENOENT, f"{addr:#x} is in freed init text of {module.name}")
+        sym = m.kallsyms.containing(addr)
+        if sym is None or not sym.is_func:
+            raise KprobeError(E.EINVAL, f"{addr:#x} is not inside a known function")
+        if addr not in self._insn_boundaries(sym):
+            raise KprobeError(E.EILSEQ, f"{m.format_addr(addr)} is not on an instruction boundary")
+        return addr
+
+    def _insn_boundaries(self, sym) -> frozenset[int]:
+        b = self._boundaries.get(sym.addr)
+        if b is None:
+            code = self.original_text(sym.addr, sym.size)
+            starts = []
+            off = 0
+            while off < len(code):
+                size = self._backend.insn_length(code[off:], sym.addr + off)
+                if size is None:
+                    break
+                starts.append(sym.addr + off)
+                off += size
+            b = self._boundaries[sym.addr] = frozenset(starts)
+        return b
+
+    async def _register(self, p: Kprobe) -> None:
+        kind = p._type
+        addr = self._resolve(p, kind)
+        site = self._table.get(addr)
+        if site is None:
+            try:
+                plan = self._backend.plan_probe(self.original_text, addr)
+            except UnsteppableError as err:
+                raise KprobeError(err.errno, f"{self._m.format_addr(addr)}: cannot single-step: "
+                                             f"{err.reason}") from None
+        else:
+            plan = site.plan
+        if kind in ("r", "j"):
+            sym = self._m.kallsyms.containing(addr)
+            if addr != sym.addr:
+                raise KprobeError(E.EINVAL, f"{'kretprobe' if kind == 'r' else 'jprobe'} must be "
+                                            f"at a function entry, not {self._m.format_addr(addr)}")
+        if kind == "r" and p._owner.data_size > KRETPROBE_MAX_DATA_SIZE:
+            raise KprobeError(E.E2BIG, f"data_size {p._owner.data_size} exceeds "
+                                       f"{KRETPROBE_MAX_DATA_SIZE}")
+        if kind == "j" and site is not None and site.jprobe() is not None:
+            raise KprobeError(E.EEXIST, f"a jprobe is already registered at "
+                                        f"{self._m.format_addr(addr)}")
+        # All checks passed: from here on nothing can fail half-way.
+        if site is None:
+            site = _Site(addr, plan, plan.orig[:len(self._bp)])
+            if plan.kind is StepKind.OUT_OF_LINE:
+                site.slot = await self.slots.get_insn_slot()
+                stride = self._slot_stride
+                code = self._backend.slot_code(plan, site.slot, boost=False)
+                boosted = self._backend.slot_code(plan, site.slot + stride, boost=True)
+                await self._m.text_poke_batch([(site.slot, code), (site.slot + stride, boosted)])
+                self._by_slot[site.slot] = site
+            self._table[addr] = site
+        p.addr = addr if p.symbol_name is None else addr
+        p.flags &= ~KPROBE_FLAG_GONE
+        # Newest first; a jprobe always last (it ends the pre_handler chain).
+        if kind == "j":
+            site.children = (*site.children, p)
+        else:
+            site.children = (p, *site.children)
+        p._registered = True
+        # Remembered for kprobes/list: a GONE probe's module symbols are gone too.
+        p._where = self._m.symbolize(addr)
+        self._m.trace_event("register", kind, addr, self._m.now_ns())
+        if self.enabled and site.enabled() and not site.armed:
+            await self._arm([site])
+        if p.symbol_name is not None:
+            p.addr = addr
+
+    async def _arm(self, sites: list[_Site]) -> None:
+        patches = []
+        for s in sites:
+            s.armed = True
+            patches.append((s.addr, self._bp))
+        await self._m.text_poke_batch(patches)
+
+    async def _disarm(self, sites: list[_Site]) -> None:
+        patches = []
+        for s in sites:
+            s.armed = False
+            if not s.gone:
+                patches.append((s.addr, s.orig))
+        await self._m.text_poke_batch(patches)
+
+    # == unregistration ==================================================================
+    async def unregister_kprobe(self, p: Kprobe) -> None:
+        await self.unregister_kprobes([p])
+
+    async def unregister_kprobes(self, probes) -> None:
+        async with self._mutex:
+            await self._unregister_many(list(probes))
+
+    async def unregister_jprobe(self, jp: Jprobe) -> None:
+        await self.unregister_jprobes([jp])
+
+    async def unregister_jprobes(self, jps) -> None:
+        async with self._mutex:
+            await self._unregister_many([j.kp for j in jps])
+
+    async def unregister_kretprobe(self, rp: Kretprobe) -> None:
+        await self.unregister_kretprobes([rp])
+
+    async def unregister_kretprobes(self, rps) -> None:
+        rps = list(rps)
+        async with self._mutex:
+            await self._unregister_many([rp.kp for rp in rps])
+            for rp in rps:
+                self._cleanup_kretprobe(rp)
+
+    async def _unregister_many(self, probes: list[Kprobe]) -> None:
+        """Top half for all (unlink, disarm), one grace period, bottom half for all."""
+        dead_sites: list[_Site] = []
+        to_disarm: list[_Site] = []
+        valid = []
+        for p in probes:
+            site = self._table.get(p.addr) if p._registered else None
+            if site is None or p not in site.children:
+                p.addr = None          # an "incorrect" probe
+                continue
+            valid.append(p)
+            site.children = tuple(c for c in site.children if c is not p)
+            if not site.children:
+                del self._table[site.addr]
+                dead_sites.append(site)
+                if site.armed:
+                    to_disarm.append(site)
+            elif site.armed and not site.enabled():
+                to_disarm.append(site)
+        if not valid:
+            return
+        if to_disarm:
+            await self._disarm(to_disarm)
+        await self._m.synchronize()
+        for site in dead_sites:
+            if site.slot is not None:
+                del self._by_slot[site.slot]
+                self.slots.free_insn_slot(site.slot, dirty=site.boost_used)
+                site.slot = None
+        for p in valid:
+            p._registered = False
+            self._m.trace_event("unregister", p._type, p.addr, self._m.now_ns())
+
+    # == enable / disable ================================================================
+    async def enable_kprobe(self, p: Kprobe) -> None:
+        async with self._mutex:
+            site = self._registered_site(p)
+            if p.gone:
+                raise KprobeError(E.EINVAL, f"{p!r} is gone (its module text was freed)")
+            p.flags &= ~KPROBE_FLAG_DISABLED
+            if self.enabled and site.enabled() and not site.armed:
+                await self._arm([site])
+
+    async def disable_kprobe(self, p: Kprobe) -> None:
+        async with self._mutex:
+            site = self._registered_site(p)
+            p.flags |= KPROBE_FLAG_DISABLED
+            if site.armed and not site.enabled():
+                await self._disarm([site])
+
+    def _registered_site(self, p: Kprobe) -> _Site:
+        site = self._table.get(p.addr) if p._registered else None
+        if site is None:
+            raise KprobeError(E.EINVAL, f"{p!r} is not registered")
+        return site
+
+    async def set_enabled(self, enabled: bool) -> None:
+        """kprobes/enabled: arm or disarm every probe, on all CPUs, before returning."""
+        async with self._mutex:
+            if enabled == self.enabled:
+                return
+            self.enabled = enabled
+            if enabled:
+                await self._arm([s for s in self._sorted_sites() if s.enabled() and not s.armed])
+            else:
+                await self._disarm([s for s in self._sorted_sites() if s.armed])
+
+    def _sorted_sites(self) -> list[_Site]:
+        return [self._table[a] for a in sorted(self._table)]
+
+    # == modules =========================================================================
+    def _module_event(self, event: str, module) -> None:
+        in_range = module.in_init if event == "init_freed" else \
+            (lambda a: module.in_text(a) or module.in_init(a))
+        for site in self._sorted_sites():
+            if not in_range(site.addr) or site.gone:
+                continue
+            # kill_kprobe: the text is gone, so it is not restored.
+            site.gone = True
+            site.armed = False
+            for c in site.children:
+                c.flags |= KPROBE_FLAG_GONE
+            if site.slot is not None:
+                del self._by_slot[site.slot]
+                self.slots.free_insn_slot(site.slot, dirty=True)
+                site.slot = None

@@ -1,0 +1,275 @@
+"""The conductor loop and the run queue: which CPU runs next, for how long, and which task.
+A mixin of `SMPMachine`.
+
+How the CPUs take turns
+-----------------------
+Each CPU is a trio task, but only one of them runs guest code at a time: they pass a baton.
+The holder asks the conductor (seeded) which CPU runs next and for how many instructions;
+if that is itself it runs the quantum, otherwise it hands the baton over and sleeps.  So the
+interleaving of guest instructions is decided by the seed alone.
+
+Host code (the user's trio tasks calling `m.call`, `register_kprobe`, ...) only runs when the
+baton holder lets it: whenever the machine has woken a host task, the holder waits until
+every other trio task is blocked (`wait_all_tasks_blocked`) before deciding again.  New guest
+tasks submitted in the same round are admitted in a sorted order, so trio's randomised
+scheduling of host tasks cannot change the guest-visible run.
+
+Time
+----
+Every CPU has a virtual clock: one ns per guest instruction.  A sleeping task wakes when the
+CPUs' time passes its wake-up time; when every CPU is idle, time jumps to the next wake-up.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import TYPE_CHECKING
+
+import trio
+import trio.testing
+
+from . import _memory as mem
+from ._task import Task, TaskState
+from .._errors import OopsRecord
+
+if TYPE_CHECKING:    # pragma: no cover
+    from ._cpu import CPU
+
+
+class _Baton:
+    """How one CPU task hands the machine to another: a wake-up with a single waiter.
+    A trio.Event would do, but this is the machine's hottest path (most quanta end with a
+    hand-over) and rescheduling the waiting task directly costs a fifth less."""
+
+    __slots__ = ("_task", "_pending")
+
+    def __init__(self):
+        self._task = None
+        self._pending = False
+
+    def set(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+        else:
+            self._pending = True
+
+    async def wait(self) -> None:
+        if self._pending:
+            self._pending = False
+            await trio.lowlevel.checkpoint()
+            return
+        self._task = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort)
+
+    def _abort(self, _raise_cancel):
+        self._task = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+
+
+class Scheduler:
+    """The scheduler part of `SMPMachine` (see `_machine`)."""
+
+    async def _cpu_main(self, me: CPU) -> None:
+        while True:
+            await me._baton.wait()
+            await self._conduct(me)
+
+    async def _conduct(self, me: CPU) -> None:
+        """Run quanta while the conductor picks `me`; hand the baton on when it doesn't."""
+        while True:
+            if self._decision is None:
+                if self._host_woken:
+                    self._host_woken = False
+                    self._settled = True
+                    await trio.testing.wait_all_tasks_blocked()
+                    continue
+                if self._pending:
+                    self._admit()
+                if self._sleepers:
+                    self._wake_sleepers()
+                runnable = [c for c in self.cpus if c.online and (
+                    c.current is not None or c.deferred_trap or self._has_work(c))]
+                if not runnable:
+                    if self._sleepers:
+                        if not self._settled:
+                            # Host tasks a handler woke (a trio Event set inside a probe)
+                            # get their turn before virtual time leaps forward.
+                            self._host_woken = True
+                            continue
+                        self._jump_to_next_wake()
+                        continue
+                    if self._deliver_idle_ipis():
+                        continue
+                    self._idle_event = trio.Event()
+                    if self._pending:
+                        continue
+                    await self._idle_event.wait()
+                    self._host_woken = True
+                    continue
+                self._decision = self.conductor.pick(runnable)
+            cpu, q = self._decision
+            if cpu is not me:
+                cpu._baton.set()
+                return
+            self._decision = None
+            self._settled = False
+            self._run_quantum(me, q)
+            # Let trio deliver cancellation without giving host tasks a turn.
+            if self._c.quanta % 256 == 0:
+                await trio.lowlevel.checkpoint_if_cancelled()
+
+    def _has_work(self, cpu: CPU) -> bool:
+        if cpu.current is not None or cpu.deferred_trap:
+            return True
+        return any(t.allowed_on(cpu.id) for t in self._runq)
+
+    def _admit(self) -> None:
+        if not self._pending:
+            return
+        batch = sorted(self._pending, key=lambda t: t.order_key)
+        self._pending.clear()
+        for task in batch:
+            task.pid = self._next_pid
+            self._next_pid += 1
+            if not self._free_stacks:
+                raise RuntimeError("out of guest task stacks")
+            idx = heapq.heappop(self._free_stacks)
+            task.stack_base = mem.STACKS.start + idx * mem.STACK_SIZE
+            task.stack_top = task.stack_base + mem.STACK_SIZE
+            task.state = TaskState.RUNNABLE
+            task.ready_at = self._now
+            self._runq.append(task)
+            self._c.tasks += 1
+            self.trace_event("new", task.pid, task.comm, task.func, task.args, task.affinity,
+                             self._now)
+
+    def _wake_sleepers(self) -> None:
+        if not self._sleepers:
+            return
+        busy = [c.clock for c in self.cpus if c.current is not None]
+        now = min(busy) if busy else self._now
+        while self._sleepers and self._sleepers[0][0] <= now:
+            wake_at, _, task = heapq.heappop(self._sleepers)
+            self._make_runnable(task, wake_at)
+
+    def _jump_to_next_wake(self) -> None:
+        wake_at, _, task = heapq.heappop(self._sleepers)
+        self._now = max(self._now, wake_at)
+        self._make_runnable(task, wake_at)
+
+    def _make_runnable(self, task: Task, at: int) -> None:
+        task.state = TaskState.RUNNABLE
+        task.ready_at = at
+        self._runq.append(task)
+        self.trace_event("wake", task.pid, at)
+
+    def _pick_task(self, cpu: CPU) -> Task | None:
+        for i, t in enumerate(self._runq):
+            if t.allowed_on(cpu.id):
+                del self._runq[i]
+                return t
+        return None
+
+    def _switch_in(self, cpu: CPU, task: Task) -> None:
+        cpu.clock = max(cpu.clock, task.ready_at)
+        if task.context is None:
+            cpu.context_restore(cpu.initial_context)
+            self.backend.cc.setup_call(cpu, task.stack_top, task.func, task.args,
+                                       self.task_return_addr)
+            cpu.tasks_run += 1
+        else:
+            cpu.context_restore(task.context)
+            task.context = None
+        if task.last_cpu is not None and task.last_cpu != cpu.id:
+            task.migrations += 1
+            self._c.migrations += 1
+        task.last_cpu = cpu.id
+        task.state = TaskState.RUNNING
+        cpu.current = task
+        self._c.context_switches += 1
+        self.trace_event("run", cpu.id, task.pid, cpu.clock)
+
+    def _run_quantum(self, cpu: CPU, q: int) -> None:
+        # (The hot loop of the machine: once per quantum, so kept free of needless calls.)
+        if cpu.clock > self._now:
+            self._now = cpu.clock
+        if cpu.pending_flush:
+            self._deliver_ipis(cpu)
+        if cpu.current is None and not cpu.deferred_trap:
+            task = self._pick_task(cpu)
+            if task is None:
+                return
+            self._switch_in(cpu, task)
+        task = cpu.current
+        c = self._c
+        cpu.intra = 0
+        c.quanta += 1
+        cpu.quanta += 1
+        self._trace.append(("q", cpu.id, task.pid if task else 0, q, cpu.clock))
+        if cpu.deferred_trap:
+            cpu.deferred_trap = False
+            cpu.stop_requested = False
+            self._dispatch_trap(cpu, cpu.deferred_addr)
+        err = None
+        if cpu.current is not None:
+            err = cpu.run(q)
+        # Traps inside the quantum advanced now_ns() by TRAP_COST_NS each; never let the
+        # clock run backwards when they add up to more than the quantum.
+        cpu.clock += q if q >= cpu.intra else cpu.intra
+        cpu.instructions += q
+        c.instructions += q
+        if err is not None and cpu.current is not None:
+            self._on_fault(cpu, err)
+        task = cpu.current
+        if task is not None:
+            task.instructions += q
+            # With preemption disabled the budget doubles, then it is a hard lockup (a
+            # leaked preempt count must not make a runaway guest run for ever).
+            if task.instructions > self.call_budget and (
+                    cpu.preempt_count == 0 or task.instructions > 2 * self.call_budget):
+                atomic = " with preemption disabled" if cpu.preempt_count else ""
+                self.kill_current(cpu, f"runaway: instruction budget of {self.call_budget} "
+                                       f"exhausted (a guest infinite loop?{atomic})")
+            elif self.preempt and cpu.preemptible() and cpu.pc not in mem.SLOTS \
+                    and self.conductor.chance("preempt", self.preempt_prob):
+                self._c.preemptions += 1
+                task.context = cpu.context_save()
+                cpu.current = None
+                cpu.pc = self.idle_addr
+                self._make_runnable(task, cpu.clock)
+        if self._gp_waiters:
+            if self.quiescent(cpu):
+                self._ack(self._gp_waiters, cpu.id, cpu.clock)
+            if self._gp_waiters:
+                for other in self.cpus:
+                    if other.current is None and not other.deferred_trap:
+                        self._ack(self._gp_waiters, other.id, cpu.clock)
+        for notify in self.quantum_notifiers:
+            notify(cpu)
+
+
+    def _switch_out(self, cpu: CPU) -> Task:
+        task = cpu.current
+        task.context = cpu.context_save()
+        cpu.current = None
+        cpu.pc = self.idle_addr
+        return task
+
+    def _finish(self, cpu: CPU, result: int | None, oops: OopsRecord | None = None) -> None:
+        task = cpu.current
+        cpu.current = None
+        cpu.pc = self.idle_addr
+        # The rest of the quantum is idle time: charged, not emulated.
+        cpu.stop_requested = True
+        task.state = TaskState.DEAD
+        task.result = result
+        task.oops = oops
+        for notify in list(self.task_exit_notifiers):
+            notify(task)
+        heapq.heappush(self._free_stacks, (task.stack_base - mem.STACKS.start) // mem.STACK_SIZE)
+        self.trace_event("exit", cpu.id, task.pid, result if oops is None else "oops",
+                         cpu.clock + cpu.intra)
+        task.done.set()
+        self._host_woken = True

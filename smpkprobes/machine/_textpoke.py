@@ -1,0 +1,88 @@
+"""Text patching (KPROBES.md section 4): text_poke writes kernel text, then every online CPU
+drops its stale translations of it, an IPI each (delivered after a seeded delay).  A mixin of
+`SMPMachine`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import trio
+
+if TYPE_CHECKING:    # pragma: no cover
+    from ._cpu import CPU
+
+
+class TextPoke:
+    """The text patching part of `SMPMachine` (see `_machine`)."""
+
+    async def text_poke(self, addr: int, data: bytes) -> None:
+        """Write kernel text and wait until every online CPU has dropped its stale
+        translations of it (the IPI + sync_core of the kernel)."""
+        await self.text_poke_batch([(addr, data)])
+
+    async def text_poke_batch(self, patches: list[tuple[int, bytes]]) -> None:
+        if not patches:
+            return
+        for addr, data in patches:
+            self.memory.poke(addr, data)
+            self._code_written(addr, data)
+        self._c.text_syncs += 1
+        sync = self._c.text_syncs
+        self.trace_event("poke", tuple((a, d.hex()) for a, d in patches), sync, self._now)
+        if not self.text_sync:
+            return      # the "no cross-CPU sync" configuration: stale translations survive
+        ranges = [(a, a + len(d)) for a, d in patches]
+        remaining = set()
+        for cpu in self.cpus:
+            if not cpu.online:
+                continue
+            if cpu.current is None and not cpu.deferred_trap:
+                for a, b in ranges:
+                    cpu.flush_tb(a, b)
+            else:
+                delay = self.conductor.randint("ipi", 0, self.ipi_delay) if self.ipi_delay else 0
+                cpu.pending_flush.append([ranges, delay])
+                remaining.add(cpu.id)
+        waiter = [remaining, trio.Event(), self._now]     # [2]: when the last CPU acked
+        if remaining:
+            self._sync_waiters.append(waiter)
+            await waiter[1].wait()
+        self.trace_event("synced", sync, waiter[2])
+
+    def _deliver_ipis(self, cpu: CPU) -> None:
+        keep = []
+        for entry in cpu.pending_flush:
+            ranges, delay = entry
+            if delay > 0:
+                entry[1] -= 1
+                keep.append(entry)
+                continue
+            for a, b in ranges:
+                cpu.flush_tb(a, b)
+        if len(keep) < len(cpu.pending_flush):
+            self.trace_event("ipi", cpu.id, cpu.clock)
+        cpu.pending_flush = keep
+        if not keep:
+            self._ack(self._sync_waiters, cpu.id, cpu.clock)
+
+    def _deliver_idle_ipis(self) -> bool:
+        """The whole machine is idle: every CPU takes its pending IPIs now.  An idle CPU runs
+        no quanta to count an IPI's delay down in, so a CPU whose task ended before its
+        flush was due would otherwise never acknowledge, and text_poke would wait forever."""
+        late = [c for c in self.cpus if c.online and c.pending_flush]
+        for cpu in late:
+            for entry in cpu.pending_flush:
+                entry[1] = 0
+            self._deliver_ipis(cpu)
+        return bool(late)
+
+    def _ack(self, waiters: list[list], cpu_id: int, now: int) -> None:
+        for w in waiters:
+            w[0].discard(cpu_id)
+        done = [w for w in waiters if not w[0]]
+        if done:
+            waiters[:] = [w for w in waiters if w[0]]
+            for w in done:
+                w[2] = now
+                w[1].set()
+            self._host_woken = True
