@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .kprobes._debugfs import Debugfs
+from .kprobes._optprobe import Sysctl
 from .tools._invariants import Invariants
 from .kprobes._core import KprobesSubsystem
 from .machine._machine import SMPMachine
@@ -26,6 +27,7 @@ class Machine(SMPMachine):
         super().__init__(arch, cpus, seed, preempt, kernel, **options)
         self.kprobes = KprobesSubsystem(self)
         self.debugfs = Debugfs(self, self.kprobes)
+        self.sysctl = Sysctl(self.kprobes.optimizer)
         self.tracefs = Tracefs(self, self.kprobes)
         self.invariants = Invariants(self, self.kprobes, "raise" if invariants is True
                                      else invariants) if invariants else None

@@ -8,6 +8,8 @@ The subsystem is one object, written in one module per concept:
   _kretprobes.py . the kretprobe pool, the entry handler and the trampoline
   _jprobes.py .... setjmp_pre_handler / longjmp
   _slots.py ...... get_insn_slot / free_insn_slot
+  _optcheck.py, _optprobe.py  jump optimization: the safety checks; the detour, the
+                  optimizer worker and the debug.kprobes-optimization knob
   _debugfs.py, _tracefs.py  the file views
 
 Where the kernel's code would be:
@@ -30,6 +32,7 @@ so a handler may unregister probes.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -54,6 +57,7 @@ from ._probes import KretprobeInstance as KretprobeInstance
 from ._probes import PoolStatistics as PoolStatistics
 from ._probes import jprobe_return as jprobe_return
 from ._probes import regs_return_value as regs_return_value
+from ._optprobe import Optimizer
 from ._registry import Registry
 from ._slots import InsnSlots
 from ._state import KprobeCtlblk
@@ -76,6 +80,11 @@ class KprobesStatistics:
     traps: int
     stray_traps: int
     slots_used: int
+    # Jump optimization (_optprobe): sites with their jump written, sites that pass the
+    # safety checks but run as plain kprobes now, and sites queued for the optimizer.
+    optimized: int = 0
+    unoptimized: int = 0
+    optimizing: int = 0
 
 
 # == the subsystem =====================================================================
@@ -124,6 +133,7 @@ class KprobesSubsystem(Registry, HitPath, Kretprobes, Jprobes):
         machine.oops_notifiers.append(self._oops_reset)
         machine.module_notifiers.append(self._module_event)
         self.simulation_errors: list[str] = []
+        self.optimizer = Optimizer(self, machine)
 
     # -- introspection ------------------------------------------------------------------
     def statistics(self) -> KprobesStatistics:
@@ -132,7 +142,8 @@ class KprobesSubsystem(Registry, HitPath, Kretprobes, Jprobes):
             armed=sum(s.armed for s in self._table.values()), hits=self.hits,
             missed=self.missed, traps=self.traps,
             stray_traps=self._m.statistics().stray_traps,
-            slots_used=self.slots.statistics()["used"])
+            slots_used=self.slots.statistics()["used"],
+            **dataclasses.asdict(self.optimizer.statistics()))
 
     def probes(self) -> list[tuple[int, Kprobe]]:
         """(address, probe) for every registered probe, sorted by address then list order."""
@@ -160,4 +171,5 @@ class KprobesSubsystem(Registry, HitPath, Kretprobes, Jprobes):
                 for i in range(n):
                     if 0 <= a + i - addr < size:
                         buf[a + i - addr] = site.orig[i]
+        self.optimizer.recover(buf, addr)
         return bytes(buf)

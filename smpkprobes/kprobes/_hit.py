@@ -40,6 +40,8 @@ class HitPath:
         children = site.children
         if not children:
             return self._other_trap(cpu, addr)
+        if site.detour is not None:
+            return site.detour          # setup_detour_execution: the stub's hook counts it
         self.traps += 1
         kcb: KprobeCtlblk = cpu.kprobe_ctlblk
         if kcb.current is not None:

@@ -157,10 +157,12 @@ class Registry:
         self._m.trace_event("register", kind, addr, self._m.now_ns())
         if self.enabled and site.enabled() and not site.armed:
             await self._arm([site])
+        await self.optimizer.update([addr])
         if p.symbol_name is not None:
             p.addr = addr
 
     async def _arm(self, sites: list[_Site]) -> None:
+        await self.optimizer.unoptimize_covering(sites)
         patches = []
         for s in sites:
             s.armed = True
@@ -202,6 +204,16 @@ class Registry:
 
     async def _unregister_many(self, probes: list[Kprobe]) -> None:
         """Top half for all (unlink, disarm), one grace period, bottom half for all."""
+        # Optimized sites among them go back to plain kprobes first, while still linked
+        # (a CPU may hit their breakpoints meanwhile); survivors are re-checked at the end.
+        opt = self.optimizer
+        unopt = []
+        for p in probes:
+            op = opt.ops.get(p.addr) if p._registered else None
+            if op is not None and op not in unopt:
+                unopt.append(op)
+        if unopt:
+            await opt.unoptimize(unopt)
         dead_sites: list[_Site] = []
         to_disarm: list[_Site] = []
         valid = []
@@ -232,6 +244,7 @@ class Registry:
         for p in valid:
             p._registered = False
             self._m.trace_event("unregister", p._type, p.addr, self._m.now_ns())
+        await opt.update(sorted({p.addr for p in valid}))
 
     # == enable / disable ================================================================
     async def enable_kprobe(self, p: Kprobe) -> None:
@@ -242,13 +255,17 @@ class Registry:
             p.flags &= ~KPROBE_FLAG_DISABLED
             if self.enabled and site.enabled() and not site.armed:
                 await self._arm([site])
+            await self.optimizer.update([site.addr])
 
     async def disable_kprobe(self, p: Kprobe) -> None:
         async with self._mutex:
             site = self._registered_site(p)
             p.flags |= KPROBE_FLAG_DISABLED
+            if site.addr in self.optimizer.ops and not site.enabled():
+                await self.optimizer.unoptimize([self.optimizer.ops[site.addr]])
             if site.armed and not site.enabled():
                 await self._disarm([site])
+            await self.optimizer.update([site.addr])
 
     def _registered_site(self, p: Kprobe) -> _Site:
         site = self._table.get(p.addr) if p._registered else None
@@ -262,9 +279,14 @@ class Registry:
             if enabled == self.enabled:
                 return
             self.enabled = enabled
+            opt = self.optimizer
             if enabled:
                 await self._arm([s for s in self._sorted_sites() if s.enabled() and not s.armed])
+                await opt.update(sorted(self._table))
             else:
+                unopt = [opt.ops[a] for a in sorted(opt.ops)]
+                if unopt:
+                    await opt.unoptimize(unopt)
                 await self._disarm([s for s in self._sorted_sites() if s.armed])
 
     def _sorted_sites(self) -> list[_Site]:
@@ -278,6 +300,7 @@ class Registry:
             if not in_range(site.addr) or site.gone:
                 continue
             # kill_kprobe: the text is gone, so it is not restored.
+            self.optimizer.kill(site)
             site.gone = True
             site.armed = False
             for c in site.children:

@@ -79,7 +79,7 @@ class _Site:
     """Everything at one probed address: the aggregate kprobe."""
 
     __slots__ = ("addr", "plan", "boostable", "orig", "slot", "children", "armed", "gone",
-                 "boost_used")
+                 "boost_used", "detour")
 
     def __init__(self, addr: int, plan: InsnPlan, orig: bytes):
         self.addr = addr
@@ -93,6 +93,9 @@ class _Site:
         self.armed = False
         self.gone = False
         self.boost_used = False
+        # The stub of its detour while the site is queued for or has jump optimization
+        # (KPROBE_FLAG_OPTIMIZED): a breakpoint hit goes there instead (_optprobe).
+        self.detour: int | None = None
 
     def enabled(self) -> bool:
         return not self.gone and any(not c.disabled for c in self.children)

@@ -18,10 +18,11 @@ class GracePeriods:
 
     def quiescent(self, cpu: CPU) -> bool:
         """Not in a probe handler, not between a trap and the end of its single-step, not in
-        a boosted slot."""
+        a boosted slot or an optimized probe's detour."""
         if cpu.current is None and not cpu.deferred_trap:
             return True
-        return cpu.preemptible() and cpu.pc not in mem.SLOTS
+        pc = cpu.pc
+        return cpu.preemptible() and pc not in mem.SLOTS and pc not in mem.OPTINSN
 
     async def synchronize(self) -> None:
         """Wait for one grace period: every online CPU passes a quiescent state."""

@@ -5,7 +5,7 @@ Every `Machine` carries an `Invariants` (`m.invariants`) unless built with
 KASAN watches the kernel, and checks five laws:
 
   text     a probed address that is not armed holds its original bytes, and an armed one
-           holds the breakpoint;
+           holds the breakpoint (or, jump-optimized, its jump);
   slots    no CPU executes in an instruction slot that has been freed;
   pool     for every registered kretprobe, free + in use == maxactive;
   entries  hits + nmissed == entries: every breakpoint trap at a probed address ends as
@@ -168,6 +168,7 @@ class Invariants:
                 continue
             now = peek(addr, len(orig))
             want = bp if site is not None and site.armed else orig
+            want = k.optimizer.expected_text(addr, want)      # under a written jump: the jump
             if now != want:
                 state = "armed" if want is bp else "disarmed"
                 self.violation("text", f"{state} probe address {self._m.format_addr(addr)} "
