@@ -110,6 +110,8 @@ class Optimizer:
             cpu.add_code_hook(mem.OPTINSN.start, mem.OPTINSN.start + STUB_AREA,
                               self.optimized_callback)
         machine.quantum_notifiers.append(self._on_quantum)
+        # A module's text comes and goes: what the checks found there goes with it.
+        machine.module_notifiers.append(lambda event, module: self._regions.clear())
 
     # == the hit: one code hook on the stub ===============================================
     def optimized_callback(self, cpu, addr: int) -> None:

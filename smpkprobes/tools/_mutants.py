@@ -16,7 +16,9 @@ import heapq
 from dataclasses import dataclass
 from typing import Callable
 
+from ..kprobes import _optcheck
 from ..kprobes._core import KprobesSubsystem, Status
+from ..kprobes._optprobe import Optimizer
 from ..machine._machine import SMPMachine
 
 
@@ -190,6 +192,73 @@ def _batch_register_no_rollback():
     return _patch(KprobesSubsystem, "_register_batch", register_batch)
 
 
+# -- jump optimization (kprobes/_optprobe.py) ----------------------------------------------
+def _opt_no_grace_period():
+    """The optimizer writes its jumps without waiting for a grace period, nor for the tasks
+    preempted inside the regions (RCU tasks)."""
+    orig = Optimizer._step
+
+    def step(self):
+        b = self._batch
+        if b is not None and b.phase == "gp":
+            b.remaining = set()
+            b.ranges = []
+        orig(self)
+        b = self._batch
+        if b is not None and b.phase == "gp" and b.ops:
+            b.remaining = set()
+            b.ranges = []
+            orig(self)
+    return _patch(Optimizer, "_step", step)
+
+
+def _opt_no_int3_first():
+    """The jump is written without a breakpoint guarding it (no text_poke_bp): its first
+    byte, then its tail, each with a sync, as a plain copy would, so for a while the text
+    holds a jump opcode with the old bytes as its displacement."""
+    orig = Optimizer._poke
+
+    def poke(self, b, phase):
+        n = len(self._k._bp)
+        if self.facts.jump_len == n:
+            return orig(self, b, phase)
+        ops = [op for op in b.ops if op.state == "queued"]
+        b.phase = phase
+        if phase == "int3":
+            patches = [(op.site.addr, op.jump[:n]) for op in ops]
+        elif phase == "tail":
+            patches = [(op.site.addr + n, op.jump[n:]) for op in ops]
+            for op in ops:
+                op.written = True
+                self._m.insn_starts.code_written(op.site.addr, op.jump)
+        else:
+            patches = []
+        b.pending = self._m.text_poke_start(patches)[1] if patches else []
+    return _patch(Optimizer, "_poke", poke)
+
+
+def _opt_free_without_grace_period():
+    """An unoptimized probe's detour is freed, and may be reused, at once."""
+    orig = Optimizer.unoptimize
+
+    async def unoptimize(self, ops):
+        await orig(self, ops)
+        for op in ops:
+            if op in self._free_list:
+                self._free_list.remove(op)
+                del self._by_stub[op.stub]
+                self._free_index.append(op.index)
+    return _patch(Optimizer, "unoptimize", unoptimize)
+
+
+def _opt_no_jump_target_check():
+    """The safety checks do not decode the function: a region that a jump lands inside, or
+    that an indirect jump may reach, is optimized all the same."""
+    def scan(backend, code, func, addr, region_end):
+        return None
+    return _patch(_optcheck, "_scan", scan)
+
+
 MUTANTS: dict[str, Mutant] = {m.name: m for m in (
     Mutant("no_text_sync", "no cross-CPU sync after arming or disarming",
            ("unregister_while_firing", "concurrent_hits"), _no_text_sync),
@@ -207,6 +276,14 @@ MUTANTS: dict[str, Mutant] = {m.name: m for m in (
            ("unregister_while_firing",), _no_backup_on_stray_trap),
     Mutant("batch_register_no_rollback", "a batch register that forgets the rollback",
            ("unregister_while_firing",), _batch_register_no_rollback),
+    Mutant("opt_no_grace_period", "optimizing without a grace period (nor RCU tasks)",
+           ("optprobe_race",), _opt_no_grace_period),
+    Mutant("opt_no_int3_first", "a jump written without the int3-first protocol",
+           ("optprobe_race",), _opt_no_int3_first),
+    Mutant("opt_free_without_grace_period", "a detour buffer freed without a grace period",
+           ("optprobe_race",), _opt_free_without_grace_period),
+    Mutant("opt_no_jump_target_check", "optimizing without the jump-target check",
+           ("optprobe_race",), _opt_no_jump_target_check),
 )}
 
 

@@ -8,7 +8,7 @@ from smpkprobes import scenario as harness
 
 SCENARIOS = ["concurrent_hits", "singlestep_state", "maxactive_contention",
              "unregister_while_firing", "reentrancy", "module_gone", "fault_injection",
-             "kprobe_example", "jprobe_example", "kretprobe_example"]
+             "kprobe_example", "jprobe_example", "kretprobe_example", "optprobe_race"]
 CONFIGS = {"random": [], "pct+preempt": ["--schedule", "pct", "--preempt"]}
 FIRST_SEED = 1000          # away from the seeds the scenario tests use
 
