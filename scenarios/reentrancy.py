@@ -123,7 +123,8 @@ async def scenario(m, report, args) -> None:
     report.expect(sorted(set(inner)) == sorted({expected["kprobe_target"],
                                                 expected["kprobe_target2"]}),
                   f"calls made from handlers returned right ({sorted(set(inner))})")
-    report.expect(all(c.kprobe_ctlblk.current is None and c.kprobe_ctlblk.prev is None
+    kcbs = m.kprobes.kprobe_ctlblk
+    report.expect(all(kcbs[c.id].current_kprobe is None and kcbs[c.id].prev_kprobe is None
                       and c.preempt_count == 0 for c in m.cpus),
                   "every control block is idle afterwards")
 

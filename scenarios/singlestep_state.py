@@ -4,7 +4,7 @@ A kprobe on every instruction boundary of do_fork, fork_loop, sys_open, do_sys_o
 open_loop (every other one with a post_handler, so that copies are both boosted and
 single-stepped to a trap), one more on do_sys_open's entry whose pre_handler calls the
 probed kprobe_target (a reentry), while every CPU runs fork_loop and open_loop at once.
-Every CPU records its control block's transitions (`kprobe_ctlblk.transitions`).
+Every CPU records its control block's transitions (`m.kprobes.kprobe_ctlblk[cpu].transitions`).
 
 The report lists the instruction kinds (copied out of line with or without a RIP-relative
 fixup, boosted or stepped, simulated control flow) with their hits, and each CPU's
@@ -107,8 +107,9 @@ async def scenario(m, report, args) -> None:
     caller = Kprobe(symbol_name="do_sys_open",
                     pre_handler=lambda p, r: r.cpu.call("kprobe_target", 9) and 0)
     await m.kprobes.register_kprobes([nested, caller])
-    for cpu in m.cpus:
-        cpu.kprobe_ctlblk.transitions = []
+    kcbs = m.kprobes.kprobe_ctlblk
+    for kcb in kcbs:
+        kcb.transitions = []
 
     results: dict[tuple[str, int], int] = {}
 
@@ -119,9 +120,9 @@ async def scenario(m, report, args) -> None:
     async with trio.open_nursery() as nursery:
         for c in range(m.ncpus):
             nursery.start_soon(run, c)
-    logs = [cpu.kprobe_ctlblk.transitions for cpu in m.cpus]
-    for cpu in m.cpus:
-        cpu.kprobe_ctlblk.transitions = None
+    logs = [kcb.transitions for kcb in kcbs]
+    for kcb in kcbs:
+        kcb.transitions = None
     await m.kprobes.unregister_kprobes([*probes, nested, caller])
 
     by_kind: dict[str, list[int]] = {}
@@ -158,7 +159,7 @@ async def scenario(m, report, args) -> None:
     report.expect(hits["nested"] == 0 and nested.nmissed == m.ncpus * n,
                   f"the probe hit inside a handler never ran its own and was missed once "
                   f"per do_sys_open call ({nested.nmissed} vs {m.ncpus * n})")
-    report.expect(all(cpu.kprobe_ctlblk.current is None and cpu.preempt_count == 0
+    report.expect(all(kcbs[cpu.id].current_kprobe is None and cpu.preempt_count == 0
                       for cpu in m.cpus), "every control block is idle afterwards")
 
 

@@ -3,12 +3,16 @@
 The layout, bottom up (dependencies point one way: tools -> probe core -> machine -> cpus):
 
   smpkprobes/cpus        (cpus/ in the source tree) per-architecture facts, as data
-  smpkprobes/machine/    the simulated SMP machine: memory, CPUs, conductor, tasks, text
-                         patching, grace periods, modules, oopses, kernel images
-  smpkprobes/kprobes/    the probe core: registry, hit path, slots, kretprobes, jprobes,
-                         debugfs, tracefs
-  smpkprobes/tools/      the command line, scenario harness, stress, mutants, bench, export
-  smpkprobes/_system     `Machine`: the machine with the probe core attached
+  smpkprobes/machine/    the simulated SMP machine: memory, CPUs, conductor and run queue,
+                         tasks, text patching, grace periods, modules, hypercalls, oopses,
+                         kernel images.  It knows nothing of kprobes; kernel code beside it
+                         uses `KernelServices` (machine/_services.py) and its typed events.
+  smpkprobes/kprobes/    the probe core: probe objects, registry, hit path, slots,
+                         kretprobes, jprobes, debugfs, tracefs (kprobes/_core.py maps them)
+  smpkprobes/tools/      the command line, scenario harness, stress, mutants, invariants,
+                         bench, trace export
+  smpkprobes/_system     `Machine`: the machine, the probe core and the invariant checker,
+                         composed
   smpkprobes/scenarios   (scenarios/ in the source tree) the scenario scripts
 
 The public names are re-exported here explicitly; tests/test_public_api.py pins them.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno as _errno
-import os
 from dataclasses import dataclass, field
 
 
@@ -50,7 +49,3 @@ class SimulationError(Exception):
     """A condition the kernel would report loudly ("kretprobe BUG!", "Unrecoverable kprobe
     detected").  It is recorded on the machine and printed in printk_log; the host is not
     crashed."""
-
-
-def strerror(errno: int) -> str:
-    return os.strerror(errno)

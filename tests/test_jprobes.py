@@ -250,7 +250,8 @@ async def test_python_entry_without_jprobe_return_oopses_cleanly(m):
     assert results["fork"] == 200 and m.oopses == [record] and jp.nmissed == 1
     await m.kprobes.unregister_jprobe(jp)
     assert await m.call("kprobe_target", 3, cpu=0) == 1
-    assert all(not c.kprobe_ctlblk.current and c.preempt_count == 0 for c in m.cpus)
+    assert all(not m.kprobes.kprobe_ctlblk[c.id].current_kprobe and c.preempt_count == 0
+               for c in m.cpus)
 
 
 # -- the samples/kprobes scenarios ------------------------------------------------------------

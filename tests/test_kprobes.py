@@ -201,7 +201,7 @@ async def test_handler_exception_becomes_an_oops_of_that_task_only(m):
     with pytest.raises(Oops, match="ZeroDivisionError") as info:
         await m.call("kprobe_target", 9, cpu=1)
     assert kp.nmissed == 1 and "kprobe_target" in info.value.record.cause
-    assert m.cpus[1].kprobe_ctlblk.current is None and m.cpus[1].preempt_count == 0
+    assert m.kprobes.kprobe_ctlblk[1].current_kprobe is None and m.cpus[1].preempt_count == 0
     await m.kprobes.unregister_kprobe(kp)
     assert await m.call("kprobe_target", 9, cpu=1) == 3
 
@@ -222,7 +222,8 @@ async def test_unrecoverable_reentry_is_reported(m):
     (The trap path's rule: an optimized probe hit during a handler only counts nmissed.)"""
     await m.sysctl.write("debug/kprobes-optimization", "0")
     def corrupt(p, regs):
-        regs.cpu.kprobe_ctlblk.status = Status.REENTER   # as if the kprobe machinery were probed
+        # as if the kprobe machinery were probed
+        m.kprobes.kprobe_ctlblk[regs.cpu.id].kprobe_status = Status.REENTER
         regs.cpu.call("kprobe_target", 3)
     kp = Kprobe(symbol_name="kprobe_recursed_target", pre_handler=corrupt)
     t = Kprobe(symbol_name="kprobe_target")

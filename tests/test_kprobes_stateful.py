@@ -149,7 +149,7 @@ class KprobesMachine(RuleBasedStateMachine):
         k = self.m.kprobes
         bp = self.bp
         for addr in self.spots:
-            site = k._table.get(addr)
+            site = k.get_kprobe(addr)
             should = site is not None and k.enabled and site.enabled()
             assert (site is not None and site.armed) == should
             text = self.m.read_memory(addr, len(bp))
@@ -167,12 +167,12 @@ class KprobesMachine(RuleBasedStateMachine):
     def no_cpu_in_a_free_slot(self):
         if not hasattr(self, "m"):
             return
-        used = self.m.kprobes.slots._used
+        slots = self.m.kprobes.slots
         size = self.m.backend.slot_size
         for cpu in self.m.cpus:
             pc = cpu.pc
             if SLOTS.start <= pc < SLOTS.end:
-                assert pc - (pc - SLOTS.start) % size in used
+                assert slots.is_used(pc - (pc - SLOTS.start) % size)
 
     @invariant()
     def no_oops(self):

@@ -7,6 +7,7 @@ import trio
 
 from smpkprobes import cpus
 from smpkprobes import Kprobe, Machine, Oops, RunawayError
+from smpkprobes.tools._bench import _insns_per_call
 
 
 async def _workload(m, ncpu=4):
@@ -217,12 +218,14 @@ async def test_host_woken_by_a_handler_runs_before_time_leaps():
 
 @pytest.mark.parametrize("trap_delay", [0, 1 / 16])
 async def test_every_breakpoint_trap_is_counted_once(trap_delay):
-    """statistics().traps counts each breakpoint trap once, whether the CPU hands it straight
-    to the probe core (a machine that never defers traps) or through on_trap: a boosted hit
-    is one trap, a stepped hit two.  (Trap-based: optimization off.)"""
+    """statistics().traps counts each breakpoint trap once, whether the CPU's trap sink is
+    the probe core's handler itself (a machine that never defers traps) or that handler
+    wrapped in the deferral: a boosted hit is one trap, a stepped hit two.  (Trap-based:
+    optimization off.)"""
     async with Machine(cpus=1, seed=1, trap_delay=trap_delay) as m:
         await m.sysctl.write("debug/kprobes-optimization", "0")
-        assert (m.cpus[0].breakpoint_vector is not None) == (trap_delay == 0)
+        sink = m.cpus[0].trap_sink
+        assert (sink == m.kprobes.kprobe_int3_handler) == (trap_delay == 0)
         boosted = Kprobe(symbol_name="kprobe_target", pre_handler=lambda p, r: 0)
         stepped = Kprobe(symbol_name="kprobe_target2", pre_handler=lambda p, r: 0,
                          post_handler=lambda p, r, f: None)
@@ -237,8 +240,8 @@ async def test_every_breakpoint_trap_is_counted_once(trap_delay):
 @pytest.mark.parametrize("trap_delay", [0, 1 / 16, 1.0])
 async def test_a_breakpoint_no_probe_owns_oopses_its_task(trap_delay):
     """A breakpoint the probe core does not own (poked into the text by hand) kills its task
-    with an oops, whether the trap goes straight to the probe core, through on_trap, or is
-    handled in the next quantum; the machine goes on."""
+    with an oops, whether the trap goes straight to the probe core, through the deferral, or
+    is handled in the next quantum; the machine goes on."""
     async with Machine(cpus=1, seed=1, trap_delay=trap_delay) as m:
         addr = m.kallsyms_lookup_name("kprobe_target")
         orig = m.read_memory(addr, len(m.backend.breakpoint))
@@ -249,3 +252,41 @@ async def test_a_breakpoint_no_probe_owns_oopses_its_task(trap_delay):
         await m.text_poke(addr, orig)
         assert await m.call("kprobe_target", 9) == 3
         assert m.statistics().traps == 1
+
+
+# -- accounting: what statistics() and the clocks say is what ran ---------------------------
+@pytest.mark.parametrize("arch", ["x86_64", "arm64"])
+async def test_instructions_and_time_are_what_ran(arch):
+    """statistics().instructions, the per-CPU counts and the CPU's virtual clock are the
+    instructions the call ran (counted one by one on a bare instance), up to the part of
+    the last block the task's end cut off; nothing is charged for the idle rest of a
+    quantum."""
+    exact = _insns_per_call(arch, "bench_loop", 3000)
+    async with Machine(arch=arch, cpus=2, seed=5) as m:
+        await m.call("bench_loop", 3000, cpu=1)
+        s = m.statistics()
+        assert 0 <= s.instructions - exact < 64, (s.instructions, exact)
+        assert s.per_cpu_instructions == (0, s.instructions)
+        assert m.cpus[1].clock == s.instructions     # no trap: one ns per instruction
+        assert m.cpus[0].clock == 0
+
+
+async def test_calls_from_handlers_are_counted():
+    """Instructions a handler's nested call (regs.cpu.call) runs count as instructions of
+    that CPU, in statistics() and its clock."""
+    nested = _insns_per_call("x86_64", "kprobe_target", 9)
+
+    async def run(call_from_handler):
+        def pre(p, regs):
+            if call_from_handler:
+                regs.cpu.call("kprobe_target", 9)
+            return 0
+        async with Machine(cpus=1, seed=2, trap_delay=0) as m:
+            await m.kprobes.register_kprobe(Kprobe(symbol_name="do_fork", pre_handler=pre))
+            await m.call("fork_loop", 10)
+            return m.statistics().instructions, m.cpus[0].clock
+    (plain, plain_clock), (calling, calling_clock) = await run(False), await run(True)
+    # The ten nested calls, each up to a block more (its return stub's), and the outer
+    # quanta cut short by them re-counting at most a block's tail each.
+    assert 10 * nested <= calling - plain < 10 * (nested + 64), (calling - plain, nested)
+    assert calling_clock - plain_clock >= 10 * nested

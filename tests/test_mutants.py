@@ -59,7 +59,7 @@ async def test_a_lost_instance_is_a_pool_violation():
     async with Machine(cpus=1, invariants="record") as m:
         rp = Kretprobe(symbol_name="kprobe_target", maxactive=3)
         await m.kprobes.register_kretprobe(rp)
-        rp._free.pop()
+        rp.pool.free.pop()
         await m.call("kprobe_target", 3)
         await m.kprobes.unregister_kretprobe(rp)
     assert "pool: <Kretprobe kprobe_target>: free 2 + in use 0 != maxactive 3" in \
@@ -81,14 +81,14 @@ async def test_an_uncounted_entry_is_an_entries_violation():
 
 async def test_a_return_handler_after_unregister_is_a_handlers_violation():
     """With orphans not handled, a call asleep at unregister runs the handler later: caught."""
-    with _mutants.injected("orphans_not_handled"):
-        async with Machine(cpus=2, seed=1, invariants="record") as m:
-            rp = Kretprobe(symbol_name="sleepy", handler=lambda ri, r: 0)
-            await m.kprobes.register_kretprobe(rp)
-            async with trio.open_nursery() as n:
-                n.start_soon(m.call, "sleepy", 1)
-                await m.call("fork_loop", 2000)       # sleepy is asleep inside meanwhile
-                await m.kprobes.unregister_kretprobe(rp)
+    async with Machine(cpus=2, seed=1, invariants="record",
+                       **_mutants.machine_options("orphans_not_handled")) as m:
+        rp = Kretprobe(symbol_name="sleepy", handler=lambda ri, r: 0)
+        await m.kprobes.register_kretprobe(rp)
+        async with trio.open_nursery() as n:
+            n.start_soon(m.call, "sleepy", 1)
+            await m.call("fork_loop", 2000)       # sleepy is asleep inside meanwhile
+            await m.kprobes.unregister_kretprobe(rp)
     assert m.invariants.violations == ["handlers: return handler of <Kretprobe sleepy> about "
                                        "to run after unregister_kretprobe returned"]
 
@@ -127,14 +127,19 @@ async def test_a_handler_after_unregister_is_a_handlers_violation(post):
 
 
 # -- the mutation check ------------------------------------------------------------------------
-def test_mutants_are_undone():
-    """Leaving `injected` puts every patched method back."""
+async def test_a_mutant_changes_only_its_own_machine():
+    """A mutant is a probe core subclass handed to one Machine: the runtime classes, and a
+    machine built beside it, are untouched."""
     before = {k: dict(vars(c)) for k, c in (("k", KprobesSubsystem), ("m", SMPMachine))}
     for name in _mutants.names():
-        with _mutants.injected(name):
-            pass
+        options = _mutants.machine_options(name)
+        async with Machine(cpus=1, **options) as mutated, Machine(cpus=1) as plain:
+            assert isinstance(mutated.kprobes, options["probe_core"])
+            assert type(plain.kprobes) is KprobesSubsystem and plain.text_sync
     after = {k: dict(vars(c)) for k, c in (("k", KprobesSubsystem), ("m", SMPMachine))}
     assert before == after
+    with pytest.raises(ValueError, match="no mutant 'nope'"):
+        _mutants.machine_options("nope")
 
 
 def test_every_mutant_is_caught_within_a_few_seeds():

@@ -77,15 +77,18 @@ async def test_every_decision_is_recorded_in_order():
 
 
 async def test_a_replayed_prefix_is_followed_then_round_robin():
-    """A truncated schedule is followed to its end, then CPUs take turns with a fixed
-    quantum; two such replays are identical."""
-    _, schedule, results, _ = await _run("random")
+    """A truncated recording (its first 10 choices, with the coins tossed in them) is
+    followed to its end, then CPUs take turns with a fixed quantum and every coin is 0;
+    two such replays are identical."""
+    _, schedule, results, text = await _run("random")
     prefix = schedule[:10]
-    a = await _run(replay_factory(prefix))
-    b = await _run(replay_factory(prefix))
+    coins = {k: v for k, v in parse_recording(text).coins.items() if k[0] < 10}
+    a = await _run(replay_factory(prefix, coins=coins))
+    b = await _run(replay_factory(prefix, coins=coins))
     assert a == b and a[1][:10] == prefix and a[2] == results
     assert {q for _, q in a[1][10:]} == {1024}
-    assert "#" not in a[3]                   # coins not given are 0: no deferral, no delay
+    # Coins not given are 0 (no deferral, no delay): only the prefix's are in the replay.
+    assert parse_recording(a[3]).coins == {k: v for k, v in coins.items() if v}
 
 
 async def test_pct_differs_from_random_and_is_seeded():

@@ -1,3 +1,3 @@
 """The probe core: probe objects, the registry and arming, the hit state machine, kretprobes,
 jprobes, instruction slots, and the debugfs and tracefs views.  It reaches the machine only
-through the machine's named interface."""
+through `KernelServices` (machine/_services.py); `_core` says which module holds what."""

@@ -1,45 +1,52 @@
 """The probe core, assembled: `KprobesSubsystem` (`m.kprobes`) and its introspection.
 
-The subsystem is one object, written in one module per concept:
-  _probes.py ..... the user-facing objects: Kprobe, Jprobe, Kretprobe, kretprobe instances
-  _state.py ...... struct kprobe_ctlblk (per CPU) and its status; the aggregate (_Site)
+It sees the machine only through `KernelServices` (machine/_services.py), and publishes its
+arming and registrations on `events` (kprobes/_events.py).  The subsystem is one object,
+written in one module per concept:
+  _probes.py ..... the user-facing objects: Kprobe, Jprobe, Kretprobe and its instance pool
+  _state.py ...... struct kprobe_ctlblk (per CPU) and its status; the aggregate (AggrKprobe)
   _registry.py ... register / unregister (batches), arm / disarm, enable / disable, modules
-  _hit.py ........ the hit path: the trap handler, single-step, post handlers, reentry, faults
-  _kretprobes.py . the kretprobe pool, the entry handler and the trampoline
-  _jprobes.py .... setjmp_pre_handler / longjmp
+  _hit.py ........ the hit path: kprobe_int3_handler, setup_singlestep, reenter_kprobe, ...
+  _kretprobes.py . the kretprobe entry handler, the trampoline, the per-task instances
+  _jprobes.py .... setjmp_pre_handler / longjmp_break_handler
   _slots.py ...... get_insn_slot / free_insn_slot
   _optcheck.py, _optprobe.py  jump optimization: the safety checks; the detour, the
-                  optimizer worker and the debug.kprobes-optimization knob
+                  optimizer and the debug.kprobes-optimization knob
   _debugfs.py, _tracefs.py  the file views
 
 Where the kernel's code would be:
   register_kprobe / unregister_kprobes ......... KprobesSubsystem.register_* / unregister_*
-  arm_kprobe / disarm_kprobe ................... _arm / _disarm (text_poke + cross-CPU sync)
-  kprobe_handler (do_int3) ..................... KprobesSubsystem._kprobe_handler (a hit),
-                                                 _other_trap (step end, trampoline, stray)
-  post_kprobe_handler / resume_execution ....... _post_kprobe_handler
-  reenter_kprobe ............................... _reenter_kprobe
-  kprobe_fault_handler ......................... _fault_fixup, _handler_fault
-  struct kprobe_ctlblk (per CPU) ............... KprobeCtlblk, on `cpu.kprobe_ctlblk`
-  aggregate kprobe ............................. _Site (one per probed address)
+  arm_kprobe / disarm_kprobe ................... arm_kprobes / disarm_kprobes (text_poke)
+  get_kprobe ................................... get_kprobe (the kprobe table)
+  kprobe_int3_handler .......................... kprobe_int3_handler (every breakpoint trap)
+  aggr_pre_handler / setup_singlestep .......... the same names, in _hit.py
+  post_kprobe_handler / resume_execution ....... post_kprobe_handler
+  reenter_kprobe ............................... reenter_kprobe
+  kprobe_fault_handler ......................... kprobe_fault_handler, _step_fault_fixup
+  struct kprobe_ctlblk, current_kprobe ......... kprobe_ctlblk[cpu.id] (a KprobeCtlblk, with
+                                                 current_kprobe and kprobe_status)
+  aggregate kprobe ............................. AggrKprobe (one per probed address)
   get_insn_slot / free_insn_slot ............... _slots.InsnSlots
-  pre_handler_kretprobe / trampoline_handler ... _pre_handler_kretprobe / _trampoline_handler
-  setjmp_pre_handler / longjmp_break_handler ... _setjmp_pre_handler / _longjmp
+  pre_handler_kretprobe / trampoline_handler ... the same names, in _kretprobes.py
+  kretprobe_inst_table / kprobe_flush_task ..... the same names (instances in flight, by task)
+  setjmp_pre_handler / longjmp_break_handler ... the same names, in _jprobes.py
+  kprobes_module_callback ...................... the same name (module text going away)
 
-Every probed address has one `_Site` that owns the saved instruction, the slot and the list
-of children (newest first; jprobes last).  Handlers always run from a snapshot of that list,
-so a handler may unregister probes.
+Every probed address has one `AggrKprobe` that owns the saved instruction, the slot and the
+list of children (newest first; jprobes last).  Handlers always run from a snapshot of that
+list, so a handler may unregister probes.
 """
+
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import trio
 
-from ..machine import _memory as mem
+from ..machine._events import EventBus
 from ..machine._regs import regs_class
+from ..machine._services import KernelServices, ModuleGoing, TaskExited, TaskOopsed
 from ._hit import TRAP_HANDLER_EXCEPTION as TRAP_HANDLER_EXCEPTION
 from ._hit import HitPath
 from ._jprobes import MAX_STACK_SIZE as MAX_STACK_SIZE
@@ -53,7 +60,7 @@ from ._probes import KRETPROBE_MAX_DATA_SIZE as KRETPROBE_MAX_DATA_SIZE
 from ._probes import Jprobe as Jprobe
 from ._probes import Kprobe
 from ._probes import Kretprobe as Kretprobe
-from ._probes import KretprobeInstance as KretprobeInstance
+from ._probes import KretprobeInstance
 from ._probes import PoolStatistics as PoolStatistics
 from ._probes import jprobe_return as jprobe_return
 from ._probes import regs_return_value as regs_return_value
@@ -62,10 +69,7 @@ from ._registry import Registry
 from ._slots import InsnSlots
 from ._state import KprobeCtlblk
 from ._state import Status as Status
-from ._state import _Site
-
-if TYPE_CHECKING:    # pragma: no cover
-    from ..machine._machine import SMPMachine
+from ._state import AggrKprobe
 
 BLACKLIST = ("do_page_fault", "notifier_call_chain")
 
@@ -80,8 +84,8 @@ class KprobesStatistics:
     traps: int
     stray_traps: int
     slots_used: int
-    # Jump optimization (_optprobe): sites with their jump written, sites that pass the
-    # safety checks but run as plain kprobes now, and sites queued for the optimizer.
+    # Jump optimization (_optprobe): probes with their jump written, probes that pass the
+    # safety checks but run as plain kprobes now, and probes queued for the optimizer.
     optimized: int = 0
     unoptimized: int = 0
     optimizing: int = 0
@@ -89,84 +93,104 @@ class KprobesStatistics:
 
 # == the subsystem =====================================================================
 class KprobesSubsystem(Registry, HitPath, Kretprobes, Jprobes):
-    """`m.kprobes`."""
+    """`m.kprobes`: the probe core, on the machine's `KernelServices`."""
 
-    def __init__(self, machine: "SMPMachine"):
-        self._m = machine
-        self._backend = machine.backend
-        self._bp = machine.backend.breakpoint
-        self._table: dict[int, _Site] = {}
-        self._by_slot: dict[int, _Site] = {}
+    def __init__(self, kernel: KernelServices):
+        self._kernel = kernel
+        self._backend = kernel.backend
+        self._bp = kernel.backend.breakpoint
+        self._kprobe_table: dict[int, AggrKprobe] = {}    # the kprobe hash: address -> probe
+        self._by_slot: dict[int, AggrKprobe] = {}
         self._mutex = trio.Lock()           # kprobe_mutex
         self.enabled = True                 # kprobes/enabled
         self._boundaries: dict[int, frozenset[int]] = {}
+        # Per-CPU and per-task state, the probe core's own (DEFINE_PER_CPU; the kretprobe
+        # instance hash, keyed by task).
+        self.kprobe_ctlblk: tuple[KprobeCtlblk, ...] = kernel.define_per_cpu(KprobeCtlblk)
+        self.kretprobe_inst_table: dict[object, list[KretprobeInstance]] = {}
         # Traps at a registered probe, and how each ended: a hit, a miss (reentry) or an
         # unrecoverable reentry.  The invariant checker compares them after every quantum.
-        self.hits = self.missed = self.traps = self.unrecoverable = 0
+        self.hits = self.missed = self.traps = self.unrecoverable = self.stray_traps = 0
         # Handlers of unregistered probes that were about to run: a bug, recorded where it
         # happens for the invariant checker to report: (address, probe, "pre_handler",
         # "post_handler" or "return handler"; the probe is the Kretprobe for the last).
         self.stale_handlers: list[tuple[int, Kprobe, str]] = []
+        self.simulation_errors: list[str] = []
+        # Arming, disarming and kretprobe registrations, for observers (see _events).
+        self.events = EventBus()
         self._slot_stride = self._backend.slot_size // 2
-        self.slots = InsnSlots(self._backend.slot_size, machine.synchronize, self._cpu_in_range)
+        self._slot_lo, self._slot_hi = kernel.insn_slot_area
+        self.slots = InsnSlots(kernel.insn_slot_area, self._backend.slot_size,
+                               kernel.synchronize, self._cpu_in_range)
         # Hot-path constants, looked up once.
-        self._slot_lo, self._slot_hi = mem.SLOTS.start, mem.SLOTS.end
-        self._trace = machine.trace
-        self._Regs = regs_class(machine.backend)
-        k = machine.kallsyms
+        self._trace = kernel.trace
+        self._Regs = regs_class(kernel.backend)
+        k = kernel.kallsyms
         self._trampoline = k.lookup("kretprobe_trampoline").addr
-        self._trampoline_site = _Site(self._trampoline, None, b"")
+        self._trampoline_probe = AggrKprobe(self._trampoline, None, b"")
         self._jprobe_return = k.lookup("jprobe_return").addr
-        text = machine.kernel.sections[".text"]
-        self._kernel_text = (text[0], text[0] + text[1])
+        self._kernel_text = kernel.kernel_text
         self._blacklist = []
         for name in BLACKLIST:
             s = k.lookup(name)
             if s is not None:
                 self._blacklist.append((s.addr, s.addr + max(s.size, 1), name))
-        for cpu in machine.cpus:
-            cpu.kprobe_ctlblk = KprobeCtlblk()
-        machine.trap_handler = self._kprobe_handler
-        machine.fault_fixup = self._fault_fixup
-        machine.return_address_resolver = self._resolve_return_address
-        machine.task_exit_notifiers.append(self._kprobe_flush_task)
-        machine.oops_notifiers.append(self._oops_reset)
-        machine.module_notifiers.append(self._module_event)
-        self.simulation_errors: list[str] = []
-        self.optimizer = Optimizer(self, machine)
+        # What the rest of the kernel calls into.
+        kernel.register_unquiescent_text(self._slot_lo, self._slot_hi)
+        kernel.register_trap_handler(self.kprobe_int3_handler)
+        kernel.register_fault_fixup(self._step_fault_fixup)
+        kernel.register_return_address_resolver(self._resolve_return_address)
+        kernel.subscribe(TaskExited, self.kprobe_flush_task)
+        kernel.subscribe(TaskOopsed, self._oops_reset)
+        kernel.subscribe(ModuleGoing, self.kprobes_module_callback)
+        self.optimizer = self._make_optimizer(kernel)
+
+    def _make_optimizer(self, kernel: KernelServices) -> Optimizer:
+        """The jump optimizer (kprobe_optimizer and its detours); a mutant may give its
+        own."""
+        return Optimizer(self, kernel)
 
     # -- introspection ------------------------------------------------------------------
     def statistics(self) -> KprobesStatistics:
+        table = self._kprobe_table
         return KprobesStatistics(
-            probes=sum(len(s.children) for s in self._table.values()), sites=len(self._table),
-            armed=sum(s.armed for s in self._table.values()), hits=self.hits,
-            missed=self.missed, traps=self.traps,
-            stray_traps=self._m.statistics().stray_traps,
+            probes=sum(len(s.children) for s in table.values()), sites=len(table),
+            armed=sum(s.armed for s in table.values()), hits=self.hits,
+            missed=self.missed, traps=self.traps, stray_traps=self.stray_traps,
             slots_used=self.slots.statistics()["used"],
             **dataclasses.asdict(self.optimizer.statistics()))
 
+    def get_kprobe(self, addr: int) -> AggrKprobe | None:
+        """The (aggregate) probe at `addr`, or None: read-only."""
+        return self._kprobe_table.get(addr)
+
     def probes(self) -> list[tuple[int, Kprobe]]:
         """(address, probe) for every registered probe, sorted by address then list order."""
-        return [(a, c) for a in sorted(self._table) for c in self._table[a].children]
+        table = self._kprobe_table
+        return [(a, c) for a in sorted(table) for c in table[a].children]
 
-    def sites(self) -> dict[int, _Site]:
-        return dict(self._table)
+    def sites(self) -> dict[int, AggrKprobe]:
+        return dict(self._kprobe_table)
 
     def blacklist(self) -> list[tuple[int, int, str]]:
-        k = self._m.kallsyms
-        lo, hi = self._m.kprobes_text
+        k = self._kernel.kallsyms
+        lo, hi = self._kernel.kprobes_text
         ranges = list(self._blacklist)
         for s in k.functions():
             if lo <= s.addr < hi:
                 ranges.append((s.addr, s.addr + s.size, s.name))
         return sorted(ranges)
 
+    def insn_boundaries(self, sym) -> frozenset[int]:
+        """Where instructions start in function `sym` (a kallsyms symbol)."""
+        return self._insn_boundaries(sym)
+
     def original_text(self, addr: int, size: int) -> bytes:
         """Text as it would be without any breakpoint (recover_probed_instruction)."""
-        buf = bytearray(self._m.memory.peek(addr, size))
+        buf = bytearray(self._kernel.peek(addr, size))
         n = len(self._bp)
         for a in range(addr - n + 1, addr + size):
-            site = self._table.get(a)
+            site = self._kprobe_table.get(a)
             if site is not None and site.armed:
                 for i in range(n):
                     if 0 <= a + i - addr < size:

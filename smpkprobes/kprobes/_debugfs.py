@@ -5,14 +5,15 @@ from __future__ import annotations
 import errno as E
 
 from .._errors import KprobeError
+from ..machine._services import KernelServices
 from ._core import KprobesSubsystem
 
 
 class Debugfs:
-    def __init__(self, machine, kprobes: KprobesSubsystem):
-        self._m = machine
+    def __init__(self, kernel: KernelServices, kprobes: KprobesSubsystem):
+        self._kernel = kernel
         self._k = kprobes
-        self._w = machine.backend.bits // 4
+        self._w = kernel.backend.bits // 4
 
     def read(self, path: str) -> str:
         if path == "kprobes/list":
@@ -39,7 +40,7 @@ class Debugfs:
     def _list(self) -> str:
         lines = []
         for addr, p in self._k.probes():
-            sym = getattr(p, "_where", None) or self._m.symbolize(addr)
+            sym = getattr(p, "_where", None) or self._kernel.symbolize(addr)
             name, off, module = sym if sym is not None else ("?", 0, None)
             line = f"{addr:0{self._w}x}  {p._type}  {name}+{off:#x}"
             if module:

@@ -1,5 +1,17 @@
-"""The hit path, run inside a Unicorn callback: kprobe_int3_handler, single-stepping out of
-line (or simulated), post handlers, reentry and faults.  A mixin of `KprobesSubsystem`."""
+"""The hit path, run inside a Unicorn callback: what arch/x86/kernel/kprobes/core.c does.
+
+  kprobe_int3_handler .. a breakpoint trap: get_kprobe, then reenter_kprobe, or
+                         aggr_pre_handler and setup_singlestep; else the end of a step, the
+                         kretprobe trampoline, jprobe_return() or a stray trap
+  aggr_pre_handler ..... every child's pre_handler, newest first
+  setup_singlestep ..... how the probed instruction runs: simulated, out of line in the
+                         slot ending in a breakpoint, or boosted (the slot jumps back)
+  post_kprobe_handler .. the step's breakpoint: post handlers, then resume after it
+  reenter_kprobe ....... a probe hit while another is being handled on this CPU
+  kprobe_fault_handler . a handler raised, or the step faulted
+
+Every function returns the trap's one `TrapResult`.  A mixin of `KprobesSubsystem`.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +21,10 @@ import unicorn
 
 from smpkprobes.cpus import StepKind
 
-from ..machine import _memory as mem
 from ..machine._regs import Regs
+from ..machine._services import HANDLED, NOT_MINE, TrapResult
 from ._probes import KPROBE_FLAG_DISABLED, Kprobe, _JprobeReturn
-from ._state import _HIT_ACTIVE, _NONE, _REENTER, KprobeCtlblk, Status, _Site
+from ._state import _HIT_ACTIVE, _NONE, _REENTER, AggrKprobe, KprobeCtlblk, Status
 
 if TYPE_CHECKING:    # pragma: no cover
     from ..machine._cpu import CPU
@@ -24,45 +36,39 @@ TRAP_HANDLER_EXCEPTION = -1
 class HitPath:
     """The hit path of `KprobesSubsystem` (see `_core`)."""
 
-    # == the hit path (runs inside a Unicorn callback) ====================================
-    def _kprobe_handler(self, cpu: "CPU", addr: int) -> bool | int:
-        """kprobe_int3_handler: a breakpoint trap at `addr`.  Returns False if it is no
-        breakpoint of ours, else True, or the address to resume at for the CPU's hook to
-        set (see SMPMachine.trap_handler).
-
-        A hit on a registered probe is the hot path, written out in one function on
-        purpose (every call and attribute chain here is paid on each hit): the normal hit,
-        its pre_handlers and, when allowed, the boosted step.  Everything else goes to
-        `_other_trap`."""
-        site = self._table.get(addr)
-        if site is None:
-            return self._other_trap(cpu, addr)
-        children = site.children
-        if not children:
-            return self._other_trap(cpu, addr)
-        if site.detour is not None:
-            return site.detour          # setup_detour_execution: the stub's hook counts it
+    def kprobe_int3_handler(self, cpu: "CPU", addr: int) -> TrapResult:
+        """A breakpoint trap at `addr` on `cpu`."""
+        p = self._kprobe_table.get(addr)                 # get_kprobe
+        if p is None or not p.children:
+            return self._not_a_probe_trap(cpu, addr)
+        if p.detour is not None:
+            return p.detour             # setup_detour_execution: the stub's hook counts it
         self.traps += 1
-        kcb: KprobeCtlblk = cpu.kprobe_ctlblk
-        if kcb.current is not None:
-            self._reenter_kprobe(cpu, kcb, site)
-            return True
+        kcb = self.kprobe_ctlblk[cpu.id]
+        if kcb.current_kprobe is not None:
+            return self.reenter_kprobe(cpu, kcb, p)
         cpu.preempt_count += 1
-        kcb.current = site
-        kcb.status = _HIT_ACTIVE
+        kcb.current_kprobe = p                           # set_current_kprobe
+        kcb.kprobe_status = _HIT_ACTIVE
         self.hits += 1
         # The trace keeps its events for ever, and much of what a hit costs is the memory
-        # they take: name the site's own address object rather than the int made from
-        # this trap's PC, and share the timestamp object between the hit and its step.
-        addr = site.addr
-        trace = self._trace
-        t = cpu.clock + cpu.intra
-        hit = ("hit", cpu.id, addr, t)
-        trace.append(hit)
-        regs = self._Regs(cpu, addr)
-        for child in children:
+        # they take: name the aggregate's own address object rather than the int made from
+        # this trap's PC (the step's event shares it, and the timestamp, see below).
+        hit = ("hit", cpu.id, p.addr, cpu.clock + cpu.intra)
+        self._trace.append(hit)
+        regs = self._Regs(cpu, p.addr)
+        redirected = self.aggr_pre_handler(cpu, kcb, p, regs)
+        if redirected is not None:
+            return redirected
+        return self.setup_singlestep(cpu, kcb, p, regs, hit)
+
+    def aggr_pre_handler(self, cpu: "CPU", kcb: KprobeCtlblk, p: AggrKprobe,
+                         regs: Regs) -> TrapResult | None:
+        """Run the children's pre_handlers.  None: go on to single-step; else a handler
+        changed where the CPU goes (or the task died), and the trap is over."""
+        for child in p.children:
             if not child._registered:
-                self.stale_handlers.append((addr, child, "pre_handler"))
+                self.stale_handlers.append((p.addr, child, "pre_handler"))
             if child.flags & KPROBE_FLAG_DISABLED or child.pre_handler is None:
                 continue
             try:
@@ -70,139 +76,134 @@ class HitPath:
             except _JprobeReturn:
                 ret = 0
             except BaseException as exc:
-                if not self._handler_fault(cpu, child, regs, exc):
-                    return True
+                if not self.kprobe_fault_handler(cpu, child, regs, exc):
+                    return HANDLED
                 continue
-            if kcb.current is None:
-                return True               # the task died inside the handler
+            if kcb.current_kprobe is None:
+                return HANDLED                # the task died inside the handler
             if ret:
-                # The handler redirected execution: no single-step (and for a jprobe, the
-                # CPU is sent to the jprobe's entry with this probe still current).
+                # No single-step.  A jprobe's setjmp_pre_handler sends the CPU to the
+                # jprobe's entry with this probe still current; any other handler changed
+                # regs.ip: resume there, the probe done.
                 if kcb.jprobe_saved is not None:
                     regs.flush()
                     cpu.pc = regs.read("ip")
-                    return True
+                    return HANDLED
                 self._finish(cpu, kcb, regs, resume=regs.read("ip"))
-                return True
-        if site.boostable and kcb.status is not _REENTER:
-            for child in children:
+                return HANDLED
+        return None
+
+    def setup_singlestep(self, cpu: "CPU", kcb: KprobeCtlblk, p: AggrKprobe, regs: Regs,
+                         hit: tuple | None = None) -> TrapResult:
+        """Execute the probed instruction: simulated now, or stepped out of line in the
+        slot.  `hit` is this hit's trace event, when nothing may have been traced since."""
+        reenter = kcb.kprobe_status is _REENTER
+        if p.boostable and not reenter:
+            for child in p.children:        # (p.has_post_handler(), without the call)
                 if child.post_handler is not None and not child.flags & KPROBE_FLAG_DISABLED:
                     break
             else:
-                # Boosted (see _prepare_singlestep), written out here.
+                # Boosted: the slot jumps back by itself, and the probe is done as the CPU
+                # enters it.  Preemption is enabled again before then; grace periods still
+                # wait for the CPU to leave the slot (the slot area is unquiescent text).
+                trace = self._trace
                 t_ss = cpu.clock + cpu.intra
-                if t_ss == t:
-                    t_ss = t
-                if trace and trace[-1] is hit:
+                if hit is not None and trace and trace[-1] is hit:
                     # Nothing traced since the hit: one "boost" event stands for both.
-                    trace[-1] = ("boost", hit[1], addr, t, t_ss)
+                    t = hit[3]
+                    trace[-1] = ("boost", hit[1], p.addr, t, t if t_ss == t else t_ss)
                 else:
-                    trace.append(("ss", cpu.id, addr, t_ss, "boost"))
-                site.boost_used = True
+                    trace.append(("ss", cpu.id, p.addr, t_ss, "boost"))
+                p.boost_used = True
                 if regs._dirty:
                     regs.flush_except_pc()
-                kcb.current = None
-                kcb.status = _NONE
+                kcb.current_kprobe = None
+                kcb.kprobe_status = _NONE
                 kcb.jprobe_saved = None
                 cpu.preempt_count -= 1
-                return site.slot + self._slot_stride
-        return self._prepare_singlestep(cpu, kcb, site, regs) or True
+                return p.boost_resume
+        plan = p.plan
+        if plan.kind is StepKind.SIMULATE:
+            self._trace.append(("ss", cpu.id, p.addr, cpu.clock + cpu.intra, "simulate"))
+            if not reenter:
+                kcb.kprobe_status = Status.HIT_SS
+            regs.write("ip", p.addr)
+            plan.simulate(regs)
+            self._run_post_handlers(cpu, kcb, p, regs)
+            return HANDLED
+        self._trace.append(("ss", cpu.id, p.addr, cpu.clock + cpu.intra, "slot"))
+        if not reenter:
+            kcb.kprobe_status = Status.HIT_SS
+        kcb.ss_addr = p.slot + plan.length
+        regs.flush_except_pc()
+        return p.step_resume
 
-    def _other_trap(self, cpu: "CPU", addr: int) -> bool:
+    def _not_a_probe_trap(self, cpu: "CPU", addr: int) -> TrapResult:
         """A breakpoint trap at no registered probe: the end of a single-step, the kretprobe
         trampoline, jprobe_return(), or a stray trap whose probe is already gone."""
-        kcb: KprobeCtlblk = cpu.kprobe_ctlblk
+        kcb = self.kprobe_ctlblk[cpu.id]
         if self._slot_lo <= addr < self._slot_hi:
-            if kcb.status in (Status.HIT_SS, Status.REENTER):
+            status = kcb.kprobe_status
+            if status is Status.HIT_SS or status is _REENTER:
+                p = kcb.current_kprobe
                 if addr == kcb.ss_addr:
-                    site = kcb.current
-                    self._post_kprobe_handler(cpu, kcb, site.addr + site.plan.length)
-                    return True
+                    self.post_kprobe_handler(cpu, kcb, p.addr + p.plan.length)
+                    return HANDLED
                 # A step with several exits (a conditional branch: taken or not).
-                site = kcb.current
-                resume = site.plan.exit_resume(addr - site.slot) \
-                    if site is not None and site.slot is not None else None
+                resume = p.plan.exit_resume(addr - p.slot) \
+                    if p is not None and p.slot is not None else None
                 if resume is not None:
-                    self._post_kprobe_handler(cpu, kcb, resume)
-                    return True
-            return False
+                    self.post_kprobe_handler(cpu, kcb, resume)
+                    return HANDLED
+            return NOT_MINE
         if addr == self._trampoline:
-            return self._trampoline_handler(cpu, kcb)
+            return self.trampoline_handler(cpu, kcb)
         if addr == self._jprobe_return and kcb.jprobe_saved is not None:
-            self._longjmp(cpu, kcb)
-            return True
-        code = self._m.memory.peek(addr, len(self._bp))
-        if not self._backend.is_trap_insn(code):
-            # The probe was removed after this CPU trapped: re-execute the original
-            # instruction.  The trap serialises this CPU, so drop its stale translation.
-            cpu.flush_tb(addr, addr + len(self._bp))
-            cpu.pc = addr
-            self._m.count_stray_trap()
-            self._m.trace_event("stray", cpu.id, addr, cpu.clock + cpu.intra)
-            return True
-        return False
+            return self.longjmp_break_handler(cpu, kcb)
+        if not self._backend.is_trap_insn(self._kernel.peek(addr, len(self._bp))):
+            return self._stray_trap(cpu, addr)
+        return NOT_MINE
 
-    def _prepare_singlestep(self, cpu: "CPU", kcb: KprobeCtlblk, site: _Site,
-                            regs: Regs) -> int | None:
-        """Step the probed instruction: returns the address the CPU goes on at (a slot),
-        for the caller to set, or None when the step is over already (simulated)."""
-        plan = site.plan
-        reenter = kcb.status is Status.REENTER
-        if plan.kind is StepKind.SIMULATE:
-            self._trace.append(("ss", cpu.id, site.addr, cpu.clock + cpu.intra, "simulate"))
-            if not reenter:
-                kcb.status = Status.HIT_SS
-            regs.write("ip", site.addr)
-            plan.simulate(regs)
-            self._run_post_handlers(cpu, kcb, site, regs)
-            return None
-        if plan.boostable and not site.has_post_handler() and not reenter:
-            # Boosted: the slot jumps back by itself.  Preemption is enabled again before
-            # the CPU enters the slot; grace periods still wait for it to leave (PC check).
-            self._trace.append(("ss", cpu.id, site.addr, cpu.clock + cpu.intra, "boost"))
-            site.boost_used = True
-            regs.flush_except_pc()
-            kcb.current = None
-            kcb.status = Status.NONE
-            kcb.jprobe_saved = None
-            cpu.preempt_count -= 1
-            return site.slot + self._slot_stride
-        self._trace.append(("ss", cpu.id, site.addr, cpu.clock + cpu.intra, "slot"))
-        if not reenter:
-            kcb.status = Status.HIT_SS
-        kcb.ss_addr = site.slot + plan.length
-        regs.flush_except_pc()
-        return site.slot
+    def _stray_trap(self, cpu: "CPU", addr: int) -> TrapResult:
+        """The probe was removed after this CPU trapped: back up to re-execute the original
+        instruction.  The trap serialises this CPU, so drop its stale translation."""
+        cpu.flush_tb(addr, addr + len(self._bp))
+        cpu.pc = addr
+        self.stray_traps += 1
+        self._kernel.count_stray_trap()
+        self._kernel.trace_event("stray", cpu.id, addr, cpu.clock + cpu.intra)
+        return HANDLED
 
-    def _post_kprobe_handler(self, cpu: "CPU", kcb: KprobeCtlblk, resume: int) -> None:
-        site = kcb.current
-        if kcb.status is Status.REENTER:
+    def post_kprobe_handler(self, cpu: "CPU", kcb: KprobeCtlblk, resume: int) -> None:
+        """The out-of-line step trapped at its end: resume after the probed instruction."""
+        p = kcb.current_kprobe
+        if kcb.kprobe_status is _REENTER:
             # (A normal step's end is its "done": post handlers take no virtual time.)
-            self._trace.append(("ssdone", cpu.id, site.addr, cpu.clock + cpu.intra))
+            self._trace.append(("ssdone", cpu.id, p.addr, cpu.clock + cpu.intra))
             cpu.pc = resume
-            self._restore_previous_kprobe(kcb)
+            kcb.restore_previous_kprobe()
             return
         regs = self._Regs(cpu, resume)
         cpu.pc = resume
-        self._run_post_handlers(cpu, kcb, site, regs, resume)
+        self._run_post_handlers(cpu, kcb, p, regs, resume)
 
-    def _run_post_handlers(self, cpu: "CPU", kcb: KprobeCtlblk, site: _Site, regs: Regs,
+    def _run_post_handlers(self, cpu: "CPU", kcb: KprobeCtlblk, p: AggrKprobe, regs: Regs,
                            pc: int | None = None) -> None:
-        if kcb.status is Status.REENTER:
+        if kcb.kprobe_status is _REENTER:
             regs.flush()
             cpu.pc = regs.read("ip")
-            self._restore_previous_kprobe(kcb)
+            kcb.restore_previous_kprobe()
             return
-        kcb.status = Status.HIT_SSDONE
-        for child in site.children:
+        kcb.kprobe_status = Status.HIT_SSDONE
+        for child in p.children:
             if not child._registered:
-                self.stale_handlers.append((site.addr, child, "post_handler"))
+                self.stale_handlers.append((p.addr, child, "post_handler"))
             if child.flags & KPROBE_FLAG_DISABLED or child.post_handler is None:
                 continue
             try:
                 child.post_handler(child, regs, 0)
             except BaseException as exc:
-                if not self._handler_fault(cpu, child, regs, exc):
+                if not self.kprobe_fault_handler(cpu, child, regs, exc):
                     return
         self._finish(cpu, kcb, regs, resume=regs.read("ip"), pc=pc)
 
@@ -210,11 +211,11 @@ class HitPath:
                 pc: int | None = None) -> None:
         """The probe is done on this CPU: resume at `resume`.  `pc` is where the caller has
         put the PC, or will (the end of a step, set before the post_handlers ran, so that
-        they and an oops see it; or the address a trap handler returns for the CPU's hook
-        to set): when it is `resume`, the CPU is not written here, a call into Unicorn
-        the stepped path would otherwise pay twice on every hit."""
-        site = kcb.current
-        self._trace.append(("done", cpu.id, site.addr if site is not None else 0,
+        they and an oops see it; or the address a trap result sends the CPU to): when it is
+        `resume`, the CPU is not written here, a call into Unicorn the stepped path would
+        otherwise pay twice on every hit."""
+        p = kcb.current_kprobe
+        self._trace.append(("done", cpu.id, p.addr if p is not None else 0,
                             cpu.clock + cpu.intra))
         if regs._dirty:
             regs.flush_except_pc()
@@ -223,34 +224,29 @@ class HitPath:
         kcb.reset()
         cpu.preempt_count -= 1
 
-    def _reenter_kprobe(self, cpu: "CPU", kcb: KprobeCtlblk, site: _Site) -> None:
-        if kcb.status is Status.REENTER:
-            msg = (f"Unrecoverable kprobe detected at {self._m.format_addr(site.addr)} "
-                   f"({', '.join(repr(c) for c in site.children)})")
+    def reenter_kprobe(self, cpu: "CPU", kcb: KprobeCtlblk, p: AggrKprobe) -> TrapResult:
+        """A probe hit while this CPU handles another: count a miss, step it with the
+        running probe saved (one level); a hit inside that is unrecoverable."""
+        if kcb.kprobe_status is _REENTER:
+            msg = (f"Unrecoverable kprobe detected at {self._kernel.format_addr(p.addr)} "
+                   f"({', '.join(repr(c) for c in p.children)})")
             self.unrecoverable += 1
             self.simulation_errors.append(msg)
-            self._m.printk_log.append(msg)
-            self._m.kill_current(cpu, msg)
-            return
-        for child in site.children:
+            self._kernel.printk(msg)
+            self._kernel.kill_current(cpu, msg)
+            return HANDLED
+        for child in p.children:
             child.nmissed += 1
         self.missed += 1
-        self._m.trace_event("miss", cpu.id, site.addr, cpu.clock + cpu.intra)
-        kcb.prev = (kcb.current, kcb.status, kcb.ss_addr)
-        kcb.current = site
-        kcb.status = Status.REENTER
-        regs = self._Regs(cpu, site.addr)
-        pc = self._prepare_singlestep(cpu, kcb, site, regs)
-        if pc is not None:
-            cpu.pc = pc
-
-    def _restore_previous_kprobe(self, kcb: KprobeCtlblk) -> None:
-        kcb.current, status, kcb.ss_addr = kcb.prev
-        kcb.prev = None
-        kcb.status = status
+        self._kernel.trace_event("miss", cpu.id, p.addr, cpu.clock + cpu.intra)
+        kcb.save_previous_kprobe()
+        kcb.current_kprobe = p
+        kcb.kprobe_status = _REENTER
+        return self.setup_singlestep(cpu, kcb, p, self._Regs(cpu, p.addr))
 
     # -- faults ---------------------------------------------------------------------------
-    def _handler_fault(self, cpu: "CPU", child: Kprobe, regs: Regs, exc: BaseException) -> bool:
+    def kprobe_fault_handler(self, cpu: "CPU", child: Kprobe, regs: Regs,
+                             exc: BaseException) -> bool:
         """A handler raised: count a miss, ask the fault_handler, else oops the task.
         Returns True if execution may go on."""
         child.nmissed += 1
@@ -262,41 +258,40 @@ class HitPath:
                     return True
             except BaseException as exc2:
                 exc = exc2
-        where = self._m.format_addr(child.addr) if child.addr is not None else "?"
+        where = self._kernel.format_addr(child.addr) if child.addr is not None else "?"
         owner = child._owner if child._owner is not None else child
-        self._m.kill_current(cpu, f"exception in a handler of {owner!r} at {where}: "
-                                  f"{type(exc).__name__}: {exc}")
+        self._kernel.kill_current(cpu, f"exception in a handler of {owner!r} at {where}: "
+                                       f"{type(exc).__name__}: {exc}")
         return False
 
-    def _fault_fixup(self, cpu: "CPU", err: unicorn.UcError) -> bool:
+    def _step_fault_fixup(self, cpu: "CPU", err: unicorn.UcError) -> bool:
         """A guest fault.  During a single-step: put the IP back at the probe address,
         restore the status, and let the fault be handled normally (it oopses)."""
-        kcb: KprobeCtlblk = cpu.kprobe_ctlblk
+        kcb = self.kprobe_ctlblk[cpu.id]
         pc = cpu.pc
-        if kcb.status in (Status.HIT_SS, Status.REENTER) and kcb.current is not None:
-            site = kcb.current
-            cpu.pc = site.addr
-            if kcb.status is Status.REENTER:
-                self._restore_previous_kprobe(kcb)
+        status = kcb.kprobe_status
+        if (status is Status.HIT_SS or status is _REENTER) and kcb.current_kprobe is not None:
+            cpu.pc = kcb.current_kprobe.addr
+            if status is _REENTER:
+                kcb.restore_previous_kprobe()
             else:
                 kcb.reset()
                 cpu.preempt_count -= 1
             return False
-        base = pc - (pc - mem.SLOTS.start) % self._backend.slot_size
-        if pc in mem.SLOTS and base in self._by_slot:
+        base = pc - (pc - self._slot_lo) % self._backend.slot_size
+        if self._slot_lo <= pc < self._slot_hi and base in self._by_slot:
             cpu.pc = self._by_slot[base].addr      # a boosted copy faulted
         return False
 
-    def _oops_reset(self, cpu: "CPU") -> None:
-        kcb: KprobeCtlblk = cpu.kprobe_ctlblk
+    def _oops_reset(self, event) -> None:
+        kcb = self.kprobe_ctlblk[event.cpu.id]
         kcb.reset()
-        kcb.prev = None
+        kcb.prev_kprobe = None
 
     def _cpu_in_range(self, start: int, end: int) -> bool:
-        for cpu in self._m.cpus:
-            kcb = cpu.kprobe_ctlblk
-            if kcb.current is not None and kcb.current.slot is not None \
-                    and start <= kcb.current.slot < end:
+        for cpu in self._kernel.cpus:
+            p = self.kprobe_ctlblk[cpu.id].current_kprobe
+            if p is not None and p.slot is not None and start <= p.slot < end:
                 return True
             if cpu.current is not None and start <= cpu.pc < end:
                 return True

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ..machine._regs import Regs
 from ._probes import Jprobe, Kprobe, _JprobeReturn
+from ..machine._services import TrapResult
 from ._state import KprobeCtlblk
 
 if TYPE_CHECKING:    # pragma: no cover
@@ -20,19 +21,20 @@ class Jprobes:
     """The jprobe part of `KprobesSubsystem` (see `_core`)."""
 
     async def _register_jprobe(self, jp: Jprobe) -> None:
-        jp.kp.pre_handler = self._setjmp_pre_handler
+        jp.kp.pre_handler = self.setjmp_pre_handler
         await self._register(jp.kp)
 
-    def _setjmp_pre_handler(self, p: Kprobe, regs: Regs) -> int:
+    def setjmp_pre_handler(self, p: Kprobe, regs: Regs) -> int:
+        """Save the stack (and for a guest entry the registers), then run the entry."""
         jp: Jprobe = p._owner
         cpu = regs.cpu
-        kcb: KprobeCtlblk = cpu.kprobe_ctlblk
+        kcb = self.kprobe_ctlblk[cpu.id]
         cc = self._backend.cc
         regs.flush()
         sp, size = cc.stack_window(regs, MAX_STACK_SIZE)
         task = cpu.current
         size = min(size, task.stack_top - sp) if task is not None else size
-        stack = self._m.memory.peek(sp, max(0, size))
+        stack = self._kernel.peek(sp, max(0, size))
         if callable(jp.entry) and not isinstance(jp.entry, (int, str)):
             # A Python entry gets copies of the arguments and no regs, so only the stack
             # (reachable through guest memory) needs saving: no CPU context round trip.
@@ -49,24 +51,21 @@ class Jprobes:
                 raise RuntimeError(f"jprobe handler {name} returned without calling "
                                    f"jprobe_return()")
             finally:
-                self._m.memory.poke(sp, stack)
+                self._kernel.poke(sp, stack)
             return 0
         kcb.jprobe_saved = (cpu.context_save(), sp, stack)
-        regs.write("ip", self._m.resolve_function(jp.entry))
+        regs.write("ip", self._kernel.resolve_function(jp.entry))
         return 1
 
-    def _longjmp(self, cpu: "CPU", kcb: KprobeCtlblk) -> None:
+    def longjmp_break_handler(self, cpu: "CPU", kcb: KprobeCtlblk) -> TrapResult:
         """jprobe_return() trapped: restore registers and stack, then single-step the
         probed instruction."""
         ctx, sp, stack = kcb.jprobe_saved
         kcb.jprobe_saved = None
         cpu.context_restore(ctx)
-        self._m.memory.poke(sp, stack)
-        site = kcb.current
-        regs = self._Regs(cpu, site.addr)
-        pc = self._prepare_singlestep(cpu, kcb, site, regs)
-        if pc is not None:
-            cpu.pc = pc
+        self._kernel.poke(sp, stack)
+        p = kcb.current_kprobe
+        return self.setup_singlestep(cpu, kcb, p, self._Regs(cpu, p.addr))
 
 
 def _arity(fn: Callable, default: int) -> int:

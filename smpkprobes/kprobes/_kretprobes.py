@@ -1,5 +1,6 @@
 """Return probes: the entry pre_handler that takes an instance from the pool and hijacks
-the return address, the trampoline handler, and the per-task instance list.  A mixin of
+the return address, the trampoline handler, and the instances in flight per task
+(`kretprobe_inst_table`).  A mixin of
 `KprobesSubsystem`."""
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from typing import TYPE_CHECKING
 
 from .._errors import KprobeError
 from ..machine._regs import Regs
-from ._probes import (KPROBE_FLAG_DISABLED, KRETPROBE_MAX_DATA_SIZE, Kprobe, Kretprobe,
-                      KretprobeInstance)
+from ._probes import KPROBE_FLAG_DISABLED, KRETPROBE_MAX_DATA_SIZE, Kprobe, Kretprobe
+from ..machine._services import HANDLED, TaskExited, TrapResult, resume_at
+from ._events import KretprobeRegistered
 from ._state import KprobeCtlblk, Status
 
 if TYPE_CHECKING:    # pragma: no cover
@@ -26,38 +28,32 @@ class Kretprobes:
             # of the live registration (their returns could never be recycled).
             raise KprobeError(E.EINVAL, f"{rp!r} is already registered")
         if rp.maxactive <= 0:
-            n = self._m.ncpus
-            rp.maxactive = max(10, 2 * n) if self._m.preempt else n
-        rp.kp.pre_handler = self._pre_handler_kretprobe
+            n = self._kernel.ncpus
+            rp.maxactive = max(10, 2 * n) if self._kernel.preempt else n
+        rp.kp.pre_handler = self.pre_handler_kretprobe
         # An oversized data_size is refused (E2BIG) by _register, in the order of
         # KPROBES.md section 2; do not try to allocate it first.
         size = rp.data_size if 0 <= rp.data_size <= KRETPROBE_MAX_DATA_SIZE else 0
-        rp._free = [KretprobeInstance(rp, size) for _ in range(rp.maxactive)]
-        rp._used = []
-        rp._entries = rp._taken = rp._returned = rp._high = 0
-        rp._taken_per_cpu = [0] * self._m.ncpus
+        rp.pool.fill(rp.maxactive, size, self._kernel.ncpus)
         rp.nmissed = 0
         try:
             await self._register(rp.kp)
         except KprobeError:
-            rp._free = []
+            rp.pool.free = []
             raise
+        self.events.publish(KretprobeRegistered(rp))
 
-    def _pre_handler_kretprobe(self, p: Kprobe, regs: Regs) -> int:
+    def pre_handler_kretprobe(self, p: Kprobe, regs: Regs) -> int:
+        """The entry: take an instance from the pool, hijack the return address."""
         rp: Kretprobe = p._owner
-        rp._entries += 1
         cpu = regs.cpu
         # Taking an instance happens inside the trap, with preemption disabled: it is
         # atomic with respect to every other simulated CPU.
-        if not rp._free:
+        ri = rp.pool.take(cpu.id)
+        if ri is None:
             rp.nmissed += 1
-            self._m.trace_event("rp_miss", cpu.id, p.addr, cpu.clock + cpu.intra)
+            self._kernel.trace_event("rp_miss", cpu.id, p.addr, cpu.clock + cpu.intra)
             return 0
-        ri = rp._free.pop()
-        rp._used.append(ri)
-        rp._taken += 1
-        rp._taken_per_cpu[cpu.id] += 1
-        rp._high = max(rp._high, len(rp._used))
         ri.rp = rp
         ri.task = cpu.current
         ri.cpu = cpu.id
@@ -66,25 +62,31 @@ class Kretprobes:
             try:
                 skip = rp.entry_handler(ri, regs)
             except BaseException:
-                rp._recycle(ri)
+                rp.pool.recycle(ri)
                 raise
             if skip:
-                rp._recycle(ri)
+                rp.pool.recycle(ri)
                 return 0
         self._backend.cc.set_return_address(regs, self._trampoline)
-        cpu.current.kretprobe_instances.append(ri)
+        table = self.kretprobe_inst_table
+        stack = table.get(cpu.current)
+        if stack is None:
+            stack = table[cpu.current] = []
+        stack.append(ri)
         return 0
 
-    def _trampoline_handler(self, cpu: "CPU", kcb: KprobeCtlblk) -> bool | int:
+    def trampoline_handler(self, cpu: "CPU", kcb: KprobeCtlblk) -> TrapResult:
+        """A function with a return probe returned (into the trampoline): run the handlers
+        of its instances, then go on at the real return address."""
         task = cpu.current
-        stack = task.kretprobe_instances if task is not None else []
+        stack = self.kretprobe_inst_table.get(task) if task is not None else None
         if not stack:
             msg = (f"kretprobe BUG!: Processing kretprobe trampoline @ {self._trampoline:#x} "
                    f"with no instance for {task!r}")
             self.simulation_errors.append(msg)
-            self._m.printk_log.append(msg)
-            self._m.kill_current(cpu, msg)
-            return True
+            self._kernel.printk(msg)
+            self._kernel.kill_current(cpu, msg)
+            return HANDLED
         # The real return address: the first instance (LIFO) not itself returning to the
         # trampoline (several kretprobes on one function chain through it).
         n = 0
@@ -99,8 +101,8 @@ class Kretprobes:
             ri.ret_addr = correct     # the chained ones recorded the trampoline at entry
         regs = self._Regs(cpu, correct)      # the handlers see regs.ip == the real return
         cpu.preempt_count += 1
-        kcb.current = self._trampoline_site      # probes hit in the handlers are missed
-        kcb.status = Status.HIT_ACTIVE
+        kcb.current_kprobe = self._trampoline_probe   # probes hit in the handlers are missed
+        kcb.kprobe_status = Status.HIT_ACTIVE
         try:
             for ri in batch:
                 rp = ri.rp
@@ -113,37 +115,34 @@ class Kretprobes:
                         except BaseException as exc:
                             for later in batch[batch.index(ri):]:
                                 if later.rp is not None:
-                                    later.rp._recycle(later)
-                            self._handler_fault(cpu, rp.kp, regs, exc)
+                                    later.rp.pool.recycle(later)
+                            self.kprobe_fault_handler(cpu, rp.kp, regs, exc)
                             break
                 if rp is not None:
-                    rp._recycle(ri)
+                    rp.pool.recycle(ri)
         except BaseException:
-            if kcb.current is not None:
+            if kcb.current_kprobe is not None:
                 self._finish(cpu, kcb, regs, resume=regs.read("ip"))
             raise
-        if kcb.current is None:
-            return True                      # the task died in a handler
+        if kcb.current_kprobe is None:
+            return HANDLED                   # the task died in a handler
         resume = regs.read("ip")
         self._finish(cpu, kcb, regs, resume, pc=resume)
-        return resume                        # for the CPU's hook to set (see _kprobe_handler)
+        return resume_at(resume)
 
-    def _kprobe_flush_task(self, task) -> None:
-        for ri in task.kretprobe_instances:
+    def kprobe_flush_task(self, event: TaskExited) -> None:
+        """The task is dead: its instances go back to their pools."""
+        for ri in self.kretprobe_inst_table.pop(event.task, ()):
             if ri.rp is not None:
-                ri.rp._recycle(ri)
-        task.kretprobe_instances.clear()
+                ri.rp.pool.recycle(ri)
 
     def _cleanup_kretprobe(self, rp: Kretprobe) -> None:
-        for ri in rp._used:
-            ri.rp = None            # orphaned: the task still returns, no handler runs
-        rp._used = []
-        rp._free = []
+        rp.pool.orphan_all()
 
     def _resolve_return_address(self, cpu: "CPU", addr: int, depth: int) -> tuple[int, int]:
         if addr != self._trampoline or cpu.current is None:
             return addr, depth
-        stack = cpu.current.kretprobe_instances
+        stack = self.kretprobe_inst_table.get(cpu.current, ())
         while depth < len(stack):
             ri = stack[-1 - depth]
             depth += 1

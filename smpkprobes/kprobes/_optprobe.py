@@ -35,13 +35,13 @@ from typing import TYPE_CHECKING
 from smpkprobes.cpus._optprobe import detour_layout, opt_facts
 
 from .._errors import KprobeError
-from ..machine import _memory as mem
+from ..machine._services import ModuleGoing, QuantumEnded, resume_at
 from ._optcheck import NotOptimizable, prepare_region, site_blockers
 from ._probes import KPROBE_FLAG_DISABLED
 from ._state import _HIT_ACTIVE
 
 if TYPE_CHECKING:    # pragma: no cover
-    from ._state import _Site
+    from ._state import AggrKprobe
 
 # The optinsn area: stubs first (the code hook covers exactly them), then the buffers.
 STUB_AREA = 0x10000
@@ -51,7 +51,7 @@ STUB_AREA = 0x10000
 class OptimizedKprobe:
     """`struct optimized_kprobe`: one site's detour and where it stands."""
 
-    site: "_Site"
+    site: "AggrKprobe"
     region_end: int
     index: int
     stub: int
@@ -62,6 +62,7 @@ class OptimizedKprobe:
     # queued -> optimized; or unoptimizing -> unoptimized (its detour awaiting the free)
     state: str = "queued"
     written: bool = False           # some byte of the jump past the first is in the text
+    text: bytes = b""               # what the optimizer has put where the jump goes
 
 
 @dataclass
@@ -86,11 +87,13 @@ class OptStatistics:
 class Optimizer:
     """The optprobe half of the probe core, owned by `KprobesSubsystem` (`k.optimizer`)."""
 
-    def __init__(self, kprobes, machine):
+    def __init__(self, kprobes, kernel):
         self._k = kprobes
-        self._m = machine
-        self._backend = machine.backend
-        self.facts = opt_facts(machine.backend)
+        self._kernel = kernel
+        self._backend = kernel.backend
+        self._bp = kernel.backend.breakpoint
+        self._area = kernel.optinsn_area[0]
+        self.facts = opt_facts(kernel.backend)
         self.enabled = True                 # debug.kprobes-optimization
         self._regions: dict[int, tuple | str] = {}     # addr -> plans, or why not
         self.ops: dict[int, OptimizedKprobe] = {}       # by site address
@@ -106,12 +109,13 @@ class Optimizer:
         if self.facts is None:
             return
         self._stub_count = STUB_AREA // self.facts.stub_size
-        for cpu in machine.cpus:
-            cpu.add_code_hook(mem.OPTINSN.start, mem.OPTINSN.start + STUB_AREA,
-                              self.optimized_callback)
-        machine.quantum_notifiers.append(self._on_quantum)
+        for cpu in kernel.cpus:
+            cpu.add_code_hook(self._area, self._area + STUB_AREA, self.optimized_callback)
+        # A CPU in a detour is not quiescent, but may be preempted there (RCU tasks).
+        kernel.register_unquiescent_text(*kernel.optinsn_area, preemptible=True)
+        kernel.subscribe(QuantumEnded, self._on_quantum)
         # A module's text comes and goes: what the checks found there goes with it.
-        machine.module_notifiers.append(lambda event, module: self._regions.clear())
+        kernel.subscribe(ModuleGoing, lambda event: self._regions.clear())
 
     # == the hit: one code hook on the stub ===============================================
     def optimized_callback(self, cpu, addr: int) -> None:
@@ -121,16 +125,16 @@ class Optimizer:
         k = self._k
         site = op.site
         k.traps += 1
-        kcb = cpu.kprobe_ctlblk
-        if kcb.current is not None:
+        kcb = k.kprobe_ctlblk[cpu.id]
+        if kcb.current_kprobe is not None:
             for child in site.children:
                 child.nmissed += 1
             k.missed += 1
             k._trace.append(("miss", cpu.id, site.addr, cpu.clock + cpu.intra))
             return
         cpu.preempt_count += 1
-        kcb.current = site
-        kcb.status = _HIT_ACTIVE
+        kcb.current_kprobe = site
+        kcb.kprobe_status = _HIT_ACTIVE
         k.hits += 1
         k._trace.append(("opt", cpu.id, site.addr, cpu.clock + cpu.intra))
         regs = k._Regs(cpu, site.addr)
@@ -142,10 +146,10 @@ class Optimizer:
             try:
                 ret = child.pre_handler(child, regs)
             except BaseException as exc:
-                if not k._handler_fault(cpu, child, regs, exc):
+                if not k.kprobe_fault_handler(cpu, child, regs, exc):
                     return
                 continue
-            if kcb.current is None:
+            if kcb.current_kprobe is None:
                 return                    # the task died inside the handler
             if ret:
                 break                     # regs.ip is ignored on an optimized probe
@@ -163,7 +167,7 @@ class Optimizer:
         """Checks 1-4, once per address: the region's plans, or the reason it fails."""
         r = self._regions.get(addr)
         if r is None:
-            sym = self._m.kallsyms.containing(addr)
+            sym = self._kernel.kallsyms.containing(addr)
             try:
                 r = prepare_region(self._backend, self.facts, self._k.original_text,
                                    sym.addr, sym.size, addr)
@@ -187,7 +191,7 @@ class Optimizer:
         return site_blockers(site, end, self._probed)
 
     def _probed(self, lo: int, hi: int) -> bool:
-        table = self._k._table
+        table = self._k._kprobe_table
         return any(a in table for a in range(lo, hi))
 
     async def update(self, addrs) -> None:
@@ -196,7 +200,7 @@ class Optimizer:
         be optimized, unoptimize at once the ones that may not."""
         if self.facts is None:
             return
-        table = self._k._table
+        table = self._k._kprobe_table
         wanted = set()
         for addr in addrs:
             wanted.update(a for a in range(addr - self.facts.jump_len + 1, addr + 1)
@@ -212,7 +216,7 @@ class Optimizer:
                 await self._prepare(site)
         if drop:
             await self.unoptimize(drop)
-        self.unoptimized = sum(1 for s in self._k._table.values()
+        self.unoptimized = sum(1 for s in self._k._kprobe_table.values()
                                if s.addr not in self.ops and s.armed
                                and not isinstance(self.region(s.addr), str))
 
@@ -227,21 +231,22 @@ class Optimizer:
         else:
             return                          # out of detours: stays a plain kprobe
         f = self.facts
-        stub = mem.OPTINSN.start + index * f.stub_size
-        buffer = mem.OPTINSN.start + STUB_AREA + index * f.buffer_size
+        stub = self._area + index * f.stub_size
+        buffer = self._area + STUB_AREA + index * f.buffer_size
         lay = detour_layout(self._backend, f, plans, stub, buffer)
         end = plans[-1].addr + plans[-1].length
         if not (f.in_reach(site.addr, stub) and f.in_reach(buffer, end)):
             self._free_index.append(index)
             return
-        await self._m.text_poke_batch([(stub, lay.stub_code), (buffer, lay.buffer_code)])
+        await self._kernel.text_poke_batch([(stub, lay.stub_code), (buffer, lay.buffer_code)])
         op = OptimizedKprobe(site, end, index, stub, buffer, f.encode_jump(site.addr, stub),
                              self._k.original_text(site.addr, end - site.addr))
+        op.text = self._bp + op.saved[len(self._bp):f.jump_len]
         self.ops[site.addr] = op
         self._by_stub[stub] = op
-        site.detour = stub
+        site.detour = resume_at(stub)
         self._queue.append(op)
-        self._m.trace_event("opt_queue", site.addr, self._m.now_ns())
+        self._kernel.trace_event("opt_queue", site.addr, self._kernel.now_ns())
         self._kick()
 
     # == the optimizer (kprobe_optimizer) ===================================================
@@ -253,12 +258,13 @@ class Optimizer:
         worker, as the kernel's runs OPTIMIZE_DELAY later)."""
         self._busy = True
 
-    def _on_quantum(self, cpu) -> None:
+    def _on_quantum(self, event: QuantumEnded) -> None:
         if not self._busy:
             return
         b = self._batch
         if b is not None and b.phase == "gp" and b.remaining:
-            m = self._m
+            m = self._kernel
+            cpu = event.cpu
             if cpu.id in b.remaining and m.quiescent(cpu):
                 b.remaining.discard(cpu.id)
             for other in m.cpus:
@@ -267,7 +273,7 @@ class Optimizer:
         self._step()
 
     def _step(self) -> None:
-        m = self._m
+        m = self._kernel
         while True:
             b = self._batch
             if b is None:
@@ -276,7 +282,7 @@ class Optimizer:
                     return
                 b = self._batch = _Batch(list(self._queue), self._free_list)
                 self._queue, self._free_list = [], []
-                gps = m.statistics().grace_periods
+                gps = m.completed_grace_periods()
                 if b.ops or any(op.unoptimized_at >= gps for op in b.frees):
                     b.remaining = {c.id for c in m.cpus if c.online and not m.quiescent(c)}
                 b.ranges = [(op.site.addr + 1, op.region_end) for op in b.ops] + \
@@ -291,7 +297,7 @@ class Optimizer:
                     del self._by_stub[op.stub]
                     self._free_index.append(op.index)
                 b.frees = []
-                self._poke(b, "int3" if self.facts.jump_len > len(self._k._bp) else "tail")
+                self._poke(b, "int3" if self.facts.jump_len > len(self._bp) else "tail")
             elif any(x is e for c, e in b.pending for x in c.pending_flush):
                 return
             elif b.phase == "int3":
@@ -309,11 +315,13 @@ class Optimizer:
     def _poke(self, b: "_Batch", phase: str) -> None:
         """text_poke_bp, one step: the breakpoint on every first byte ("int3"), the tail
         bytes ("tail"), then the jump's first bytes ("first"); each waits for its IPIs."""
-        n = len(self._k._bp)
+        n = len(self._bp)
         ops = [op for op in b.ops if op.state == "queued"]
         b.phase = phase
         if phase == "int3":
-            patches = [(op.site.addr, self._k._bp) for op in ops]
+            patches = [(op.site.addr, self._bp) for op in ops]
+            for op in ops:
+                op.text = self._bp + op.text[n:]
         elif phase == "tail":
             if self.facts.jump_len == n:
                 b.phase = phase = "first"       # one instruction: a single atomic write
@@ -322,48 +330,51 @@ class Optimizer:
                 patches = [(op.site.addr + n, op.jump[n:]) for op in ops]
                 for op in ops:
                     op.written = True
+                    op.text = op.text[:n] + op.jump[n:]
         else:
             patches = [(op.site.addr, op.jump[:n]) for op in ops]
         if phase == "first":
             for op in ops:
                 op.written = True
-        b.pending = self._m.text_poke_start(patches)[1] if patches else []
+                op.text = op.jump
+        b.pending = self._kernel.text_poke_start(patches)[1] if patches else []
         if phase == "first":
             for op in ops:
                 # The tail was written alone: tell the CPUs' block counter where
                 # instructions start now (one jump, then none to the region's end).
-                self._m.insn_starts.code_written(op.site.addr, op.jump)
+                self._kernel.code_written(op.site.addr, op.jump)
 
     def _holdout(self, ranges) -> bool:
         """RCU tasks: is a CPU, or a preempted task, still inside one of `ranges`?"""
-        m = self._m
+        m = self._kernel
         pcs = [cpu.pc for cpu in m.cpus if cpu.current is not None]
-        pc_id = self._backend.registers[self._backend.cc.pc_reg]
-        for task in m._runq:
-            if task.context is not None:
-                pcs.append(task.context.reg_read(pc_id))
+        pcs += m.preempted_task_pcs()
         return any(lo <= pc < hi for pc in pcs for lo, hi in ranges)
 
     async def unoptimize(self, ops) -> None:
         """Restore the regions of `ops` (int3 first, the breakpoint stays) and hand their
         detours to the optimizer for freeing after a grace period."""
-        m = self._m
-        bp = self._k._bp
+        m = self._kernel
+        bp = self._bp
         n = len(bp)
         for op in ops:
             op.state = "unoptimizing"
         written = [op for op in ops if op.written and not op.site.gone]
         if written:
+            for op in written:
+                op.text = bp + op.text[n:]
             await m.text_poke_batch([(op.site.addr, bp) for op in written])
             if self.facts.jump_len > n:
                 sync = m.text_poke_start([(op.site.addr + n, op.saved[n:self.facts.jump_len])
                                           for op in written])
+                for op in written:
+                    op.text = bp + op.saved[n:self.facts.jump_len]
                 # The tail was written alone: where instructions start is the region's
                 # own decode again (the CPUs' block counter reads it).
                 for op in written:
-                    m.insn_starts.code_written(op.site.addr, op.saved)
+                    m.code_written(op.site.addr, op.saved)
                 await m.text_poke_finish(*sync)
-        gps = m.statistics().grace_periods
+        gps = m.completed_grace_periods()
         for op in ops:
             op.state = "unoptimized"
             op.unoptimized_at = gps
@@ -394,7 +405,7 @@ class Optimizer:
         op = self.ops.pop(site.addr, None)
         if op is not None:
             op.state = "unoptimized"
-            op.unoptimized_at = self._m.statistics().grace_periods
+            op.unoptimized_at = self._kernel.completed_grace_periods()
             site.detour = None
             self._queue = [o for o in self._queue if o is not op]
             self._free_list.append(op)
@@ -404,7 +415,7 @@ class Optimizer:
         """Return once the optimizer has nothing left to do (wait_for_kprobe_optimizer).
         It advances between quanta, so the machine runs meanwhile."""
         while self._busy:
-            await self._m.sleep_ns(1000)
+            await self._kernel.sleep_ns(1000)
 
     def statistics(self) -> OptStatistics:
         opt = sum(1 for op in self.ops.values() if op.state == "optimized")
@@ -424,14 +435,15 @@ class Optimizer:
                         buf[a + i - addr] = byte
 
     def expected_text(self, addr: int, want: bytes) -> bytes:
-        """What the text at `addr` must hold, `want` unless a written jump covers it."""
+        """What the text at `addr` must hold: `want`, unless the optimizer has written
+        where a jump goes (the jump, or a step of writing or removing it)."""
         if self.facts is None:
             return want
         for a in range(addr - self.facts.jump_len + 1, addr + 1):
             op = self.ops.get(a)
-            if op is not None and op.state == "optimized":
+            if op is not None and (op.written or op.state == "optimized"):
                 i = addr - a
-                return op.jump[i:i + len(want)]
+                return op.text[i:i + len(want)]
         return want
 
     def is_optimized(self, addr: int) -> bool:
@@ -445,7 +457,7 @@ class Optimizer:
                 return
             self.enabled = on
             if on:
-                await self.update(sorted(self._k._table))
+                await self.update(sorted(self._k._kprobe_table))
             else:
                 ops = [self.ops[a] for a in sorted(self.ops)]
                 if ops:

@@ -106,6 +106,7 @@ class PoolStatistics:
     missed: int
     high_water: int
     taken_per_cpu: tuple[int, ...]
+    entries: int = 0        # entries into the function: each took an instance or missed
 
 
 class Kretprobe:
@@ -121,11 +122,7 @@ class Kretprobe:
         self.kp = Kprobe(symbol_name=symbol_name, addr=addr)
         self.kp._owner = self
         self.kp._type = "r"
-        self._free: list[KretprobeInstance] = []
-        self._used: list[KretprobeInstance] = []
-        # Entries into the function since registration: each takes an instance or misses.
-        self._entries = self._taken = self._returned = self._high = 0
-        self._taken_per_cpu: list[int] = []
+        self.pool = InstancePool(self)
 
     def __repr__(self) -> str:
         kp = self.kp
@@ -133,19 +130,60 @@ class Kretprobe:
         return f"<Kretprobe {where}>"
 
     def statistics(self) -> PoolStatistics:
-        return PoolStatistics(self.maxactive, len(self._free), len(self._used), self._taken,
-                              self._returned, self.nmissed, self._high,
-                              tuple(self._taken_per_cpu))
+        pool = self.pool
+        return PoolStatistics(self.maxactive, len(pool.free), len(pool.used), pool.taken,
+                              pool.returned, self.nmissed, pool.high,
+                              tuple(pool.taken_per_cpu), pool.entries)
 
-    def _recycle(self, ri: KretprobeInstance) -> None:
+
+class InstancePool:
+    """A kretprobe's instances (`maxactive` of them, shared by all CPUs): the free list, the
+    ones in flight, and counts since registration.  Only the probe core changes it."""
+
+    def __init__(self, rp: Kretprobe):
+        self._rp = rp
+        self.free: list[KretprobeInstance] = []
+        self.used: list[KretprobeInstance] = []
+        # Entries into the function since registration: each takes an instance or misses.
+        self.entries = self.taken = self.returned = self.high = 0
+        self.taken_per_cpu: list[int] = []
+
+    def fill(self, n: int, data_size: int, ncpus: int) -> None:
+        """A new registration: `n` fresh instances, the counts at zero."""
+        self.free = [KretprobeInstance(self._rp, data_size) for _ in range(n)]
+        self.used = []
+        self.entries = self.taken = self.returned = self.high = 0
+        self.taken_per_cpu = [0] * ncpus
+
+    def take(self, cpu_id: int) -> KretprobeInstance | None:
+        """An entry into the function: an instance, or None when the pool is empty."""
+        self.entries += 1
+        if not self.free:
+            return None
+        ri = self.free.pop()
+        self.used.append(ri)
+        self.taken += 1
+        self.taken_per_cpu[cpu_id] += 1
+        self.high = max(self.high, len(self.used))
+        return ri
+
+    def recycle(self, ri: KretprobeInstance) -> None:
         """Give an instance back to the pool (or drop it if orphaned)."""
-        if ri.rp is None or ri._owner is not self or ri not in self._used:
+        if ri.rp is None or ri._owner is not self._rp or ri not in self.used:
             return
-        self._used.remove(ri)
+        self.used.remove(ri)
         ri.rp = None
         ri.task = None
-        self._free.append(ri)
-        self._returned += 1
+        self.free.append(ri)
+        self.returned += 1
+
+    def orphan_all(self) -> None:
+        """Unregistered: the instances in flight keep running to their return, with no
+        handler; none is recycled."""
+        for ri in self.used:
+            ri.rp = None
+        self.used = []
+        self.free = []
 
 
 def regs_return_value(regs: Regs) -> int:

@@ -11,7 +11,9 @@ from smpkprobes.cpus import StepKind, UnsteppableError
 from .._errors import KprobeError
 from ._probes import (KPROBE_FLAG_DISABLED, KPROBE_FLAG_GONE, KRETPROBE_MAX_DATA_SIZE, Jprobe,
                       Kprobe, Kretprobe)
-from ._state import _Site
+from ..machine._services import ModuleGoing
+from ._events import KprobesArmed, KprobesDisarmed
+from ._state import AggrKprobe
 
 
 class Registry:
@@ -62,7 +64,7 @@ class Registry:
 
     def _resolve(self, p: Kprobe, kind: str) -> int:
         """The checks of KPROBES.md section 2, in order, up to the probed address."""
-        m = self._m
+        m = self._kernel
         if (p.symbol_name is None) == (p.addr is None):
             raise KprobeError(E.EINVAL, "exactly one of symbol_name and addr must be set")
         if p.symbol_name is not None:
@@ -113,37 +115,39 @@ class Registry:
     async def _register(self, p: Kprobe) -> None:
         kind = p._type
         addr = self._resolve(p, kind)
-        site = self._table.get(addr)
+        site = self._kprobe_table.get(addr)
         if site is None:
             try:
                 plan = self._backend.plan_probe(self.original_text, addr)
             except UnsteppableError as err:
-                raise KprobeError(err.errno, f"{self._m.format_addr(addr)}: cannot single-step: "
-                                             f"{err.reason}") from None
+                raise KprobeError(err.errno, f"{self._kernel.format_addr(addr)}: cannot "
+                                             f"single-step: {err.reason}") from None
         else:
             plan = site.plan
         if kind in ("r", "j"):
-            sym = self._m.kallsyms.containing(addr)
+            sym = self._kernel.kallsyms.containing(addr)
             if addr != sym.addr:
-                raise KprobeError(E.EINVAL, f"{'kretprobe' if kind == 'r' else 'jprobe'} must be "
-                                            f"at a function entry, not {self._m.format_addr(addr)}")
+                what = "kretprobe" if kind == "r" else "jprobe"
+                raise KprobeError(E.EINVAL, f"{what} must be at a function entry, not "
+                                            f"{self._kernel.format_addr(addr)}")
         if kind == "r" and p._owner.data_size > KRETPROBE_MAX_DATA_SIZE:
             raise KprobeError(E.E2BIG, f"data_size {p._owner.data_size} exceeds "
                                        f"{KRETPROBE_MAX_DATA_SIZE}")
         if kind == "j" and site is not None and site.jprobe() is not None:
             raise KprobeError(E.EEXIST, f"a jprobe is already registered at "
-                                        f"{self._m.format_addr(addr)}")
+                                        f"{self._kernel.format_addr(addr)}")
         # All checks passed: from here on nothing can fail half-way.
         if site is None:
-            site = _Site(addr, plan, plan.orig[:len(self._bp)])
+            site = AggrKprobe(addr, plan, plan.orig[:len(self._bp)])
             if plan.kind is StepKind.OUT_OF_LINE:
-                site.slot = await self.slots.get_insn_slot()
                 stride = self._slot_stride
+                site.set_slot(await self.slots.get_insn_slot(), stride)
                 code = self._backend.slot_code(plan, site.slot, boost=False)
                 boosted = self._backend.slot_code(plan, site.slot + stride, boost=True)
-                await self._m.text_poke_batch([(site.slot, code), (site.slot + stride, boosted)])
+                await self._kernel.text_poke_batch([(site.slot, code),
+                                                    (site.slot + stride, boosted)])
                 self._by_slot[site.slot] = site
-            self._table[addr] = site
+            self._kprobe_table[addr] = site
         p.addr = addr if p.symbol_name is None else addr
         p.flags &= ~KPROBE_FLAG_GONE
         # Newest first; a jprobe always last (it ends the pre_handler chain).
@@ -153,29 +157,31 @@ class Registry:
             site.children = (p, *site.children)
         p._registered = True
         # Remembered for kprobes/list: a GONE probe's module symbols are gone too.
-        p._where = self._m.symbolize(addr)
-        self._m.trace_event("register", kind, addr, self._m.now_ns())
+        p._where = self._kernel.symbolize(addr)
+        self._kernel.trace_event("register", kind, addr, self._kernel.now_ns())
         if self.enabled and site.enabled() and not site.armed:
-            await self._arm([site])
+            await self.arm_kprobes([site])
         await self.optimizer.update([addr])
         if p.symbol_name is not None:
             p.addr = addr
 
-    async def _arm(self, sites: list[_Site]) -> None:
+    async def arm_kprobes(self, sites: list[AggrKprobe]) -> None:
         await self.optimizer.unoptimize_covering(sites)
         patches = []
         for s in sites:
             s.armed = True
             patches.append((s.addr, self._bp))
-        await self._m.text_poke_batch(patches)
+        await self._kernel.text_poke_batch(patches)
+        self.events.publish(KprobesArmed(sites))
 
-    async def _disarm(self, sites: list[_Site]) -> None:
+    async def disarm_kprobes(self, sites: list[AggrKprobe]) -> None:
         patches = []
         for s in sites:
             s.armed = False
             if not s.gone:
                 patches.append((s.addr, s.orig))
-        await self._m.text_poke_batch(patches)
+        await self._kernel.text_poke_batch(patches)
+        self.events.publish(KprobesDisarmed(sites))
 
     # == unregistration ==================================================================
     async def unregister_kprobe(self, p: Kprobe) -> None:
@@ -204,7 +210,7 @@ class Registry:
 
     async def _unregister_many(self, probes: list[Kprobe]) -> None:
         """Top half for all (unlink, disarm), one grace period, bottom half for all."""
-        # Optimized sites among them go back to plain kprobes first, while still linked
+        # Optimized probes among them go back to plain kprobes first, while still linked
         # (a CPU may hit their breakpoints meanwhile); survivors are re-checked at the end.
         opt = self.optimizer
         unopt = []
@@ -214,18 +220,18 @@ class Registry:
                 unopt.append(op)
         if unopt:
             await opt.unoptimize(unopt)
-        dead_sites: list[_Site] = []
-        to_disarm: list[_Site] = []
+        dead_sites: list[AggrKprobe] = []
+        to_disarm: list[AggrKprobe] = []
         valid = []
         for p in probes:
-            site = self._table.get(p.addr) if p._registered else None
+            site = self._kprobe_table.get(p.addr) if p._registered else None
             if site is None or p not in site.children:
                 p.addr = None          # an "incorrect" probe
                 continue
             valid.append(p)
             site.children = tuple(c for c in site.children if c is not p)
             if not site.children:
-                del self._table[site.addr]
+                del self._kprobe_table[site.addr]
                 dead_sites.append(site)
                 if site.armed:
                     to_disarm.append(site)
@@ -234,16 +240,16 @@ class Registry:
         if not valid:
             return
         if to_disarm:
-            await self._disarm(to_disarm)
-        await self._m.synchronize()
+            await self.disarm_kprobes(to_disarm)
+        await self._kernel.synchronize()
         for site in dead_sites:
             if site.slot is not None:
                 del self._by_slot[site.slot]
                 self.slots.free_insn_slot(site.slot, dirty=site.boost_used)
-                site.slot = None
+                site.set_slot(None)
         for p in valid:
             p._registered = False
-            self._m.trace_event("unregister", p._type, p.addr, self._m.now_ns())
+            self._kernel.trace_event("unregister", p._type, p.addr, self._kernel.now_ns())
         await opt.update(sorted({p.addr for p in valid}))
 
     # == enable / disable ================================================================
@@ -254,7 +260,7 @@ class Registry:
                 raise KprobeError(E.EINVAL, f"{p!r} is gone (its module text was freed)")
             p.flags &= ~KPROBE_FLAG_DISABLED
             if self.enabled and site.enabled() and not site.armed:
-                await self._arm([site])
+                await self.arm_kprobes([site])
             await self.optimizer.update([site.addr])
 
     async def disable_kprobe(self, p: Kprobe) -> None:
@@ -264,11 +270,11 @@ class Registry:
             if site.addr in self.optimizer.ops and not site.enabled():
                 await self.optimizer.unoptimize([self.optimizer.ops[site.addr]])
             if site.armed and not site.enabled():
-                await self._disarm([site])
+                await self.disarm_kprobes([site])
             await self.optimizer.update([site.addr])
 
-    def _registered_site(self, p: Kprobe) -> _Site:
-        site = self._table.get(p.addr) if p._registered else None
+    def _registered_site(self, p: Kprobe) -> AggrKprobe:
+        site = self._kprobe_table.get(p.addr) if p._registered else None
         if site is None:
             raise KprobeError(E.EINVAL, f"{p!r} is not registered")
         return site
@@ -281,20 +287,23 @@ class Registry:
             self.enabled = enabled
             opt = self.optimizer
             if enabled:
-                await self._arm([s for s in self._sorted_sites() if s.enabled() and not s.armed])
-                await opt.update(sorted(self._table))
+                await self.arm_kprobes([s for s in self._sorted_sites()
+                                        if s.enabled() and not s.armed])
+                await opt.update(sorted(self._kprobe_table))
             else:
                 unopt = [opt.ops[a] for a in sorted(opt.ops)]
                 if unopt:
                     await opt.unoptimize(unopt)
-                await self._disarm([s for s in self._sorted_sites() if s.armed])
+                await self.disarm_kprobes([s for s in self._sorted_sites() if s.armed])
 
-    def _sorted_sites(self) -> list[_Site]:
-        return [self._table[a] for a in sorted(self._table)]
+    def _sorted_sites(self) -> list[AggrKprobe]:
+        return [self._kprobe_table[a] for a in sorted(self._kprobe_table)]
 
     # == modules =========================================================================
-    def _module_event(self, event: str, module) -> None:
-        in_range = module.in_init if event == "init_freed" else \
+    def kprobes_module_callback(self, event: ModuleGoing) -> None:
+        """Module text is going away: its probes are killed (kill_kprobe)."""
+        module = event.module
+        in_range = module.in_init if event.what == "init_freed" else \
             (lambda a: module.in_text(a) or module.in_init(a))
         for site in self._sorted_sites():
             if not in_range(site.addr) or site.gone:
@@ -308,4 +317,4 @@ class Registry:
             if site.slot is not None:
                 del self._by_slot[site.slot]
                 self.slots.free_insn_slot(site.slot, dirty=True)
-                site.slot = None
+                site.set_slot(None)

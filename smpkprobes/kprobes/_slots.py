@@ -11,18 +11,17 @@ from __future__ import annotations
 import heapq
 from typing import Awaitable, Callable
 
-from ..machine._memory import SLOTS
-
 
 class SlotLeakError(RuntimeError):
     pass
 
 
 class InsnSlots:
-    def __init__(self, slot_size: int, synchronize: Callable[[], Awaitable[None]],
+    def __init__(self, area: tuple[int, int], slot_size: int,
+                 synchronize: Callable[[], Awaitable[None]],
                  in_use_by_cpu: Callable[[int, int], bool]):
         self.slot_size = slot_size
-        self._free = list(range(SLOTS.start, SLOTS.end - slot_size + 1, slot_size))
+        self._free = list(range(area[0], area[1] - slot_size + 1, slot_size))
         heapq.heapify(self._free)
         self._garbage: list[int] = []
         self._used: set[int] = set()
@@ -58,6 +57,10 @@ class InsnSlots:
         await self._synchronize()
         for slot in garbage:
             heapq.heappush(self._free, slot)
+
+    def is_used(self, slot: int) -> bool:
+        """Whether `slot` (a slot's base address) is handed out."""
+        return slot in self._used
 
     def statistics(self) -> dict:
         return {"used": len(self._used), "garbage": len(self._garbage), "free": len(self._free)}

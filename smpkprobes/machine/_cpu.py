@@ -1,8 +1,9 @@
 """One simulated CPU: a Unicorn instance over the shared memory.
 
 The CPU knows how to run a quantum, how to read and write its registers quickly, and how to
-turn Unicorn's callbacks into three events for its host (the machine): a hypercall stub was
-reached, a trap was taken, emulation faulted.  It does not know about tasks, probes or time.
+turn Unicorn's callbacks into events for its host (the machine): a hypercall stub was
+reached, a breakpoint trap was taken (handed to the CPU's trap sink), another trap was taken,
+emulation faulted.  It does not know about probes.
 
 Exceptions never escape a Unicorn callback: every hook catches everything, stops the CPU and
 hands the exception to the host, which turns it into an oops of the current task.
@@ -53,10 +54,13 @@ class CpuHost(Protocol):
     task_return_addr: int          # where every task's outermost frame returns to
 
     def on_hypercall(self, cpu: "CPU", addr: int) -> None: ...
-    def on_trap(self, cpu: "CPU", intno: int, pc: int) -> int | None: ...
+    def on_foreign_trap(self, cpu: "CPU", intno: int) -> None: ...
     def on_unowned_trap(self, cpu: "CPU", addr: int) -> None: ...
     def on_hook_exception(self, cpu: "CPU", exc: BaseException) -> None: ...
-    def resolve_return_address(self, cpu: "CPU", addr: int, depth: int) -> int: ...
+    def resolve_return_address(self, cpu: "CPU", addr: int, depth: int) -> tuple[int, int]: ...
+    def resolve_function(self, func) -> int: ...
+    def format_addr(self, addr: int) -> str: ...
+    def symbolize(self, addr: int): ...
 
 
 class CPU:
@@ -100,8 +104,12 @@ class CPU:
         self.stop_requested = False
         self.online = True
         self.nesting = 0
-        # The probe core hangs its per-CPU control block here.
-        self.kprobe_ctlblk = None
+        self.deferred_addr = 0
+        # Breakpoint traps: trap_sink(cpu, addr) -> TrapResult, set by the host (see _traps).
+        self.trap_sink = None
+        self.traps = 0
+        self._trap_intno = backend.unicorn.trap_intno
+        self._trap_pc_offset = backend.unicorn.trap_pc_offset
         # Hooks are registered with raw ctypes callbacks: the binding's own wrappers cost
         # about a third of a bare callback, and ours already catch every exception.
         self._hooks = []
@@ -112,7 +120,9 @@ class CPU:
         self._budget = BlockBudget(insn_starts)
         self._budget_ctx = self._budget.ctx
         self._unspent = 0
-        self.charged = 0               # instructions the latest run() was charged
+        self._nested = 0               # instructions nested calls ran inside the latest run()
+        self.charged = 0               # instructions the latest run() ran, nested calls included
+        self.executed = 0              # instructions this CPU ran, all told
         self._budget.install(self._uch, lambda htype, fptr, user: self._raw_hook(
             htype, fptr, 1, 0, user))
         self.initial_context = self.context_save()
@@ -176,12 +186,10 @@ class CPU:
         _uc_reg_write(self._uch, self._pc_id, self._wval_ref)
 
     def read_word(self, addr: int) -> int:
-        self._memory._check(addr, self._word.size)
-        return self._word.unpack_from(self._memory._mm, addr)[0]
+        return self._memory.unpack(self._word, addr)[0]
 
     def write_word(self, addr: int, value: int) -> None:
-        self._memory._check(addr, self._word.size)
-        self._word.pack_into(self._memory._mm, addr, value & self.backend.word_mask)
+        self._memory.pack(self._word, addr, value & self.backend.word_mask)
 
     # RegAccess over the live CPU (no caching), for the machine's own use.
     read = reg_read
@@ -206,21 +214,26 @@ class CPU:
     def run(self, count: int) -> unicorn.UcError | None:
         """Run `count` instructions from the current PC, rounded up to a whole block, or
         fewer if something stops the CPU first.  Returns the Unicorn error if emulation
-        faulted, else None."""
+        faulted, else None.  `charged` is then what ran, and `executed` has grown by it."""
         self.stop_requested = False
         begin = self._quirks.emu_start_address(self.uc, self.reg_read_id(self._pc_id))
         self._budget_ctx.budget = count
         self._unspent = 0
+        self._nested = 0
         err = _uc_emu_start(self._uch, begin, 0, 0, 0)
-        # What the blocks that started took off the budget (the last one is counted whole).
-        self.charged = count - self._unspent - self._budget_ctx.budget
+        # What the blocks that started took off the budget (the last one is counted whole),
+        # and what calls made from its handlers ran (already in `executed`).
+        ran = count - self._unspent - self._budget_ctx.budget
+        self.executed += ran
+        self.charged = ran + self._nested
         if err != unicorn.UC_ERR_OK:
             return unicorn.UcError(err)
+        if not ran and not self.stop_requested:
+            # Nothing ran and nothing stopped it: Unicorn returns at once when the start is
+            # the (unused) `until` address, 0, where a real CPU takes a fetch fault (nothing
+            # is mapped there).  Say so, or the task would stay there for ever.
+            return unicorn.UcError(unicorn.UC_ERR_FETCH_UNMAPPED)
         return None
-
-    def stop(self) -> None:
-        """Stop the current emulation at the next instruction boundary."""
-        self._stop_now()
 
     def _stop_now(self) -> None:
         # Unicorn drops a stop requested in the same callback that moved the PC (it
@@ -250,10 +263,13 @@ class CPU:
         cc.setup_call(self, sp, addr, tuple(args), self._call_return)
         self.nesting += 1
         self.stop_requested = False
+        # The nested run has a budget of its own; the outer one's is put back after it.
+        ctx = self._budget_ctx
+        outer_budget, outer_unspent = ctx.budget, self._unspent
+        ctx.budget, self._unspent = self._call_budget, 0
         try:
             # No `until`: the __hc_call_return hook stops the CPU before the stub runs (and
             # Unicorn 2.1.4's sparc64 loops on the instruction before an `until` address).
-            self._budget_ctx.budget = self._call_budget
             err = _uc_emu_start(self._uch, addr, 0, 0, 0)
             pc = self.reg_read_id(self._pc_id)
             if err != unicorn.UC_ERR_OK:
@@ -264,10 +280,14 @@ class CPU:
                                  f" within {self._call_budget} instructions")
             result = self.backend.sign_extend(self.reg_read(cc.ret_reg))
         finally:
+            ran = self._call_budget - self._unspent - ctx.budget
+            self.executed += ran
+            self._nested += ran
+            ctx.budget, self._unspent = outer_budget, outer_unspent
             self.nesting -= 1
             self.context_restore(saved)
-            # The nested emu_start used up the quantum's budget; end the outer quantum
-            # when the current callback returns.
+            # End the outer quantum when the current callback returns (the nested call
+            # took its time).
             self.stop_requested = True
         return result
 
@@ -309,37 +329,28 @@ class CPU:
         return trace
 
     # -- Unicorn callbacks ---------------------------------------------------------------
-    # Set by the host when breakpoint traps may go straight to its trap handler, with no
-    # call through on_trap (SMPMachine does when it never defers a trap): (interrupt number,
-    # PC offset of the trap, virtual ns a trap costs, handler).  The CPU then does what
-    # on_trap would: counts the trap in `traps`, moves `intra` on, calls handler(cpu, addr)
-    # and, if it returns False, tells the host (on_unowned_trap).
-    breakpoint_vector = None
-    traps = 0
+    trap_cost = 0          # virtual ns a trap costs inside a quantum (set by the host)
 
     def _hook_intr(self, _uc, intno, _user):
         try:
-            # The probe hit path: the PC read, the handler's call and the PC write it may
-            # ask for (an int returned: resume there) are all made here.
+            # The probe hit path: the PC read, the trap sink's call and the PC write it may
+            # ask for (resume_at) are all made here.
             val = self._val
             val.value = 0
             _uc_reg_read(self._uch, self._pc_id, self._val_ref)
-            vector = self.breakpoint_vector
-            if vector is not None and intno == vector[0]:
-                _, offset, cost, handler = vector
+            if intno == self._trap_intno:
                 self.traps += 1
-                self.intra += cost
-                addr = val.value - offset
-                resume = handler(self, addr)
-                if resume.__class__ is not int:
-                    if not resume and self.current is not None:
-                        self._host.on_unowned_trap(self, addr)
-                    resume = None
+                self.intra += self.trap_cost
+                addr = val.value - self._trap_pc_offset
+                result = self.trap_sink(self, addr)
+                resume = result.resume
+                if resume is not None:
+                    val.value = resume
+                    _uc_reg_write(self._uch, self._pc_id, self._val_ref)
+                elif not result.owned and self.current is not None:
+                    self._host.on_unowned_trap(self, addr)
             else:
-                resume = self._host.on_trap(self, intno, val.value)
-            if resume is not None:
-                val.value = resume
-                _uc_reg_write(self._uch, self._pc_id, self._val_ref)
+                self._host.on_foreign_trap(self, intno)
         except BaseException as exc:       # never lose an exception inside Unicorn
             self._host.on_hook_exception(self, exc)
         if self.stop_requested:

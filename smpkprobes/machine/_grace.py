@@ -7,8 +7,6 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from . import _memory as mem
-
 if TYPE_CHECKING:    # pragma: no cover
     from ._cpu import CPU
 
@@ -17,12 +15,45 @@ class GracePeriods:
     """The grace period part of `SMPMachine` (see `_machine`)."""
 
     def quiescent(self, cpu: CPU) -> bool:
-        """Not in a probe handler, not between a trap and the end of its single-step, not in
-        a boosted slot or an optimized probe's detour."""
+        """Idle, or preemptible and not in text registered as unquiescent: so not in a
+        probe handler (preemption is disabled there), not between a trap and the end of
+        its single-step, not in a boosted instruction slot."""
         if cpu.current is None and not cpu.deferred_trap:
             return True
+        if not cpu.preemptible() or self._in_unquiescent_text(cpu):
+            return False
+        if self._rcu_tasks_text:
+            pc = cpu.pc
+            for start, end in self._rcu_tasks_text:
+                if start <= pc < end:
+                    return False
+        return True
+
+    def register_unquiescent_text(self, start: int, end: int, preemptible: bool = False) -> None:
+        """A CPU executing in [start, end) is not quiescent, and not preempted there either
+        (the probe core's instruction slots, left by a jump back after a boosted step);
+        with `preemptible`, a task may be preempted there (optprobe detours, which the
+        optimizer waits for as RCU tasks does)."""
+        (self._rcu_tasks_text if preemptible else self._unquiescent_text).append((start, end))
+
+    def preempted_task_pcs(self) -> list[int]:
+        """Where each runnable task that is switched out will resume (RCU tasks' holdouts
+        are found among them), in run-queue order."""
+        pc_id = self.backend.registers[self.backend.cc.pc_reg]
+        return [t.context.reg_read(pc_id) for t in self._runq if t.context is not None]
+
+    def completed_grace_periods(self) -> int:
+        return self._c.grace_periods
+
+    def _in_unquiescent_text(self, cpu: CPU) -> bool:
+        ranges = self._unquiescent_text
+        if not ranges:
+            return False
         pc = cpu.pc
-        return cpu.preemptible() and pc not in mem.SLOTS and pc not in mem.OPTINSN
+        for start, end in ranges:
+            if start <= pc < end:
+                return True
+        return False
 
     async def synchronize(self) -> None:
         """Wait for one grace period: every online CPU passes a quiescent state."""

@@ -23,8 +23,8 @@ class Hypercalls:
     def _hc_console_write(self, cpu: CPU) -> None:
         cc = self.backend.cc
         buf, n = cc.arg(cpu, 0), cc.arg(cpu, 1)
-        text = cpu._line + self.memory.read(buf, n).decode("latin-1")
-        *lines, cpu._line = text.split("\n")
+        text = self._console_lines[cpu.id] + self.memory.read(buf, n).decode("latin-1")
+        *lines, self._console_lines[cpu.id] = text.split("\n")
         self.printk_log.extend(lines)
         for line in lines:
             self.trace_event("printk", cpu.id, line, cpu.clock + cpu.intra)

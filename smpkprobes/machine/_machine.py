@@ -37,8 +37,8 @@ from ._oops import Oopses
 from ._sched import Scheduler, _Baton
 from ._task import Task
 from ._textpoke import TextPoke
-from ._traps import TRAP_COST_NS as TRAP_COST_NS
-from ._traps import Traps
+from ._events import EventBus
+from ._traps import TRAP_COST_NS, Traps, _no_handler
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,8 @@ class _Counters:
 
 
 class SMPMachine(Scheduler, TextPoke, GracePeriods, Modules, Traps, Hypercalls, Oopses):
-    """The machine without the probe core.  `smpkprobes.Machine` adds `kprobes` and
-    `debugfs`."""
+    """The machine, without the probe core: `smpkprobes.Machine` puts the two together.
+    What kernel code beside it (the probe core) may use is `KernelServices` (`_services`)."""
 
     def __init__(self, arch: str = "x86_64", cpus: int = 4, seed: int = 0, preempt: bool = False,
                  kernel: str | Path | None = None, *, quantum: tuple[int, int] = (16, 4096),
@@ -114,8 +114,6 @@ class SMPMachine(Scheduler, TextPoke, GracePeriods, Modules, Traps, Hypercalls, 
                      "task_return", "call_return"):
             self._hypercalls[ksym("__hc_" + name)] = getattr(self, "_hc_" + name)
         self.idle_addr = ksym("cpu_idle")
-        self._trap_intno = self.backend.unicorn.trap_intno
-        self._trap_pc_offset = self.backend.unicorn.trap_pc_offset
         self.task_return_addr = ksym("__hc_task_return")
         self.cpus = [CPU(i, self.backend, self.memory, self, (hc_start, hc_end),
                          ksym("__hc_call_return"), call_budget, self.insn_starts)
@@ -123,8 +121,9 @@ class SMPMachine(Scheduler, TextPoke, GracePeriods, Modules, Traps, Hypercalls, 
         for cpu in self.cpus:
             cpu.pc = self.idle_addr
             cpu.initial_context = cpu.context_save()
-            cpu._baton = _Baton()
-            cpu._line = ""
+            cpu.trap_cost = TRAP_COST_NS
+        self._batons = [_Baton() for _ in self.cpus]     # see _sched
+        self._console_lines = ["" for _ in self.cpus]    # each CPU's unfinished printk line
         self.modules: dict[str, Module] = {}
         self.printk_log: list[str] = []
         self.oopses: list[OopsRecord] = []
@@ -145,16 +144,15 @@ class SMPMachine(Scheduler, TextPoke, GracePeriods, Modules, Traps, Hypercalls, 
         self._gp_waiters: list[list] = []
         self._gp_begun = 0
         self._nursery: trio.Nursery | None = None
-        self._closing = False
-        # Set by the probe core; the machine only calls them.
-        self.trap_handler = None            # see the property
-        self.fault_fixup: Callable[[CPU, unicorn.UcError], bool] | None = None
-        self.return_address_resolver: Callable[[CPU, int, int], tuple[int, int]] | None = None
-        self.task_exit_notifiers: list[Callable[[Task], None]] = []
-        self.oops_notifiers: list[Callable[[CPU], None]] = []
-        self.module_notifiers: list[Callable[[str, Module], None]] = []
-        # Called after every quantum with the CPU that ran it (the invariant checks).
-        self.quantum_notifiers: list[Callable[[CPU], None]] = []
+        # What the kernel code beside the machine (the probe core) registers; the machine
+        # only calls it (see _traps, _grace).
+        self._fault_fixup: Callable[[CPU, unicorn.UcError], bool] | None = None
+        self._return_address_resolver: Callable[[CPU, int, int], tuple[int, int]] | None = None
+        self._unquiescent_text: list[tuple[int, int]] = []
+        self._rcu_tasks_text: list[tuple[int, int]] = []
+        self.register_trap_handler(_no_handler)
+        # Task exits, oopses, modules going, quanta: see _events.
+        self.events = EventBus()
 
     # == lifecycle ======================================================================
     async def __aenter__(self):
@@ -162,11 +160,10 @@ class SMPMachine(Scheduler, TextPoke, GracePeriods, Modules, Traps, Hypercalls, 
         self._nursery = await self._nursery_cm.__aenter__()
         for cpu in self.cpus:
             self._nursery.start_soon(self._cpu_main, cpu, name=f"smpkprobes-cpu{cpu.id}")
-        self.cpus[0]._baton.set()
+        self._batons[0].set()
         return self
 
     async def __aexit__(self, *exc):
-        self._closing = True
         self._nursery.cancel_scope.cancel()
         return await self._nursery_cm.__aexit__(*exc)
 
@@ -226,7 +223,7 @@ class SMPMachine(Scheduler, TextPoke, GracePeriods, Modules, Traps, Hypercalls, 
         c = self._c
         counts = {f.name: getattr(c, f.name) for f in fields(MachineStatistics)
                   if not f.name.startswith("per_cpu")}
-        counts["traps"] += sum(cpu.traps for cpu in self.cpus)   # through breakpoint vectors
+        counts["traps"] += sum(cpu.traps for cpu in self.cpus)   # breakpoint traps
         return MachineStatistics(
             **counts,
             per_cpu_instructions=tuple(cpu.instructions for cpu in self.cpus),
@@ -258,16 +255,6 @@ class SMPMachine(Scheduler, TextPoke, GracePeriods, Modules, Traps, Hypercalls, 
         """Virtual time as host code sees it: the start of the latest quantum (or the latest
         wake-up the machine jumped to).  Host-side trace events are stamped with it."""
         return self._now
-
-    def export_ftrace(self, out) -> None:
-        """Write the event trace as ftrace-style text to `out` (a path or a text file)."""
-        from ..tools._trace_export import export_ftrace
-        export_ftrace(self, out)
-
-    def export_perfetto(self, out) -> None:
-        """Write the event trace as Chrome/Perfetto trace-event JSON (one track per CPU)."""
-        from ..tools._trace_export import export_perfetto
-        export_perfetto(self, out)
 
     def count_stray_trap(self) -> None:
         self._c.stray_traps += 1

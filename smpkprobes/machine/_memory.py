@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import struct
 from dataclasses import dataclass
 
 import unicorn
@@ -99,9 +100,11 @@ class PhysicalMemory:
         self._check(addr, size)
         self._mm[addr:addr + size] = bytes([byte]) * size
 
-    def close(self) -> None:
-        # Unicorn instances hold raw pointers into the mapping; they must be gone first.
-        try:
-            self._mm.close()
-        except BufferError:
-            pass
+    # Words, checked, for the CPUs' stack and return-address accesses (on the hit path).
+    def unpack(self, layout: struct.Struct, addr: int) -> tuple:
+        self._check(addr, layout.size)
+        return layout.unpack_from(self._mm, addr)
+
+    def pack(self, layout: struct.Struct, addr: int, *values: int) -> None:
+        self._check(addr, layout.size)
+        layout.pack_into(self._mm, addr, *values)

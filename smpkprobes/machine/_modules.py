@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import _memory as mem
+from ._events import ModuleGoing
 from ._kernel import IMAGES, Image
 
 
@@ -47,10 +48,9 @@ class Modules:
         init_fn = next((s for s in image.symbols if s.is_func and module.in_init(s.addr)
                         and s.name.endswith("_init")), None)
         if init_fn is not None:
-            await self.call(init_fn.addr, comm=f"insmod")
+            await self.call(init_fn.addr, comm="insmod")
         # Free the init text, as the kernel does after a successful init.
-        for notify in list(self.module_notifiers):
-            notify("init_freed", module)
+        self.events.publish(ModuleGoing("init_freed", module))
         module.init_freed = True
         if init[1]:
             self.memory.fill(init[0], init[1], 0)
@@ -60,8 +60,7 @@ class Modules:
     async def unload_module(self, module: Module) -> None:
         if self.modules.get(module.name) is not module:
             raise ValueError(f"module {module.name} is not loaded")
-        for notify in list(self.module_notifiers):
-            notify("unload", module)
+        self.events.publish(ModuleGoing("unload", module))
         del self.modules[module.name]
         module.loaded = False
         self.kallsyms.remove_module(module.name)

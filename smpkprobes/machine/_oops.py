@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import unicorn
 
 from .._errors import OopsRecord
+from ._events import TaskOopsed
 
 if TYPE_CHECKING:    # pragma: no cover
     from ._cpu import CPU
@@ -18,9 +19,9 @@ class Oopses:
     """The oops part of `SMPMachine` (see `_machine`)."""
 
     def _on_fault(self, cpu: CPU, err: unicorn.UcError) -> None:
-        if self.fault_fixup is not None:
+        if self._fault_fixup is not None:
             try:
-                if self.fault_fixup(cpu, err):
+                if self._fault_fixup(cpu, err):
                     return
             except BaseException as exc:
                 self.on_hook_exception(cpu, exc)
@@ -37,8 +38,7 @@ class Oopses:
         self.oopses.append(record)
         self._c.oopses += 1
         self.printk_log.extend(record.report.splitlines())
-        for notify in list(self.oops_notifiers):
-            notify(cpu)
+        self.events.publish(TaskOopsed(cpu))
         cpu.preempt_count = 0
         cpu.deferred_trap = False
         self._finish(cpu, None, record)

@@ -96,10 +96,6 @@ class Regs:
         Return addresses redirected to the kretprobe trampoline are shown as the real ones."""
         return self.cpu.stack_trace(self)
 
-    def preset(self, name: str, value: int) -> None:
-        """Seed the cache without marking the register dirty (the probe core knows it)."""
-        self._regs()[name] = value
-
     def flush_except_pc(self) -> None:
         """Write back every dirty register but the PC, which the caller sets itself (a PC
         write inside a Unicorn hook forces a translation-block exit: do it once)."""
@@ -112,13 +108,6 @@ class Regs:
             for name in self._dirty:
                 self.cpu.reg_write(name, self._cache[name])
             self._dirty.clear()
-
-    @property
-    def dirty(self) -> bool:
-        return bool(self._dirty)
-
-    def is_dirty(self, name: str) -> bool:
-        return bool(self._dirty) and self.cpu.reg_aliases.get(name, name) in self._dirty
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v:#x}" for k, v in sorted(self._regs().items()))

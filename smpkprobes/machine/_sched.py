@@ -29,6 +29,7 @@ import trio
 import trio.testing
 
 from . import _memory as mem
+from ._events import QuantumEnded, TaskExited
 from ._task import Task, TaskState
 from .._errors import OopsRecord
 
@@ -73,7 +74,7 @@ class Scheduler:
 
     async def _cpu_main(self, me: CPU) -> None:
         while True:
-            await me._baton.wait()
+            await self._batons[me.id].wait()
             await self._conduct(me)
 
     async def _conduct(self, me: CPU) -> None:
@@ -111,7 +112,7 @@ class Scheduler:
                 self._decision = self.conductor.pick(runnable)
             cpu, q = self._decision
             if cpu is not me:
-                cpu._baton.set()
+                self._batons[cpu.id].set()
                 return
             self._decision = None
             self._settled = False
@@ -208,23 +209,25 @@ class Scheduler:
         c.quanta += 1
         cpu.quanta += 1
         self._trace.append(("q", cpu.id, task.pid if task else 0, q, cpu.clock))
+        executed = cpu.executed
         if cpu.deferred_trap:
-            cpu.deferred_trap = False
-            cpu.stop_requested = False
-            self._dispatch_trap(cpu, cpu.deferred_addr)
+            self._dispatch_deferred_trap(cpu)
         err = None
         if cpu.current is not None:
             err = cpu.run(q)
+        # What ran: the budget rounded up to a block, or less when the quantum was cut
+        # short (a trap, a hypercall, the task's end), plus calls made from handlers.
+        ran = cpu.executed - executed
         # Traps inside the quantum advanced now_ns() by TRAP_COST_NS each; never let the
-        # clock run backwards when they add up to more than the quantum.
-        cpu.clock += q if q >= cpu.intra else cpu.intra
-        cpu.instructions += q
-        c.instructions += q
+        # clock run backwards when they add up to more than what ran.
+        cpu.clock += ran if ran >= cpu.intra else cpu.intra
+        cpu.instructions += ran
+        c.instructions += ran
         if err is not None and cpu.current is not None:
             self._on_fault(cpu, err)
         task = cpu.current
         if task is not None:
-            task.instructions += q
+            task.instructions += ran
             # With preemption disabled the budget doubles, then it is a hard lockup (a
             # leaked preempt count must not make a runaway guest run for ever).
             if task.instructions > self.call_budget and (
@@ -232,7 +235,7 @@ class Scheduler:
                 atomic = " with preemption disabled" if cpu.preempt_count else ""
                 self.kill_current(cpu, f"runaway: instruction budget of {self.call_budget} "
                                        f"exhausted (a guest infinite loop?{atomic})")
-            elif self.preempt and cpu.preemptible() and cpu.pc not in mem.SLOTS \
+            elif self.preempt and cpu.preemptible() and not self._in_unquiescent_text(cpu) \
                     and self.conductor.chance("preempt", self.preempt_prob):
                 self._c.preemptions += 1
                 task.context = cpu.context_save()
@@ -246,8 +249,8 @@ class Scheduler:
                 for other in self.cpus:
                     if other.current is None and not other.deferred_trap:
                         self._ack(self._gp_waiters, other.id, cpu.clock)
-        for notify in self.quantum_notifiers:
-            notify(cpu)
+        if self.events.wants(QuantumEnded):
+            self.events.publish(QuantumEnded(cpu))
 
 
     def _switch_out(self, cpu: CPU) -> Task:
@@ -261,13 +264,12 @@ class Scheduler:
         task = cpu.current
         cpu.current = None
         cpu.pc = self.idle_addr
-        # The rest of the quantum is idle time: charged, not emulated.
+        # The rest of the quantum is idle time: neither run nor charged.
         cpu.stop_requested = True
         task.state = TaskState.DEAD
         task.result = result
         task.oops = oops
-        for notify in list(self.task_exit_notifiers):
-            notify(task)
+        self.events.publish(TaskExited(task))
         heapq.heappush(self._free_stacks, (task.stack_base - mem.STACKS.start) // mem.STACK_SIZE)
         self.trace_event("exit", cpu.id, task.pid, result if oops is None else "oops",
                          cpu.clock + cpu.intra)

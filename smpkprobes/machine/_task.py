@@ -16,8 +16,7 @@ class TaskState(enum.Enum):
 
 
 class Task:
-    """A guest task.  `kretprobe_instances` is the task's list of in-flight return probes
-    (the kernel keeps it in the kretprobe hash; here it lives on the task)."""
+    """A guest task."""
 
     def __init__(self, func: int, args: tuple[int, ...], comm: str, affinity: int | None,
                  order_key: tuple):
@@ -39,7 +38,6 @@ class Task:
         self.result: int | None = None
         self.oops = None
         self.done = trio.Event()
-        self.kretprobe_instances: list = []
 
     def allowed_on(self, cpu_id: int) -> bool:
         return self.affinity is None or self.affinity == cpu_id

@@ -1,5 +1,16 @@
-"""What the CPUs call back into (`CpuHost`): traps, hypercalls and exceptions raised in a
-Unicorn callback; and the trap handler the probe core installs.  A mixin of `SMPMachine`."""
+"""Traps: the one path a breakpoint trap takes, and the other things the CPUs call back into
+(`CpuHost`: hypercalls, foreign traps, exceptions raised in a Unicorn callback).  A mixin of
+`SMPMachine`.
+
+One trap path
+-------------
+Each CPU has a single trap sink, `cpu.trap_sink(cpu, addr) -> TrapResult`, which its
+interrupt hook calls for every breakpoint trap.  The sink is the registered trap handler (the
+probe core's `kprobe_int3_handler`); when `trap_delay` is set it is that same handler wrapped
+in the deferral, which takes some traps now and hands them to the handler at the start of
+the CPU's next quantum instead.  Either way the handler, and the code a benchmark measures,
+are the same.
+"""
 
 from __future__ import annotations
 
@@ -13,114 +24,138 @@ if TYPE_CHECKING:    # pragma: no cover
 TRAP_COST_NS = 50
 
 
+class TrapResult:
+    """What a trap handler did with a breakpoint trap, for the CPU to act on:
+      NOT_MINE ......... no breakpoint of the handler's: the task oopses (an unowned trap);
+      HANDLED .......... handled, the PC is where it must be;
+      resume_at(addr) .. handled, the CPU goes on at `addr` (the CPU writes the PC itself:
+                         inside its hook that costs no Python call, the hottest path's
+                         saving).
+    Immutable; the probe core keeps one per probe for its hot path."""
+
+    __slots__ = ("owned", "resume")
+
+    def __init__(self, owned: bool, resume: int | None = None):
+        self.owned = owned
+        self.resume = resume
+
+    def __repr__(self) -> str:
+        if not self.owned:
+            return "NOT_MINE"
+        return "HANDLED" if self.resume is None else f"resume_at({self.resume:#x})"
+
+
+NOT_MINE = TrapResult(False)
+HANDLED = TrapResult(True)
+
+
+def resume_at(addr: int) -> TrapResult:
+    return TrapResult(True, addr)
+
+
+TrapHandler = Callable[["CPU", int], TrapResult]
+
+
+def _no_handler(cpu: "CPU", addr: int) -> TrapResult:
+    return NOT_MINE
+
+
 class Traps:
     """The trap part of `SMPMachine` (see `_machine`)."""
 
-    @property
-    def trap_handler(self) -> Callable[[CPU, int], bool | int] | None:
-        """trap_handler(cpu, addr), for a breakpoint trap at addr, returns False if the
-        trap is not the probe core's, True if handled (the PC set as needed), or an int:
-        handled, resume there.  That last form lets the hottest path (a boosted probe hit)
-        leave the PC write to the CPU's hook, the only place it costs no Python call."""
-        return self._trap_handler
-
-    @trap_handler.setter
-    def trap_handler(self, handler) -> None:
+    def register_trap_handler(self, handler: TrapHandler) -> None:
+        """The handler of every breakpoint trap (the kernel's int3 / brk / trap handler)."""
         self._trap_handler = handler
-        self._install_breakpoint_vectors()
+        self._install_trap_sinks()
 
     @property
     def trap_delay(self) -> float:
-        """The probability that a breakpoint trap is handled only in the CPU's next quantum
-        (see on_trap)."""
+        """The probability that a breakpoint trap is handled only in the CPU's next quantum."""
         return self._trap_delay
 
     @trap_delay.setter
     def trap_delay(self, p: float) -> None:
         self._trap_delay = p
-        self._install_breakpoint_vectors()
+        self._install_trap_sinks()
 
-    def _install_breakpoint_vectors(self) -> None:
-        """A machine that never defers a trap lets each CPU hand its breakpoint traps
-        straight to the trap handler (CPU.breakpoint_vector): on_trap's work for them,
-        without the call through on_trap on every probe hit."""
+    def _install_trap_sinks(self) -> None:
         cpus = getattr(self, "cpus", None)
         if cpus is None:
             return              # still booting: the CPUs come later
-        handler = getattr(self, "_trap_handler", None)
-        vector = None
-        if handler is not None and not self._trap_delay:
-            vector = (self._trap_intno, self._trap_pc_offset, TRAP_COST_NS, handler)
-        for cpu in cpus:
-            cpu.breakpoint_vector = vector
-
-    def on_trap(self, cpu: CPU, intno: int, pc: int) -> int | None:
-        """A trap inside a quantum, at `pc`.  Returns the address to resume at when the
-        trap handler gives one (the CPU writes it, see `trap_handler`), else None.
-
-        The hot path of every probe hit: one call into the probe core.  An exception raised
-        here reaches the CPU's hook, which turns it into an oops, as _dispatch_trap would."""
-        if intno != self._trap_intno:
-            self._foreign_trap(cpu, intno)
-            return
-        self._c.traps += 1
-        cpu.intra += TRAP_COST_NS
-        addr = pc - self._trap_pc_offset
-        if self._trap_delay and not cpu.nesting \
-                and self.conductor.chance("defer", self._trap_delay) \
-                and self._trap_handler is not None:
-            # The trap is taken now but handled in the CPU's next quantum, with other CPUs
-            # running in between: the window in which a probe can be removed under it.
-            cpu.deferred_trap = True
-            cpu.deferred_addr = addr
-            self._c.deferred_traps += 1
-            cpu.stop_requested = True
-            return
         handler = self._trap_handler
-        handled = handler is not None and handler(cpu, addr)
-        if handled.__class__ is int:
-            return handled
-        if not handled and cpu.current is not None:
-            self.on_unowned_trap(cpu, addr)
-        return None
+        sink = self._deferring(handler) if self._trap_delay else handler
+        for cpu in cpus:
+            cpu.trap_sink = sink
 
-    def _foreign_trap(self, cpu: CPU, intno: int) -> None:
+    def _deferring(self, handler: TrapHandler) -> TrapHandler:
+        """`handler`, wrapped in the deferral: with probability `trap_delay` (drawn from the
+        conductor) the trap is taken now but handled in the CPU's next quantum, with other
+        CPUs running in between - the window in which a probe can be removed under it."""
+        p = self._trap_delay
+        owned = handler is not _no_handler
+        counters = self._c
+
+        def deferring_sink(cpu: "CPU", addr: int) -> TrapResult:
+            if not cpu.nesting and self.conductor.chance("defer", p) and owned:
+                cpu.deferred_trap = True
+                cpu.deferred_addr = addr
+                counters.deferred_traps += 1
+                cpu.stop_requested = True
+                return HANDLED
+            return handler(cpu, addr)
+        return deferring_sink
+
+    def _dispatch_deferred_trap(self, cpu: "CPU") -> None:
+        """A deferred trap, handed to the trap handler outside any Unicorn hook."""
+        cpu.deferred_trap = False
+        cpu.stop_requested = False
+        addr = cpu.deferred_addr
+        try:
+            result = self._trap_handler(cpu, addr)
+        except BaseException as exc:
+            self.on_hook_exception(cpu, exc)
+            return
+        if result.resume is not None:
+            cpu.pc = result.resume
+        elif not result.owned and cpu.current is not None:
+            self.on_unowned_trap(cpu, addr)
+
+    # -- CpuHost ---------------------------------------------------------------------------
+    def on_foreign_trap(self, cpu: "CPU", intno: int) -> None:
+        """A trap that is not the breakpoint's."""
         if self.backend.unicorn.handle_firmware_trap(cpu, intno):
             return      # the arch's firmware took it (sparc64 register windows)
         self._c.traps += 1
         cpu.intra += TRAP_COST_NS
         self.kill_current(cpu, f"unhandled trap {intno} at {self.format_addr(cpu.pc)}")
 
-    def _dispatch_trap(self, cpu: CPU, addr: int) -> None:
-        """A deferred trap, handled outside any Unicorn hook (see on_trap)."""
-        handled = False
-        try:
-            if self.trap_handler is not None:
-                handled = self.trap_handler(cpu, addr)
-        except BaseException as exc:
-            self.on_hook_exception(cpu, exc)
-            return
-        if handled.__class__ is int:
-            cpu.pc = handled
-        elif not handled and cpu.current is not None:
-            self.on_unowned_trap(cpu, addr)
-
-    def on_unowned_trap(self, cpu: CPU, addr: int) -> None:
+    def on_unowned_trap(self, cpu: "CPU", addr: int) -> None:
         self.kill_current(cpu, f"breakpoint trap at {self.format_addr(addr)} that no kprobe "
                                f"owns")
 
-    def on_hypercall(self, cpu: CPU, addr: int) -> None:
+    def on_hypercall(self, cpu: "CPU", addr: int) -> None:
         self._c.hypercalls += 1
         cpu.intra += TRAP_COST_NS
         self._hypercalls[addr](cpu)
 
-    def on_hook_exception(self, cpu: CPU, exc: BaseException) -> None:
+    def on_hook_exception(self, cpu: "CPU", exc: BaseException) -> None:
         cpu.stop_requested = True
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise exc
         self.kill_current(cpu, f"internal error in a CPU callback: {type(exc).__name__}: {exc}")
 
-    def resolve_return_address(self, cpu: CPU, addr: int, depth: int) -> tuple[int, int]:
-        if self.return_address_resolver is None:
+    # -- the other hooks the probe core registers ------------------------------------------
+    def register_fault_fixup(self, fixup: Callable[["CPU", Exception], bool]) -> None:
+        """Asked first when the guest faults (kprobe_fault_handler); True: handled."""
+        self._fault_fixup = fixup
+
+    def register_return_address_resolver(
+            self, resolver: Callable[["CPU", int, int], tuple[int, int]]) -> None:
+        """Turns a return address the unwinder met (the kretprobe trampoline) into the real
+        one: resolver(cpu, addr, depth) -> (addr, depth)."""
+        self._return_address_resolver = resolver
+
+    def resolve_return_address(self, cpu: "CPU", addr: int, depth: int) -> tuple[int, int]:
+        if self._return_address_resolver is None:
             return addr, depth
-        return self.return_address_resolver(cpu, addr, depth)
+        return self._return_address_resolver(cpu, addr, depth)

@@ -146,19 +146,19 @@ async def run(scenario: Scenario, args: argparse.Namespace,
               **machine_options_) -> tuple[Report, Machine]:
     """Boot a machine as `args` says, run the scenario, return its report and the machine."""
     report = Report()
-    options = {**machine_options(args), "invariants": "record", **machine_options_}
-    with _mutants.injected(getattr(args, "mutant", None)):
-        m = Machine(arch=args.arch, cpus=args.cpus, seed=args.seed, preempt=args.preempt,
-                    **options)
-        try:
-            async with m:
-                try:
-                    await scenario(m, report, args)
-                except Exception as exc:        # reported as a failure, not a traceback
-                    report.crash(exc)
-                report.expect(not m.oopses, f"no oops ({len(m.oopses)} seen)")
-        except Exception as exc:                # the machine itself went down
-            report.crash(exc)
+    options = {**machine_options(args), "invariants": "record",
+               **_mutants.machine_options(getattr(args, "mutant", None)), **machine_options_}
+    m = Machine(arch=args.arch, cpus=args.cpus, seed=args.seed, preempt=args.preempt,
+                **options)
+    try:
+        async with m:
+            try:
+                await scenario(m, report, args)
+            except Exception as exc:        # reported as a failure, not a traceback
+                report.crash(exc)
+            report.expect(not m.oopses, f"no oops ({len(m.oopses)} seen)")
+    except Exception as exc:                # the machine itself went down
+        report.crash(exc)
     if m.invariants is not None:
         for v in m.invariants.violations:
             report.expect(False, f"invariant {v}")

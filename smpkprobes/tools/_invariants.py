@@ -13,13 +13,17 @@ KASAN watches the kernel, and checks five laws:
            an instance or counts one miss;
   handlers no handler of a probe runs once unregister has returned for it.
 
+It only observes: it subscribes to the events the machine publishes (`QuantumEnded`,
+`ModuleGoing`) and those of the probe core (`KprobesArmed`, `KprobesDisarmed`,
+`KretprobeRegistered`), and reads the probe core's public state.
+
 Where they are checked:
-  * after every quantum (`Machine.quantum_notifiers`): slots, the pools of the registered
+  * after every quantum (`QuantumEnded`): slots, the pools of the registered
     kretprobes (with their entries), and the entries and handlers laws of kprobe hits.
     Those are not checked around each trap or call, which would put a wrapper on the hit
     path: the probe core counts each trap at a registered probe and each way one ends
     (`traps`, `hits`, `missed`, `unrecoverable`) and each entry into a kretprobe's
-    function (`Kretprobe._entries`), and records a pre, post or return handler of an
+    function (`Kretprobe.statistics().entries`), and records a pre, post or return handler of an
     unregistered probe that is about to run (`stale_handlers`); the checker compares and
     reports after the quantum in which it happened;
   * after every arm and disarm, on the sites patched (text only changes there);
@@ -43,9 +47,11 @@ from ..machine import _memory as mem
 from .._errors import SimulationError
 
 if TYPE_CHECKING:    # pragma: no cover
-    from ..machine._cpu import CPU
     from ..kprobes._core import KprobesSubsystem, Kretprobe
     from ..machine._machine import SMPMachine
+
+from ..kprobes._events import KprobesArmed, KprobesDisarmed, KretprobeRegistered
+from ..machine._events import ModuleGoing, QuantumEnded
 
 MAX_RECORDED = 64
 
@@ -79,16 +85,16 @@ class Invariants:
         # register read per quantum keeps this exact.
         self._pcs = {cpu.id: 0 for cpu in machine.cpus}
         self._in_slots: set[int] = set()     # ids of the CPUs whose _pcs are in the slot area
-        self._kernel_text = kprobes._kernel_text
-        # Hooks: the machine calls the first two; the others wrap the probe core's bound
-        # methods on this instance only (the class, and so other machines, are untouched).
-        machine.quantum_notifiers.append(self._after_quantum)
-        machine.module_notifiers.append(self._module_event)
+        text = machine.kernel.sections[".text"]
+        self._kernel_text = (text[0], text[0] + text[1])
+        self._bp = machine.backend.breakpoint
         self._lost_traps = 0                      # traps already reported as neither hit nor miss
-        self._register_rp = kprobes._register_kretprobe
-        kprobes._register_kretprobe = self._track_kretprobe
-        self._arm, self._disarm = kprobes._arm, kprobes._disarm
-        kprobes._arm, kprobes._disarm = self._checked_arm, self._checked_disarm
+        self._stale_seen = 0                      # stale_handlers already reported
+        machine.events.subscribe(QuantumEnded, self._after_quantum)
+        machine.events.subscribe(ModuleGoing, self._module_event)
+        kprobes.events.subscribe(KprobesArmed, self._armed)
+        kprobes.events.subscribe(KprobesDisarmed, self._disarmed)
+        kprobes.events.subscribe(KretprobeRegistered, self._track_kretprobe)
 
     # -- reporting ------------------------------------------------------------------------
     def violation(self, law: str, what: str) -> None:
@@ -109,7 +115,8 @@ class Invariants:
             raise InvariantViolation(list(self.violations))
 
     # -- after every quantum --------------------------------------------------------------
-    def _after_quantum(self, cpu: "CPU") -> None:
+    def _after_quantum(self, event: QuantumEnded) -> None:
+        cpu = event.cpu
         self.checks += 1
         pc = self._pcs[cpu.id] = cpu.pc
         # Only a CPU inside the slot area can break the law; most quanta end elsewhere.
@@ -124,12 +131,12 @@ class Invariants:
         k = self._k
         # (The cheap test first: this runs after every quantum.)
         if k.traps - k.hits - k.missed - k.unrecoverable != self._lost_traps \
-                or k.stale_handlers:
+                or len(k.stale_handlers) != self._stale_seen:
             self.check_hits(f"in quantum {cpu.quanta} of cpu{cpu.id}")
 
     def check_slots(self, cached: bool = False) -> None:
         """No CPU executes in a freed slot."""
-        used = self._k.slots._used
+        is_used = self._k.slots.is_used
         lo, hi = mem.SLOTS.start, mem.SLOTS.end
         pcs = self._pcs
         for cpu in self._m.cpus:
@@ -138,39 +145,37 @@ class Invariants:
             pc = pcs[cpu.id] if cached else cpu.pc
             if lo <= pc < hi:
                 base = pc - (pc - lo) % self._slot_size
-                if base not in used:
+                if not is_used(base):
                     self.violation("slots", f"cpu{cpu.id} executes at {pc:#x} in insn slot "
                                             f"{base:#x}, which is free")
 
-    async def _checked_arm(self, sites) -> None:
-        for s in sites:
-            self._tracked.setdefault(s.addr, s.orig)
-        await self._arm(sites)
-        self.check_text([s.addr for s in sites])
+    def _armed(self, event: KprobesArmed) -> None:
+        for p in event.probes:
+            self._tracked.setdefault(p.addr, p.orig)
+        self.check_text([p.addr for p in event.probes])
 
-    async def _checked_disarm(self, sites) -> None:
-        await self._disarm(sites)
-        self.check_text([s.addr for s in sites])
+    def _disarmed(self, event: KprobesDisarmed) -> None:
+        self.check_text([p.addr for p in event.probes])
 
     def check_text(self, addrs=None) -> None:
         """Disarmed text equals the original bytes; armed text holds the breakpoint.
         Checks `addrs`, or every address ever armed."""
-        k = self._k
-        table = k._table
+        get_kprobe = self._k.get_kprobe
         tracked = self._tracked
         peek = self._m.memory.peek
-        bp = k._bp
+        bp = self._bp
         for addr in list(tracked) if addrs is None else addrs:
             orig = tracked.get(addr)
-            site = table.get(addr)
+            site = get_kprobe(addr)
             if orig is None or (site is not None and site.gone) or not self._text_alive(addr):
                 tracked.pop(addr, None)
                 continue
             now = peek(addr, len(orig))
-            want = bp if site is not None and site.armed else orig
-            want = k.optimizer.expected_text(addr, want)      # under a written jump: the jump
+            armed = site is not None and site.armed
+            # Under a jump the optimizer has written, the jump's bytes.
+            want = self._k.optimizer.expected_text(addr, bp if armed else orig)
             if now != want:
-                state = "armed" if want is bp else "disarmed"
+                state = "armed" if armed else "disarmed"
                 self.violation("text", f"{state} probe address {self._m.format_addr(addr)} "
                                        f"holds {now.hex()}, not {want.hex()}")
 
@@ -180,8 +185,9 @@ class Invariants:
         module = self._m.module_of(addr)
         return module is not None and not (module.in_init(addr) and module.init_freed)
 
-    def _module_event(self, event: str, module) -> None:
+    def _module_event(self, event: ModuleGoing) -> None:
         # Its text is about to be freed: the bytes there stop being ours to check.
+        module = event.module
         for addr in [a for a in self._tracked if module.in_text(a) or module.in_init(a)]:
             del self._tracked[addr]
 
@@ -191,14 +197,13 @@ class Invariants:
             if not rp.kp._registered:
                 del self._rps[key]
                 continue
-            free, used = len(rp._free), len(rp._used)
-            if free + used != rp.maxactive:
-                self.violation("pool", f"{rp!r}: free {free} + in use {used} != maxactive "
-                                       f"{rp.maxactive}")
-            entries = rp._entries
-            if rp._taken + rp.nmissed != entries:
-                self.violation("entries", f"{rp!r}: taken {rp._taken} + nmissed {rp.nmissed} "
-                                          f"!= entries {entries}")
+            s = rp.statistics()
+            if s.free + s.in_use != s.maxactive:
+                self.violation("pool", f"{rp!r}: free {s.free} + in use {s.in_use} != "
+                                       f"maxactive {s.maxactive}")
+            if s.taken + s.missed != s.entries:
+                self.violation("entries", f"{rp!r}: taken {s.taken} + nmissed {s.missed} "
+                                          f"!= entries {s.entries}")
 
     # -- kprobe hits ----------------------------------------------------------------------
     def check_hits(self, where: str) -> None:
@@ -213,8 +218,10 @@ class Invariants:
                                       f"neither a hit nor a miss" if lost > 0 else
                                       f"{-lost} more hits and misses than traps at probed "
                                       f"addresses {where}")
-        if k.stale_handlers:
-            for addr, probe, which in k.stale_handlers:
+        if len(k.stale_handlers) > self._stale_seen:
+            fresh = k.stale_handlers[self._stale_seen:]
+            self._stale_seen += len(fresh)
+            for addr, probe, which in fresh:
                 if which == "return handler":
                     self.violation("handlers", f"return handler of {probe!r} about to run "
                                                f"after unregister_kretprobe returned")
@@ -222,8 +229,6 @@ class Invariants:
                     self.violation("handlers", f"{which} of {probe!r} at "
                                                f"{self._m.format_addr(addr)} about to run "
                                                f"after it was unregistered")
-            k.stale_handlers.clear()
 
-    async def _track_kretprobe(self, rp: "Kretprobe") -> None:
-        await self._register_rp(rp)
-        self._rps[id(rp)] = rp
+    def _track_kretprobe(self, event: KretprobeRegistered) -> None:
+        self._rps[id(event.rp)] = event.rp

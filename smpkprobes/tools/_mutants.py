@@ -1,9 +1,10 @@
-"""Known probe-core bugs, injected one at a time, to check that the stress suite catches them.
+"""Known probe-core bugs, one per mutant, to check that the stress suite catches them.
 
-A mutant is a monkeypatch of the probe core's (or the machine's) classes, applied with
-`injected(name)` and undone on exit; production code carries no mutant flags.  Patches go on
-the classes, so they must be in place before a `Machine` is built (a machine binds some
-methods, such as its trap handler, when it boots).
+A mutant is a subclass of the probe core, `KprobesSubsystem`, that overrides one part with
+the bug (or, for one, a configuration of the machine).  `Machine(probe_core=...)` is the
+seam that builds a machine with it; `machine_options(name)` gives the options.  Nothing is
+patched: the runtime classes, and every other machine, are untouched, and production code
+carries no mutant flags.
 
 Each mutant names the stress scenarios expected to catch it (`hunted_by`);
 `smpkprobes selftest --mutants` runs them over seeds until one fails and prints the table.
@@ -12,14 +13,15 @@ Each mutant names the stress scenarios expected to catch it (`hunted_by`);
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import heapq
 from dataclasses import dataclass
-from typing import Callable
 
-from ..kprobes import _optcheck
 from ..kprobes._core import KprobesSubsystem, Status
+from ..kprobes._optcheck import NotOptimizable, prepare_region
 from ..kprobes._optprobe import Optimizer
-from ..machine._machine import SMPMachine
+from ..kprobes._slots import InsnSlots
+from ..machine._services import HANDLED, QuantumEnded
 
 
 @dataclass(frozen=True)
@@ -27,99 +29,98 @@ class Mutant:
     name: str
     bug: str                          # what is broken, in the kernel's words
     hunted_by: tuple[str, ...]        # the stress scenarios expected to catch it
-    apply: Callable[[], Callable[[], None]]    # patch; returns the undo
-
-
-def _patch(cls, attr: str, new) -> Callable[[], None]:
-    if attr in cls.__dict__:
-        old = cls.__dict__[attr]
-        setattr(cls, attr, new)
-        return lambda: setattr(cls, attr, old)
-    setattr(cls, attr, new)                 # shadows the method a mixin gives the class
-    return lambda: delattr(cls, attr)
+    probe_core: type[KprobesSubsystem] = KprobesSubsystem
+    options: tuple[tuple[str, object], ...] = ()      # machine options besides
 
 
 # -- the mutants --------------------------------------------------------------------------
-def _no_text_sync():
-    """Arming and disarming write the text but send no IPI: CPUs keep stale translations."""
-    undo = []
-    for attr in ("_arm", "_disarm"):
-        orig = getattr(KprobesSubsystem, attr)
+class _Kernel:
+    """The probe core's view of the machine, with one service changed (a mutant's own)."""
 
-        async def unsynced(self, sites, _orig=orig):
-            saved, self._m.text_sync = self._m.text_sync, False
-            try:
-                await _orig(self, sites)
-            finally:
-                self._m.text_sync = saved
-        undo.append(_patch(KprobesSubsystem, attr, unsynced))
-    return lambda: [u() for u in undo]
+    def __init__(self, kernel, **changed):
+        self._inner = kernel
+        self.__dict__.update(changed)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
 
 
 async def _no_wait() -> None:
     return None
 
 
-def _no_grace_period():
+class NoGracePeriod(KprobesSubsystem):
     """Unregistering frees the slots and returns without waiting for a grace period."""
-    orig = KprobesSubsystem._unregister_many
 
-    async def unregister_many(self, probes):
-        self._m.synchronize = _no_wait          # shadows the method on this machine only
+    def __init__(self, kernel):
+        super().__init__(kernel)
+        self._real_kernel = kernel
+        self._no_gp_kernel = _Kernel(kernel, synchronize=_no_wait)
+
+    async def _unregister_many(self, probes):
+        self._kernel = self._no_gp_kernel
         try:
-            await orig(self, probes)
+            await super()._unregister_many(probes)
         finally:
-            del self._m.synchronize
-    return _patch(KprobesSubsystem, "_unregister_many", unregister_many)
+            self._kernel = self._real_kernel
 
 
-def _slot_reused_at_once():
+class _SlotsReusedAtOnce(InsnSlots):
+    def reuse_at_once(self, slot: int) -> None:
+        self._used.discard(slot)
+        heapq.heappush(self._free, slot)
+
+
+class SlotReusedAtOnce(KprobesSubsystem):
     """A dying probe's slot goes back to the allocator as soon as the probe is unlinked,
     before the grace period (and without the dirty-slot delay): reusable at once while a
     CPU may still be stepping in it."""
-    orig = KprobesSubsystem._unregister_many
 
-    async def unregister_many(self, probes):
+    def __init__(self, kernel):
+        super().__init__(kernel)
+        self.slots = _SlotsReusedAtOnce(kernel.insn_slot_area, self._backend.slot_size,
+                                        kernel.synchronize, self._cpu_in_range)
+
+    async def _unregister_many(self, probes):
         leaving: dict[int, set[int]] = {}
         for p in probes:
-            site = self._table.get(p.addr) if p._registered else None
+            site = self.get_kprobe(p.addr) if p._registered else None
             if site is not None and p in site.children:
                 leaving.setdefault(site.addr, set()).add(id(p))
         for addr, ids in leaving.items():
-            site = self._table[addr]
+            site = self.get_kprobe(addr)
             if site.slot is not None and all(id(c) in ids for c in site.children):
                 del self._by_slot[site.slot]
-                self.slots._used.discard(site.slot)
-                heapq.heappush(self.slots._free, site.slot)
-                site.slot = None
-        await orig(self, probes)
-    return _patch(KprobesSubsystem, "_unregister_many", unregister_many)
+                self.slots.reuse_at_once(site.slot)
+                site.set_slot(None)
+        await super()._unregister_many(probes)
 
 
-def _pool_not_atomic():
+class PoolNotAtomic(KprobesSubsystem):
     """Taking a kretprobe instance is a plain read then a write that other CPUs see only
     later (no lock): the take sits in the taking CPU's store buffer until the end of that
     CPU's next quantum (or until its task leaves it), and meanwhile the other CPUs still
     see the instance on the free list and can take it too."""
-    orig = KprobesSubsystem._pre_handler_kretprobe
 
-    def pre_handler(self, p, regs):
-        rp, cpu, m = p._owner, regs.cpu, self._m
-        buffers = m.__dict__.get("_mutant_store_buffers")
-        if buffers is None:
-            buffers = m._mutant_store_buffers = {c.id: [] for c in m.cpus}
+    def __init__(self, kernel):
+        super().__init__(kernel)
+        self._buffers = {c.id: [] for c in kernel.cpus}
+        kernel.subscribe(QuantumEnded, self._commit, first=True)   # before the checks
 
-            def commit(cpu):
-                keep = []
-                for owner, ri, quantum in buffers[cpu.id]:
-                    if quantum == cpu.quanta and cpu.current is not None:
-                        keep.append((owner, ri, quantum))     # taken in this quantum
-                    elif ri in owner._free:
-                        owner._free.remove(ri)
-                buffers[cpu.id][:] = keep
-            m.quantum_notifiers.insert(0, commit)     # drain before the invariant checks
-        mine = buffers[cpu.id]
-        real = rp._free
+    def _commit(self, event):
+        cpu = event.cpu
+        keep = []
+        for owner, ri, quantum in self._buffers[cpu.id]:
+            if quantum == cpu.quanta and cpu.current is not None:
+                keep.append((owner, ri, quantum))     # taken in this quantum
+            elif ri in owner.pool.free:
+                owner.pool.free.remove(ri)
+        self._buffers[cpu.id][:] = keep
+
+    def pre_handler_kretprobe(self, p, regs):
+        rp, cpu = p._owner, regs.cpu
+        mine = self._buffers[cpu.id]
+        real = rp.pool.free
         view = list(real)               # what this CPU sees: its own pops applied
         for owner, ri, _ in mine:
             if owner is rp:
@@ -128,100 +129,91 @@ def _pool_not_atomic():
                         del view[i]
                         break
         before = list(view)
-        rp._free = view
+        rp.pool.free = view
         try:
-            return orig(self, p, regs)
+            return super().pre_handler_kretprobe(p, regs)
         finally:
-            rp._free = real
+            rp.pool.free = real
             # The take pops the end of the list.  The pop stays in this CPU's store buffer;
             # a push (a take the entry handler refused) is visible to all at once.
             if len(view) < len(before):
                 mine.extend((rp, ri, cpu.quanta) for ri in before[len(view):])
             elif len(view) > len(before):
                 real.extend(view[len(before):])
-    return _patch(KprobesSubsystem, "_pre_handler_kretprobe", pre_handler)
 
 
-def _no_prev_kprobe_save():
+class NoPrevKprobeSave(KprobesSubsystem):
     """A reentrant hit does not save the running probe into prev_kprobe: restoring after
     the nested step brings back an empty control block."""
-    orig = KprobesSubsystem._reenter_kprobe
 
-    def reenter(self, cpu, kcb, site):
-        orig(self, cpu, kcb, site)
-        if kcb.prev is not None and kcb.status is Status.REENTER:
-            kcb.prev = (None, Status.NONE, 0)
-    return _patch(KprobesSubsystem, "_reenter_kprobe", reenter)
+    def reenter_kprobe(self, cpu, kcb, p):
+        result = super().reenter_kprobe(cpu, kcb, p)
+        if kcb.prev_kprobe is not None and kcb.kprobe_status is Status.REENTER:
+            kcb.prev_kprobe = (None, Status.NONE, 0)
+        return result
 
 
-def _orphans_not_handled():
+class OrphansNotHandled(KprobesSubsystem):
     """Unregistering a kretprobe leaves its in-flight instances pointing at it: their
     returns still run its handler."""
-    def cleanup(self, rp):
-        rp._free = []
-    return _patch(KprobesSubsystem, "_cleanup_kretprobe", cleanup)
+
+    def _cleanup_kretprobe(self, rp):
+        rp.pool.free = []
 
 
-def _no_backup_on_stray_trap():
+class NoBackupOnStrayTrap(KprobesSubsystem):
     """A trap whose breakpoint is already gone resumes where the trap left the PC (past
     the int3) instead of backing up to re-execute the original instruction."""
-    orig = KprobesSubsystem._kprobe_handler
 
-    def handler(self, cpu, addr):
-        strays = self._m._c.stray_traps
-        handled = orig(self, cpu, addr)
-        if self._m._c.stray_traps != strays:
-            cpu.pc = addr + self._backend.unicorn.trap_pc_offset
-        return handled
-    return _patch(KprobesSubsystem, "_kprobe_handler", handler)
+    def _stray_trap(self, cpu, addr):
+        super()._stray_trap(cpu, addr)
+        cpu.pc = addr + self._backend.unicorn.trap_pc_offset
+        return HANDLED
 
 
-def _batch_register_no_rollback():
+class BatchRegisterNoRollback(KprobesSubsystem):
     """A batch registration that fails half-way leaves the probes before the failure
     registered."""
-    orig = KprobesSubsystem._register_batch
 
-    async def register_batch(self, items, register_one):
-        async def keep(probes):
-            return None
-        self._unregister_many = keep            # the rollback's only tool, on this instance
+    _in_batch = False
+
+    async def _register_batch(self, items, register_one):
+        self._in_batch = True
         try:
-            await orig(self, items, register_one)
+            await super()._register_batch(items, register_one)
         finally:
-            del self._unregister_many
-    return _patch(KprobesSubsystem, "_register_batch", register_batch)
+            self._in_batch = False
+
+    async def _unregister_many(self, probes):
+        if not self._in_batch:          # the rollback's only tool
+            await super()._unregister_many(probes)
 
 
-# -- jump optimization (kprobes/_optprobe.py) ----------------------------------------------
-def _opt_no_grace_period():
+# -- jump optimization (kprobes/_optprobe.py): the optimizer is the probe core's own part,
+# made by `_make_optimizer`, so each of these is a probe core with a broken optimizer.
+class _OptNoGracePeriod(Optimizer):
+    def _step(self):
+        for _ in range(2):
+            b = self._batch
+            if b is not None and b.phase == "gp":
+                b.remaining = set()
+                b.ranges = []
+            super()._step()
+
+
+class OptNoGracePeriod(KprobesSubsystem):
     """The optimizer writes its jumps without waiting for a grace period, nor for the tasks
     preempted inside the regions (RCU tasks)."""
-    orig = Optimizer._step
 
-    def step(self):
-        b = self._batch
-        if b is not None and b.phase == "gp":
-            b.remaining = set()
-            b.ranges = []
-        orig(self)
-        b = self._batch
-        if b is not None and b.phase == "gp" and b.ops:
-            b.remaining = set()
-            b.ranges = []
-            orig(self)
-    return _patch(Optimizer, "_step", step)
+    def _make_optimizer(self, kernel):
+        return _OptNoGracePeriod(self, kernel)
 
 
-def _opt_no_int3_first():
-    """The jump is written without a breakpoint guarding it (no text_poke_bp): its first
-    byte, then its tail, each with a sync, as a plain copy would, so for a while the text
-    holds a jump opcode with the old bytes as its displacement."""
-    orig = Optimizer._poke
-
-    def poke(self, b, phase):
-        n = len(self._k._bp)
+class _OptNoInt3First(Optimizer):
+    def _poke(self, b, phase):
+        n = len(self._bp)
         if self.facts.jump_len == n:
-            return orig(self, b, phase)
+            return super()._poke(b, phase)
         ops = [op for op in b.ops if op.state == "queued"]
         b.phase = phase
         if phase == "int3":
@@ -230,60 +222,87 @@ def _opt_no_int3_first():
             patches = [(op.site.addr + n, op.jump[n:]) for op in ops]
             for op in ops:
                 op.written = True
-                self._m.insn_starts.code_written(op.site.addr, op.jump)
+                self._kernel.code_written(op.site.addr, op.jump)
         else:
             patches = []
-        b.pending = self._m.text_poke_start(patches)[1] if patches else []
-    return _patch(Optimizer, "_poke", poke)
+        b.pending = self._kernel.text_poke_start(patches)[1] if patches else []
 
 
-def _opt_free_without_grace_period():
-    """An unoptimized probe's detour is freed, and may be reused, at once."""
-    orig = Optimizer.unoptimize
+class OptNoInt3First(KprobesSubsystem):
+    """The jump is written without a breakpoint guarding it (no text_poke_bp): its first
+    byte, then its tail, each with a sync, as a plain copy would, so for a while the text
+    holds a jump opcode with the old bytes as its displacement."""
 
+    def _make_optimizer(self, kernel):
+        return _OptNoInt3First(self, kernel)
+
+
+class _OptFreeWithoutGracePeriod(Optimizer):
     async def unoptimize(self, ops):
-        await orig(self, ops)
+        await super().unoptimize(ops)
         for op in ops:
             if op in self._free_list:
                 self._free_list.remove(op)
                 del self._by_stub[op.stub]
                 self._free_index.append(op.index)
-    return _patch(Optimizer, "unoptimize", unoptimize)
 
 
-def _opt_no_jump_target_check():
+class OptFreeWithoutGracePeriod(KprobesSubsystem):
+    """An unoptimized probe's detour is freed, and may be reused, at once."""
+
+    def _make_optimizer(self, kernel):
+        return _OptFreeWithoutGracePeriod(self, kernel)
+
+
+class _OptNoJumpTargetCheck(Optimizer):
+    def region(self, addr):
+        r = self._regions.get(addr)
+        if r is None:
+            sym = self._kernel.kallsyms.containing(addr)
+            facts = dataclasses.replace(self.facts, scan_function=False)
+            try:
+                r = prepare_region(self._backend, facts, self._k.original_text, sym.addr,
+                                   sym.size, addr)
+            except NotOptimizable as err:
+                r = err.reason
+            self._regions[addr] = r
+        return r
+
+
+class OptNoJumpTargetCheck(KprobesSubsystem):
     """The safety checks do not decode the function: a region that a jump lands inside, or
     that an indirect jump may reach, is optimized all the same."""
-    def scan(backend, code, func, addr, region_end):
-        return None
-    return _patch(_optcheck, "_scan", scan)
+
+    def _make_optimizer(self, kernel):
+        return _OptNoJumpTargetCheck(self, kernel)
 
 
 MUTANTS: dict[str, Mutant] = {m.name: m for m in (
-    Mutant("no_text_sync", "no cross-CPU sync after arming or disarming",
-           ("unregister_while_firing", "concurrent_hits"), _no_text_sync),
+    # The machine's own "no cross-CPU sync" configuration: text_poke writes, sends no IPI.
+    Mutant("no_text_sync", "no cross-CPU sync after text patching (arming, disarming)",
+           ("unregister_while_firing", "concurrent_hits"), options=(("text_sync", False),)),
     Mutant("no_grace_period", "no grace period before a slot is freed",
-           ("unregister_while_firing",), _no_grace_period),
+           ("unregister_while_firing",), NoGracePeriod),
     Mutant("slot_reused_at_once", "a slot reused at once",
-           ("unregister_while_firing",), _slot_reused_at_once),
+           ("unregister_while_firing",), SlotReusedAtOnce),
     Mutant("pool_not_atomic", "pool take/return that is not atomic",
-           ("maxactive_contention", "unregister_while_firing"), _pool_not_atomic),
+           ("maxactive_contention", "unregister_while_firing"), PoolNotAtomic),
     Mutant("no_prev_kprobe_save", "no prev_kprobe save on reentry",
-           ("reentrancy", "singlestep_state"), _no_prev_kprobe_save),
+           ("reentrancy", "singlestep_state"), NoPrevKprobeSave),
     Mutant("orphans_not_handled", "orphaned kretprobe instances not handled",
-           ("unregister_while_firing",), _orphans_not_handled),
+           ("unregister_while_firing",), OrphansNotHandled),
     Mutant("no_backup_on_stray_trap", "no back-up on a stray trap",
-           ("unregister_while_firing",), _no_backup_on_stray_trap),
+           ("unregister_while_firing",), NoBackupOnStrayTrap),
     Mutant("batch_register_no_rollback", "a batch register that forgets the rollback",
-           ("unregister_while_firing",), _batch_register_no_rollback),
+           ("unregister_while_firing",), BatchRegisterNoRollback),
     Mutant("opt_no_grace_period", "optimizing without a grace period (nor RCU tasks)",
-           ("optprobe_race",), _opt_no_grace_period),
+           ("optprobe_race",), OptNoGracePeriod),
     Mutant("opt_no_int3_first", "a jump written without the int3-first protocol",
-           ("optprobe_race",), _opt_no_int3_first),
+           ("optprobe_race",), OptNoInt3First),
     Mutant("opt_free_without_grace_period", "a detour buffer freed without a grace period",
-           ("optprobe_race",), _opt_free_without_grace_period),
+           ("optprobe_race",), OptFreeWithoutGracePeriod),
     Mutant("opt_no_jump_target_check", "optimizing without the jump-target check",
-           ("optprobe_race",), _opt_no_jump_target_check),
+           ("optprobe_race",), OptNoJumpTargetCheck),
 )}
 
 
@@ -291,18 +310,23 @@ def names() -> list[str]:
     return list(MUTANTS)
 
 
-@contextlib.contextmanager
-def injected(name: str | None):
-    """Inject mutant `name` for the duration of the block (no-op for None)."""
-    if name is None:
-        yield None
-        return
+def get(name: str) -> Mutant:
     try:
-        mutant = MUTANTS[name]
+        return MUTANTS[name]
     except KeyError:
         raise ValueError(f"no mutant {name!r}; known: {', '.join(MUTANTS)}") from None
-    undo = mutant.apply()
-    try:
-        yield mutant
-    finally:
-        undo()
+
+
+def machine_options(name: str | None) -> dict:
+    """The `Machine` options that build a machine with mutant `name` (none for None)."""
+    if name is None:
+        return {}
+    mutant = get(name)
+    return {"probe_core": mutant.probe_core, **dict(mutant.options)}
+
+
+@contextlib.contextmanager
+def injected(name: str | None):
+    """The mutant `name` (None for none), checked: pass `machine_options(name)` to the
+    machines built in the block.  Kept for callers written when mutants were patches."""
+    yield None if name is None else get(name)
