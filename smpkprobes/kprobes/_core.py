@@ -44,9 +44,8 @@ from dataclasses import dataclass
 
 import trio
 
-from ..machine._events import EventBus
-from ..machine._regs import regs_class
-from ..machine._services import KernelServices, ModuleGoing, TaskExited, TaskOopsed
+from ..machine._services import (EventBus, KernelServices, ModuleGoing, TaskExited, TaskOopsed,
+                                 regs_class)
 from ._hit import TRAP_HANDLER_EXCEPTION as TRAP_HANDLER_EXCEPTION
 from ._hit import HitPath
 from ._jprobes import MAX_STACK_SIZE as MAX_STACK_SIZE

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..machine._events import Event
+from ..machine._services import Event
 
 if TYPE_CHECKING:    # pragma: no cover
     from ._probes import Kretprobe

@@ -21,8 +21,7 @@ import unicorn
 
 from smpkprobes.cpus import StepKind
 
-from ..machine._regs import Regs
-from ..machine._services import HANDLED, NOT_MINE, TrapResult
+from ..machine._services import HANDLED, NOT_MINE, Regs, TrapResult
 from ._probes import KPROBE_FLAG_DISABLED, Kprobe, _JprobeReturn
 from ._state import _HIT_ACTIVE, _NONE, _REENTER, AggrKprobe, KprobeCtlblk, Status
 
@@ -98,30 +97,26 @@ class HitPath:
         """Execute the probed instruction: simulated now, or stepped out of line in the
         slot.  `hit` is this hit's trace event, when nothing may have been traced since."""
         reenter = kcb.kprobe_status is _REENTER
-        if p.boostable and not reenter:
-            for child in p.children:        # (p.has_post_handler(), without the call)
-                if child.post_handler is not None and not child.flags & KPROBE_FLAG_DISABLED:
-                    break
+        if p.boostable and not reenter and not p.post:
+            # Boosted: the slot jumps back by itself, and the probe is done as the CPU
+            # enters it.  Preemption is enabled again before then; grace periods still wait
+            # for the CPU to leave the slot (the slot area is unquiescent text).
+            trace = self._trace
+            t_ss = cpu.clock + cpu.intra
+            if hit is not None and trace and trace[-1] is hit:
+                # Nothing traced since the hit: one "boost" event stands for both.
+                t = hit[3]
+                trace[-1] = ("boost", hit[1], p.addr, t, t if t_ss == t else t_ss)
             else:
-                # Boosted: the slot jumps back by itself, and the probe is done as the CPU
-                # enters it.  Preemption is enabled again before then; grace periods still
-                # wait for the CPU to leave the slot (the slot area is unquiescent text).
-                trace = self._trace
-                t_ss = cpu.clock + cpu.intra
-                if hit is not None and trace and trace[-1] is hit:
-                    # Nothing traced since the hit: one "boost" event stands for both.
-                    t = hit[3]
-                    trace[-1] = ("boost", hit[1], p.addr, t, t if t_ss == t else t_ss)
-                else:
-                    trace.append(("ss", cpu.id, p.addr, t_ss, "boost"))
-                p.boost_used = True
-                if regs._dirty:
-                    regs.flush_except_pc()
-                kcb.current_kprobe = None
-                kcb.kprobe_status = _NONE
-                kcb.jprobe_saved = None
-                cpu.preempt_count -= 1
-                return p.boost_resume
+                trace.append(("ss", cpu.id, p.addr, t_ss, "boost"))
+            p.boost_used = True
+            if regs._dirty:
+                regs.flush_except_pc()
+            kcb.current_kprobe = None
+            kcb.kprobe_status = _NONE
+            kcb.jprobe_saved = None
+            cpu.preempt_count -= 1
+            return p.boost_resume
         plan = p.plan
         if plan.kind is StepKind.SIMULATE:
             self._trace.append(("ss", cpu.id, p.addr, cpu.clock + cpu.intra, "simulate"))

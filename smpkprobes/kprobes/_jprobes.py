@@ -6,9 +6,8 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING, Callable
 
-from ..machine._regs import Regs
 from ._probes import Jprobe, Kprobe, _JprobeReturn
-from ..machine._services import TrapResult
+from ..machine._services import Regs, TrapResult
 from ._state import KprobeCtlblk
 
 if TYPE_CHECKING:    # pragma: no cover

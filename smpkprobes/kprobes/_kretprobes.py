@@ -9,9 +9,8 @@ import errno as E
 from typing import TYPE_CHECKING
 
 from .._errors import KprobeError
-from ..machine._regs import Regs
 from ._probes import KPROBE_FLAG_DISABLED, KRETPROBE_MAX_DATA_SIZE, Kprobe, Kretprobe
-from ..machine._services import HANDLED, TaskExited, TrapResult, resume_at
+from ..machine._services import HANDLED, Regs, TaskExited, TrapResult, resume_at
 from ._events import KretprobeRegistered
 from ._state import KprobeCtlblk, Status
 

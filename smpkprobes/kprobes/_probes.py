@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..machine._regs import Regs
+from ..machine._services import Regs
 
 KPROBE_FLAG_GONE = 1
 KPROBE_FLAG_DISABLED = 2

@@ -155,6 +155,7 @@ class Registry:
             site.children = (*site.children, p)
         else:
             site.children = (p, *site.children)
+        site.refresh()
         p._registered = True
         # Remembered for kprobes/list: a GONE probe's module symbols are gone too.
         p._where = self._kernel.symbolize(addr)
@@ -230,6 +231,7 @@ class Registry:
                 continue
             valid.append(p)
             site.children = tuple(c for c in site.children if c is not p)
+            site.refresh()
             if not site.children:
                 del self._kprobe_table[site.addr]
                 dead_sites.append(site)
@@ -259,6 +261,7 @@ class Registry:
             if p.gone:
                 raise KprobeError(E.EINVAL, f"{p!r} is gone (its module text was freed)")
             p.flags &= ~KPROBE_FLAG_DISABLED
+            site.refresh()
             if self.enabled and site.enabled() and not site.armed:
                 await self.arm_kprobes([site])
             await self.optimizer.update([site.addr])
@@ -267,6 +270,7 @@ class Registry:
         async with self._mutex:
             site = self._registered_site(p)
             p.flags |= KPROBE_FLAG_DISABLED
+            site.refresh()
             if site.addr in self.optimizer.ops and not site.enabled():
                 await self.optimizer.unoptimize([self.optimizer.ops[site.addr]])
             if site.armed and not site.enabled():

@@ -95,7 +95,7 @@ class AggrKprobe:
     registered probes there (newest first, a jprobe last)."""
 
     __slots__ = ("addr", "plan", "boostable", "orig", "slot", "children", "armed", "gone",
-                 "boost_used", "step_resume", "boost_resume", "detour")
+                 "boost_used", "step_resume", "boost_resume", "post", "detour")
 
     def __init__(self, addr: int, plan: InsnPlan | None, orig: bytes):
         self.addr = addr
@@ -106,6 +106,9 @@ class AggrKprobe:
         self.orig = orig
         self.slot: int | None = None
         self.children: tuple[Kprobe, ...] = ()
+        # Whether an enabled child has a post_handler (the kernel's aggr_post_handler):
+        # no boost then.  Kept by `refresh` whenever the children or their flags change.
+        self.post = False
         self.armed = False
         self.gone = False
         self.boost_used = False
@@ -122,6 +125,10 @@ class AggrKprobe:
         self.slot = slot
         self.step_resume = None if slot is None else resume_at(slot)
         self.boost_resume = None if slot is None else resume_at(slot + stride)
+
+    def refresh(self) -> None:
+        """The children, or one's DISABLED flag, changed."""
+        self.post = self.has_post_handler()
 
     def enabled(self) -> bool:
         return not self.gone and any(not c.disabled for c in self.children)

@@ -108,6 +108,7 @@ class CPU:
         # Breakpoint traps: trap_sink(cpu, addr) -> TrapResult, set by the host (see _traps).
         self.trap_sink = None
         self.traps = 0
+        self.trap_cost = 0             # virtual ns a trap costs inside a quantum (the host's)
         self._trap_intno = backend.unicorn.trap_intno
         self._trap_pc_offset = backend.unicorn.trap_pc_offset
         # Hooks are registered with raw ctypes callbacks: the binding's own wrappers cost
@@ -329,8 +330,6 @@ class CPU:
         return trace
 
     # -- Unicorn callbacks ---------------------------------------------------------------
-    trap_cost = 0          # virtual ns a trap costs inside a quantum (set by the host)
-
     def _hook_intr(self, _uc, intno, _user):
         try:
             # The probe hit path: the PC read, the trap sink's call and the PC write it may

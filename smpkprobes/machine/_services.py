@@ -23,6 +23,9 @@ one:
   per-CPU data ....... define_per_cpu(factory) (DEFINE_PER_CPU: one instance per CPU)
   reporting .......... printk, kill_current (oops the current task), count_stray_trap,
                        trace / trace_event / now_ns (the event trace and its clock)
+
+The types that go with them are re-exported here too (TrapResult, the events, Regs), so the
+probe core imports nothing else of the machine.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ if TYPE_CHECKING:    # pragma: no cover
     from ._modules import Module
     from ._traps import TrapHandler
 
+from ._events import Event as Event
+from ._events import EventBus as EventBus
 from ._events import ModuleGoing as ModuleGoing
 from ._events import QuantumEnded as QuantumEnded
 from ._events import TaskExited as TaskExited
@@ -45,6 +50,8 @@ from ._traps import HANDLED as HANDLED
 from ._traps import NOT_MINE as NOT_MINE
 from ._traps import TrapResult as TrapResult
 from ._traps import resume_at as resume_at
+from ._regs import Regs as Regs
+from ._regs import regs_class as regs_class
 
 T = TypeVar("T")
 

@@ -1,0 +1,63 @@
+"""The layers the tree shows are the layers the imports keep: the machine knows nothing of the
+probe core or the tools, and the probe core reaches the machine only through
+`KernelServices` (machine/_services.py)."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parent.parent / "smpkprobes"
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """The modules `path` imports at run time (not under `if TYPE_CHECKING:`), as dotted
+    names relative to the smpkprobes package ("machine._cpu", "cpus", ...)."""
+    tree = ast.parse(path.read_text())
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            skip.update(id(n) for n in ast.walk(node))
+    pkg = path.parent.relative_to(PKG).parts
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = list(pkg[:len(pkg) - node.level + 1])
+                name = ".".join(base + ([node.module] if node.module else []))
+            elif (node.module or "").startswith("smpkprobes."):
+                name = node.module.removeprefix("smpkprobes.")
+            else:
+                continue
+            found.add(name)
+    return found
+
+
+def _modules(layer: str) -> list[Path]:
+    return sorted((PKG / layer).glob("*.py"))
+
+
+@pytest.mark.parametrize("path", _modules("machine"), ids=lambda p: p.name)
+def test_the_machine_imports_no_probe_core_and_no_tool(path):
+    """No module of smpkprobes/machine/ imports the probe core, the tools or the facade."""
+    bad = {m for m in _runtime_imports(path)
+           if m.split(".")[0] in ("kprobes", "tools", "_system")}
+    assert not bad, bad
+
+
+# The known exceptions, both in tracefs: it renders its trace file with the exporter's line
+# format (tools/_trace_export), and its command-line entry point boots a Machine.
+PROBE_CORE_TOOL_IMPORTS = {"_tracefs.py": {"tools._trace_export", "_system"}}
+
+
+@pytest.mark.parametrize("path", _modules("kprobes"), ids=lambda p: p.name)
+def test_the_probe_core_reaches_the_machine_only_through_kernel_services(path):
+    """A probe-core module imports, of the machine, only machine._services (and of the
+    tools nothing but the one exception listed here)."""
+    imports = _runtime_imports(path)
+    machine = {m for m in imports if m.startswith("machine")}
+    assert machine <= {"machine._services"}, machine
+    tools = {m for m in imports if m.startswith("tools") or m == "_system"}
+    assert tools <= PROBE_CORE_TOOL_IMPORTS.get(path.name, set()), tools
