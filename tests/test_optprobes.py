@@ -239,3 +239,26 @@ async def test_exact_accounting_under_smp_optimized():
     _, _, out0 = await run(False)
     assert len(hits) == 1600 and missed == 0 and out == out0
     assert sorted(set(hits)) == [0, 1, 2, 3]
+
+
+async def test_trace_export_shows_the_optimizer(tmp_path):
+    """The ftrace text names the optimized hit and the optimizer's steps; the Perfetto
+    trace has the optimizer's waits as spans and the hit as a kprobe slice."""
+    import json
+
+    from smpkprobes.tools import _trace_export
+    async with Machine(cpus=2, seed=1) as m:
+        kp = await _optimized(m, pre_handler=lambda p, r: 0)
+        await m.call("kprobe_target", 3)
+        await m.kprobes.unregister_kprobe(kp)
+        await m.kprobes.optimizer.wait_for_kprobe_optimizer()
+    names = [line.split(": ")[1].rstrip(":") for line in _trace_export.ftrace_text(m).splitlines()
+             if not line.startswith("#") and ("opt" in line or "unoptimize" in line)]
+    assert names == ["optimize_kprobe", "optimizer_wait_start", "optimizer_wait_end",
+                     "optprobe_jump_written", "kprobe_optimized_hit", "unoptimize_kprobe",
+                     "optimizer_wait_start", "optimizer_wait_end"]
+    _trace_export.export_perfetto(m, tmp_path / "t.json")
+    events = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+    spans = [e["name"] for e in events if e.get("cat") == "optimizer" and e["ph"] == "b"]
+    assert spans == ["optimizer grace period #1", "optimizer grace period #2"]
+    assert any(e.get("name") == "kprobe kprobe_target+0x4 (optimized)" for e in events)

@@ -65,6 +65,13 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "stray": ("cpu", "addr", "t"),          # the probe was removed under this trap
     "rp_miss": ("cpu", "addr", "t"),        # kretprobe pool empty
     "ret": ("cpu", "addr", "t"),            # return through the kretprobe trampoline
+    # jump optimization (kprobes/_optprobe.py)
+    "opt": ("cpu", "addr", "t"),            # an optimized hit: the detour's hook, no trap
+    "opt_queue": ("addr", "t"),             # a probe queued for the optimizer
+    "opt_gp_begin": ("ops", "frees", "t"),  # the optimizer waits (grace period, RCU tasks)
+    "opt_gp_end": ("t",),
+    "opt_patch": ("addr", "t"),             # a jump written (int3 first)
+    "unopt": ("addr", "t"),                 # the region restored, the int3 kept
 }
 
 TRAMPOLINE = "kretprobe_trampoline"
@@ -180,6 +187,8 @@ class _Timeline:
         self._on_cpu: dict[int, int] = {}                     # pid -> cpu
         self._open_sync: dict[int, tuple[int, dict]] = {}
         self._open_gp: dict[int, int] = {}
+        self._opt_gp: list[tuple[int, dict]] = []     # the optimizer's waits, oldest first
+        self._opt_gps = 0
         self._host_t = 0
         self._seq = 0
         self._syms: dict[int, str] = {}
@@ -331,6 +340,11 @@ class _Timeline:
                 self._pop(cpu, t)
                 self._zero(cpu, "post_handler", "handler", t)
             self._pop_to(cpu, t, ("hit", "ret"))
+        elif kind == "opt":
+            # An optimized hit: the pre_handlers run in the detour's hook and take no
+            # virtual time; no trap, no step.
+            self._zero(cpu, f"kprobe {self.sym(addr)} (optimized)", "kprobe", t,
+                       addr=self.sym(addr))
         elif kind == "miss":
             where = self.sym(addr)
             self.instants.append(Instant(cpu, f"kprobe miss {where}", "miss", t, {"addr": where}))
@@ -392,6 +406,20 @@ class _Timeline:
             where = self.sym(e["addr"]) if e["addr"] is not None else "?"
             self.instants.append(Instant(-1, f"{kind}_{e['type']}probe {where}", "kprobes", t,
                                          {"addr": where}))
+        elif kind == "opt_gp_begin":
+            self._opt_gp.append((t, {"optimize": e["ops"], "free": e["frees"]}))
+        elif kind == "opt_gp_end":
+            start, args = self._opt_gp.pop(0) if self._opt_gp else (t, {})
+            t = max(t, start)
+            self._opt_gps += 1
+            self.spans.append(Span(f"optimizer grace period #{self._opt_gps}", "optimizer",
+                                   self._opt_gps, start, t, args))
+        elif kind in ("opt_queue", "opt_patch", "unopt"):
+            where = self.sym(e["addr"])
+            name = {"opt_queue": "optimize queued", "opt_patch": "jump written",
+                    "unopt": "unoptimized"}[kind]
+            self.instants.append(Instant(-1, f"{name} {where}", "optimizer", t,
+                                         {"addr": where}))
         self._host_t = max(self._host_t, t)
         self.end = max(self.end, t)
         self._emit(i, None, t, e)
@@ -436,6 +464,10 @@ def _ftrace_body(tl: _Timeline, e: dict) -> tuple[str, str]:
         return "grace_period_start", f"gp={e['gp']}"
     if kind == "gp":
         return "grace_period_end", f"gp={e['gp']} completed={e['completed']}"
+    if kind == "opt_gp_begin":
+        return "optimizer_wait_start", f"optimize={e['ops']} free={e['frees']}"
+    if kind == "opt_gp_end":
+        return "optimizer_wait_end", ""
     if kind in ("register", "unregister"):
         where = sym(e["addr"]) if e["addr"] is not None else "?"
         return f"kprobe_{kind}", f"type={e['type']} ({where})"
@@ -443,7 +475,9 @@ def _ftrace_body(tl: _Timeline, e: dict) -> tuple[str, str]:
         return "kprobe_ss", f"({sym(e['addr'])}) how={e['how']}"
     names = {"hit": "kprobe_hit", "ssdone": "kprobe_ss_done", "done": "kprobe_done",
              "miss": "kprobe_miss", "stray": "kprobe_stray", "rp_miss": "kretprobe_miss",
-             "ret": "kretprobe_return"}
+             "ret": "kretprobe_return", "opt": "kprobe_optimized_hit",
+             "opt_queue": "optimize_kprobe", "opt_patch": "optprobe_jump_written",
+             "unopt": "unoptimize_kprobe"}
     if kind in names:
         return names[kind], f"({sym(e['addr'])})"
     return kind, " ".join(f"{k}={v!r}" for k, v in e.items() if k != "kind")
