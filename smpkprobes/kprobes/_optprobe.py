@@ -38,7 +38,7 @@ from .._errors import KprobeError
 from ..machine._services import ModuleGoing, QuantumEnded, resume_at
 from ._optcheck import NotOptimizable, prepare_region, site_blockers
 from ._probes import KPROBE_FLAG_DISABLED
-from ._state import _HIT_ACTIVE
+from ._state import _HIT_ACTIVE, _NONE
 
 if TYPE_CHECKING:    # pragma: no cover
     from ._state import AggrKprobe
@@ -93,6 +93,10 @@ class Optimizer:
         self._backend = kernel.backend
         self._bp = kernel.backend.breakpoint
         self._area = kernel.optinsn_area[0]
+        # Hot-path constants, looked up once.
+        self._kcbs = kprobes.kprobe_ctlblk
+        self._trace = kernel.trace
+        self._Regs = kprobes._Regs
         self.facts = opt_facts(kernel.backend)
         self.enabled = True                 # debug.kprobes-optimization
         self._regions: dict[int, tuple | str] = {}     # addr -> plans, or why not
@@ -119,25 +123,27 @@ class Optimizer:
 
     # == the hit: one code hook on the stub ===============================================
     def optimized_callback(self, cpu, addr: int) -> None:
+        """optimized_callback: the hot path of an optimized probe, written out in one
+        function on purpose (as the trap path's kprobe_int3_handler is)."""
         op = self._by_stub.get(addr)
         if op is None:
             return
         k = self._k
         site = op.site
         k.traps += 1
-        kcb = k.kprobe_ctlblk[cpu.id]
+        kcb = self._kcbs[cpu.id]
         if kcb.current_kprobe is not None:
             for child in site.children:
                 child.nmissed += 1
             k.missed += 1
-            k._trace.append(("miss", cpu.id, site.addr, cpu.clock + cpu.intra))
+            self._trace.append(("miss", cpu.id, site.addr, cpu.clock + cpu.intra))
             return
         cpu.preempt_count += 1
         kcb.current_kprobe = site
         kcb.kprobe_status = _HIT_ACTIVE
         k.hits += 1
-        k._trace.append(("opt", cpu.id, site.addr, cpu.clock + cpu.intra))
-        regs = k._Regs(cpu, site.addr)
+        self._trace.append(("opt", cpu.id, site.addr, cpu.clock + cpu.intra))
+        regs = self._Regs(cpu, site.addr)
         for child in site.children:
             if not child._registered:
                 k.stale_handlers.append((site.addr, child, "pre_handler"))
@@ -155,7 +161,8 @@ class Optimizer:
                 break                     # regs.ip is ignored on an optimized probe
         if regs._dirty:
             regs.flush_except_pc()
-        kcb.reset()
+        kcb.current_kprobe = None        # reset_current_kprobe (nothing else was set)
+        kcb.kprobe_status = _NONE
         cpu.preempt_count -= 1
         if cpu.stop_requested:
             # A handler's nested call ends this quantum inside the hook: resume past the
