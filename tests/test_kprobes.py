@@ -11,9 +11,12 @@ from _probes import register_where_possible
 from smpkprobes.kprobes._core import Status
 
 
-@pytest.fixture
-async def m():
+@pytest.fixture(params=["optimized", "trap-based"])
+async def m(request):
+    """Every test here runs twice: with jump optimization on (the default) and off."""
     async with Machine(cpus=4, seed=1) as machine:
+        if request.param == "trap-based":
+            await machine.sysctl.write("debug/kprobes-optimization", "0")
         yield machine
 
 
