@@ -57,3 +57,8 @@ class SimulationError(Exception):
     """A condition the kernel would report loudly ("kretprobe BUG!", "Unrecoverable kprobe
     detected").  It is recorded on the machine and printed in printk_log; the host is not
     crashed."""
+
+
+class MachinePanic(SimulationError):
+    """The machine was stopped by `panic()` (a run bound exceeded: a hang or a livelock).
+    Host code waiting on it (a grace period, a text sync) gets this instead of waiting on."""

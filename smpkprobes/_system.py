@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .kprobes._core import KprobesSubsystem
 from .kprobes._debugfs import Debugfs
+from .kprobes._optprobe import Sysctl
 from .kprobes._tracefs import Tracefs
 from .machine._machine import SMPMachine
 from .machine._services import KernelServices
@@ -48,7 +49,8 @@ class Machine:
     arch = _forward("arch")
     ncpus = _forward("ncpus")
     seed = _forward("seed")
-    preempt = _forward("preempt")
+    # Settable: a scenario about preemption may insist on it (optprobe_race).
+    preempt = _forward("preempt", settable=True)
     backend = _forward("backend")
     cpus = _forward("cpus")
     memory = _forward("memory")
@@ -78,6 +80,7 @@ class Machine:
         services = KernelServices(self.machine)
         self.kprobes = probe_core(services)
         self.debugfs = Debugfs(services, self.kprobes)
+        self.sysctl = Sysctl(self.kprobes.optimizer)
         self.tracefs = Tracefs(self, self.kprobes)
         self.hw_breakpoints = hw_breakpoint_core(self)
         self.debugfs.files["hw_breakpoint/list"] = self.hw_breakpoints.debugfs_list

@@ -23,6 +23,12 @@ def arch(request):
     return request.param
 
 
+@pytest.fixture(params=["1", "0"], ids=["optimized", "trap-based"])
+def optimization(request):
+    """debug/kprobes-optimization for the lib/test_kprobes.c ports: they pass either way."""
+    return request.param
+
+
 def _word(m, raw):
     return int.from_bytes(raw, m.backend.endian)
 
@@ -51,9 +57,10 @@ async def test_kernel_symbols(arch):
         await m.unload_module(mod)
 
 
-async def test_kprobe_handlers_and_missed(arch):
+async def test_kprobe_handlers_and_missed(arch, optimization):
     """test_kprobe, test_kprobes and test_kprobe_missed, ported."""
     async with Machine(arch=arch, cpus=2, seed=1) as m:
+        await m.sysctl.write("debug/kprobes-optimization", optimization)
         seen = []
         kps = [Kprobe(symbol_name=s, pre_handler=lambda p, r: seen.append((p.symbol_name, r.arg(0))),
                       post_handler=lambda p, r, f: seen.append(f))
@@ -141,10 +148,11 @@ async def test_smp_accounting_and_batch_unregister(arch, stress_seeds):
             assert m.read_memory(spots[0], len(original)) == original
 
 
-async def test_kretprobe_and_stacktrace(arch):
+async def test_kretprobe_and_stacktrace(arch, optimization):
     """test_kretprobe and test_stacktrace_on_nested_kretprobe: the return value, the entry
     handler, and real return addresses in stack traces."""
     async with Machine(arch=arch, cpus=2, seed=3) as m:
+        await m.sysctl.write("debug/kprobes-optimization", optimization)
         got = []
         rp = Kretprobe(handler=lambda ri, r: got.append(regs_return_value(r)),
                        entry_handler=lambda ri, r: got.append("entry") and 0,

@@ -13,7 +13,8 @@ from smpkprobes.tools import _stress
 
 ROOT = Path(__file__).resolve().parent.parent
 ISSUE_SCENARIOS = ["concurrent_hits", "singlestep_state", "maxactive_contention",
-                   "unregister_while_firing", "reentrancy", "module_gone", "fault_injection"]
+                   "unregister_while_firing", "reentrancy", "module_gone", "fault_injection",
+                   "optprobe_race"]
 SAMPLES = ["kprobe_example", "jprobe_example", "kretprobe_example"]
 
 # Lines each report must contain: what the kprobes document claims, as the report says it.
@@ -32,6 +33,7 @@ CLAIMS = {
     "module_gone": [r"example_mod_func\+0x0  \[example_mod\] \[GONE\]",
                     r"enable_kprobe on the gone probe: .*EINVAL"],
     "fault_injection": [r"Don't drink and probe", r"a direct call returned -12"],
+    "optprobe_race": [r"sentinel hits \d+ \+ missed 0", r"optimizer: [1-9]\d* jump batches"],
 }
 
 

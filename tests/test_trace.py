@@ -71,6 +71,9 @@ async def known_run(m: Machine) -> None:
 @pytest.fixture
 async def ran():
     async with Machine(cpus=2, seed=10) as m:
+        # The golden run shows the trap path's events (steps, boosts, strays): jump
+        # optimization, which would take most of its probes off that path, is off.
+        await m.sysctl.write("debug/kprobes-optimization", "0")
         await known_run(m)
     return m
 
@@ -168,6 +171,7 @@ async def test_a_boosted_hit_is_one_event_that_expands_to_two():
     """A boosted hit whose pre_handler traces nothing is one "boost" event; `expand` gives
     the "hit" and the boosted "ss" it stands for, as a stepped run would trace them."""
     async with Machine(cpus=1, seed=3, trap_delay=0) as m:
+        await m.sysctl.write("debug/kprobes-optimization", "0")     # boosting, not a jump
         kp = Kprobe(symbol_name="kprobe_target", pre_handler=lambda p, r: 0)
         await m.kprobes.register_kprobe(kp)
         await m.call("kprobe_target", 3)
@@ -184,6 +188,7 @@ async def test_a_boosted_hit_whose_handler_traces_keeps_two_events():
     """When the pre_handler's own work is traced (here a missed probe in a guest call), the
     hit and its boosted step stay two events around it, in the order they happened."""
     async with Machine(cpus=1, seed=3, trap_delay=0) as m:
+        await m.sysctl.write("debug/kprobes-optimization", "0")     # boosting, not a jump
         inner = Kprobe(symbol_name="kprobe_target")
         outer = Kprobe(symbol_name="kprobe_recursed_target",
                        pre_handler=lambda p, r: r.cpu.call("kprobe_target", 3) and 0)
@@ -260,7 +265,9 @@ async def m():
 
 
 async def test_kprobe_events_trace_known_run(m):
-    """The tracefs `trace` file of a seeded one-liner session is the committed golden file."""
+    """The tracefs `trace` file of a seeded one-liner session is the committed golden file.
+    (Recorded with trap-based probes: optimization off, so the golden keeps its timing.)"""
+    await m.sysctl.write("debug/kprobes-optimization", "0")
     fs = m.tracefs
     await fs.write("kprobe_events", "p:myfork do_fork flags=$arg1:x64 comm=$comm\n"
                                     "r:openret do_sys_open ret=$retval:s32 "

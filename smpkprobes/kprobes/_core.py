@@ -10,6 +10,8 @@ written in one module per concept:
   _kretprobes.py . the kretprobe entry handler, the trampoline, the per-task instances
   _jprobes.py .... setjmp_pre_handler / longjmp_break_handler
   _slots.py ...... get_insn_slot / free_insn_slot
+  _optcheck.py, _optprobe.py  jump optimization: the safety checks; the detour, the
+                  optimizer and the debug.kprobes-optimization knob
   _debugfs.py, _tracefs.py  the file views
 
 Where the kernel's code would be:
@@ -37,6 +39,7 @@ list, so a handler may unregister probes.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import trio
@@ -61,6 +64,7 @@ from ._probes import KretprobeInstance
 from ._probes import PoolStatistics as PoolStatistics
 from ._probes import jprobe_return as jprobe_return
 from ._probes import regs_return_value as regs_return_value
+from ._optprobe import Optimizer
 from ._registry import Registry
 from ._slots import InsnSlots
 from ._state import KprobeCtlblk
@@ -80,6 +84,11 @@ class KprobesStatistics:
     traps: int
     stray_traps: int
     slots_used: int
+    # Jump optimization (_optprobe): probes with their jump written, probes that pass the
+    # safety checks but run as plain kprobes now, and probes queued for the optimizer.
+    optimized: int = 0
+    unoptimized: int = 0
+    optimizing: int = 0
 
 
 class KprobeMutex:
@@ -160,6 +169,12 @@ class KprobesSubsystem(Registry, HitPath, Kretprobes, Jprobes):
         kernel.subscribe(TaskExited, self.kprobe_flush_task)
         kernel.subscribe(TaskOopsed, self._oops_reset)
         kernel.subscribe(ModuleGoing, self.kprobes_module_callback)
+        self.optimizer = self._make_optimizer(kernel)
+
+    def _make_optimizer(self, kernel: KernelServices) -> Optimizer:
+        """The jump optimizer (kprobe_optimizer and its detours); a mutant may give its
+        own."""
+        return Optimizer(self, kernel)
 
     # -- introspection ------------------------------------------------------------------
     def statistics(self) -> KprobesStatistics:
@@ -168,7 +183,8 @@ class KprobesSubsystem(Registry, HitPath, Kretprobes, Jprobes):
             probes=sum(len(s.children) for s in table.values()), sites=len(table),
             armed=sum(s.armed for s in table.values()), hits=self.hits,
             missed=self.missed, traps=self.traps, stray_traps=self.stray_traps,
-            slots_used=self.slots.statistics()["used"])
+            slots_used=self.slots.statistics()["used"],
+            **dataclasses.asdict(self.optimizer.statistics()))
 
     def get_kprobe(self, addr: int) -> AggrKprobe | None:
         """The (aggregate) probe at `addr`, or None: read-only."""
@@ -205,4 +221,5 @@ class KprobesSubsystem(Registry, HitPath, Kretprobes, Jprobes):
                 for i in range(n):
                     if 0 <= a + i - addr < size:
                         buf[a + i - addr] = site.orig[i]
+        self.optimizer.recover(buf, addr)
         return bytes(buf)

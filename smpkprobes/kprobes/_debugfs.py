@@ -54,6 +54,8 @@ class Debugfs:
                 flags.append("[GONE]")
             if p.disabled:
                 flags.append("[DISABLED]")
+            if self._k.optimizer.is_optimized(addr):
+                flags.append("[OPTIMIZED]")
             if flags:
                 line += " " + "".join(flags)
             lines.append(line + "\n")

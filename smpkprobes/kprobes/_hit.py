@@ -44,6 +44,8 @@ class HitPath:
         p = self._kprobe_table.get(addr)                 # get_kprobe
         if p is None or not p.children:
             return self._not_a_probe_trap(cpu, addr)
+        if p.detour is not None:
+            return p.detour             # setup_detour_execution: the stub's hook counts it
         self.traps += 1
         kcb = self.kprobe_ctlblk[cpu.id]
         if kcb.current_kprobe is not None:

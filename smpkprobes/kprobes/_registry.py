@@ -197,10 +197,12 @@ class Registry:
         self._kernel.trace_event("register", kind, addr, self._kernel.now_ns())
         if self.enabled and site.enabled() and not site.armed:
             await self.arm_kprobes([site])
+        await self.optimizer.update([addr])
         if p.symbol_name is not None:
             p.addr = addr
 
     async def arm_kprobes(self, sites: list[AggrKprobe]) -> None:
+        await self.optimizer.unoptimize_covering(sites)
         patches = []
         for s in sites:
             s.armed = True
@@ -252,6 +254,16 @@ class Registry:
 
     async def _unregister_many(self, probes: list[Kprobe]) -> None:
         """Top half for all (unlink, disarm), one grace period, bottom half for all."""
+        # Optimized probes among them go back to plain kprobes first, while still linked
+        # (a CPU may hit their breakpoints meanwhile); survivors are re-checked at the end.
+        opt = self.optimizer
+        unopt = []
+        for p in probes:
+            op = opt.ops.get(p.addr) if p._registered else None
+            if op is not None and op not in unopt:
+                unopt.append(op)
+        if unopt:
+            await opt.unoptimize(unopt)
         dead_sites: list[AggrKprobe] = []
         to_disarm: list[AggrKprobe] = []
         valid = []
@@ -287,6 +299,7 @@ class Registry:
             p._registered = False
             p._kprobes = None
             self._kernel.trace_event("unregister", p._type, p.addr, self._kernel.now_ns())
+        await opt.update(sorted({p.addr for p in valid}))
 
     # == enable / disable ================================================================
     async def enable_kprobe(self, p: Kprobe) -> None:
@@ -300,6 +313,7 @@ class Registry:
             site.refresh()
             if self.enabled and site.enabled() and not site.armed:
                 await self.arm_kprobes([site])
+            await self.optimizer.update([site.addr])
 
     async def disable_kprobe(self, p: Kprobe) -> None:
         self._registered_site(p)
@@ -308,8 +322,11 @@ class Registry:
             site = self._registered_site(p)
             p.flags |= KPROBE_FLAG_DISABLED
             site.refresh()
+            if site.addr in self.optimizer.ops and not site.enabled():
+                await self.optimizer.unoptimize([self.optimizer.ops[site.addr]])
             if site.armed and not site.enabled():
                 await self.disarm_kprobes([site])
+            await self.optimizer.update([site.addr])
 
     def _registered_site(self, p: Kprobe) -> AggrKprobe:
         if not isinstance(p, Kprobe):
@@ -329,10 +346,15 @@ class Registry:
             if enabled == self.enabled:
                 return
             self.enabled = enabled
+            opt = self.optimizer
             if enabled:
                 await self.arm_kprobes([s for s in self._sorted_sites()
                                         if s.enabled() and not s.armed])
+                await opt.update(sorted(self._kprobe_table))
             else:
+                unopt = [opt.ops[a] for a in sorted(opt.ops)]
+                if unopt:
+                    await opt.unoptimize(unopt)
                 await self.disarm_kprobes([s for s in self._sorted_sites() if s.armed])
 
     def _text_alive(self, addr: int) -> bool:
@@ -369,6 +391,7 @@ class Registry:
                 continue
             self.generation += 1
             # kill_kprobe: the text is gone, so it is not restored.
+            self.optimizer.kill(site)
             site.gone = True
             site.armed = False
             for c in site.children:

@@ -97,7 +97,7 @@ class AggrKprobe:
     registered probes there (newest first, a jprobe last)."""
 
     __slots__ = ("addr", "plan", "boostable", "orig", "slot", "children", "armed", "gone",
-                 "boost_used", "step_resume", "boost_resume", "post")
+                 "boost_used", "step_resume", "boost_resume", "post", "detour")
 
     def __init__(self, addr: int, plan: InsnPlan | None, orig: bytes):
         self.addr = addr
@@ -117,6 +117,9 @@ class AggrKprobe:
         # The trap results that send a CPU into the slot: made once, returned on every hit.
         self.step_resume: TrapResult | None = None
         self.boost_resume: TrapResult | None = None
+        # While the probe is queued for or has jump optimization (KPROBE_FLAG_OPTIMIZED):
+        # the trap result that sends a breakpoint hit to its detour's stub (_optprobe).
+        self.detour: TrapResult | None = None
 
     def set_slot(self, slot: int | None, stride: int = 0) -> None:
         """The slot holds the copy that ends in a breakpoint, and at `slot + stride` the

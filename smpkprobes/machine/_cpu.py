@@ -151,6 +151,19 @@ class CPU:
             raise unicorn.UcError(err)
         self._hooks.append(fptr)      # keep the callback alive as long as the CPU
 
+    def add_code_hook(self, begin: int, end: int, callback) -> None:
+        """Call `callback(cpu, addr)` before every instruction in [begin, end): a bare code
+        hook (an optimized probe's detour entry).  Exceptions go where the machine's own
+        hooks send them."""
+        def hook(_uc, addr, _size, _user):
+            try:
+                callback(self, addr)
+            except BaseException as exc:
+                self._host.on_hook_exception(self, exc)
+            if self.stop_requested:
+                self._stop_now()
+        self._raw_hook(unicorn.UC_HOOK_CODE, _CODE_CB(hook), begin, end - 1)
+
     # -- registers and memory, fast ---------------------------------------------------
     def reg_read_id(self, rid: int) -> int:
         self._val.value = 0

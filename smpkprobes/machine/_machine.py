@@ -30,7 +30,7 @@ from ._calls import GuestCalls
 from ._hostturns import HostTurns
 from ._conductor import Conductor, make_conductor
 from ._cpu import CPU
-from .._errors import OopsRecord
+from .._errors import MachinePanic, OopsRecord
 from ._grace import GracePeriods
 from ._hypercalls import NS_PER_MS, Hypercalls
 from ._kernel import IMAGES, Image, Kallsyms
@@ -159,6 +159,7 @@ class SMPMachine(GuestCalls, HostTurns, Scheduler, TextPoke, GracePeriods, Modul
         self._idle_event = trio.Event()
         self._sync_waiters: list[list] = []      # [remaining cpu ids, event, acked at]
         self._gp_waiters: list[list] = []
+        self.panicked: str | None = None        # why panic() stopped the machine
         self._gp_begun = 0
         self._nursery: trio.Nursery | None = None
         # What the kernel code beside the machine (the probe core) registers; the machine
@@ -166,6 +167,7 @@ class SMPMachine(GuestCalls, HostTurns, Scheduler, TextPoke, GracePeriods, Modul
         self._fault_fixup: Callable[[CPU, unicorn.UcError], bool] | None = None
         self._return_address_resolver: Callable[[CPU, int, int], tuple[int, int]] | None = None
         self._unquiescent_text: list[tuple[int, int]] = []
+        self._rcu_tasks_text: list[tuple[int, int]] = []
         self.register_trap_handler(_no_handler)
         # Called as guard(addr, size) before a host write into text; may refuse it (raise).
         self._text_write_guards: list[Callable[[int, int], None]] = []
@@ -188,6 +190,29 @@ class SMPMachine(GuestCalls, HostTurns, Scheduler, TextPoke, GracePeriods, Modul
     async def __aexit__(self, *exc):
         self._nursery.cancel_scope.cancel()
         return await self._nursery_cm.__aexit__(*exc)
+
+    # == panic ============================================================================
+    def panic(self, reason: str) -> None:
+        """Stop the machine for good (a run bound was exceeded): every CPU task is cancelled,
+        and host code waiting on the machine, even in a section shielded from cancellation
+        (an unregistration between disarm and free), is woken with `MachinePanic` instead
+        of waiting for ever.  The tooling's last resort; a run never recovers from it."""
+        if self.panicked is not None:
+            return
+        self.panicked = reason
+        self.printk_log.append(f"Kernel panic - not syncing: {reason}")
+        for waiters in (self._gp_waiters, self._sync_waiters):
+            for w in waiters:
+                w[1].set()
+            waiters.clear()
+        for request in list(getattr(self, "_host_requests", ())):
+            request[1].set()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def _check_panic(self) -> None:
+        if self.panicked is not None:
+            raise MachinePanic(self.panicked)
 
     # == public API =====================================================================
     def kallsyms_lookup_name(self, name: str) -> int:

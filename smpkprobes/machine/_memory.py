@@ -41,8 +41,10 @@ DATA = Region("kernel data", 0x0020_0000, 0x10_0000, R | W)
 MODULE_TEXT = Region("module text", 0x0040_0000, 0x10_0000, R | X)
 MODULE_DATA = Region("module data", 0x0050_0000, 0x10_0000, R | W)
 SLOTS = Region("insn slots", 0x0060_0000, 0x10_0000, R | X)
+# Jump-optimized probes' detours: stubs, then buffers (smpkprobes/kprobes/_optprobe.py).
+OPTINSN = Region("optinsn slots", 0x0080_0000, 0x10_0000, R | X)
 STACKS = Region("stacks", 0x0100_0000, 0x400_0000, R | W)
-REGIONS = (TEXT, DATA, MODULE_TEXT, MODULE_DATA, SLOTS, STACKS)
+REGIONS = (TEXT, DATA, MODULE_TEXT, MODULE_DATA, SLOTS, OPTINSN, STACKS)
 
 STACK_SIZE = 0x4000
 

@@ -6,9 +6,13 @@ one:
 
   facts .............. backend (the arch), cpus, ncpus, preempt, kallsyms, kernel_text,
                        kprobes_text, insn_slot_area
-  text patching ...... text_poke_batch (text_poke_bp: write, then sync every CPU by IPI)
+  text patching ...... text_poke_batch (text_poke_bp: write, then sync every CPU by IPI);
+                       text_poke_start / text_poke_finish (the same, in two halves);
+                       code_written (where instructions start, for the block counter)
   grace periods ...... synchronize; register_unquiescent_text (where a CPU is never in a
-                       quiescent state: the instruction slots, as RCU-tasks sees them)
+                       quiescent state: the instruction slots, as RCU-tasks sees them);
+                       quiescent, preempted_task_pcs, completed_grace_periods (the
+                       optprobe optimizer's own grace periods); sleep_ns
   kernel text ........ peek / poke (reads and writes the kernel does through its own
                        mapping), module_of
   symbols ............ format_addr, symbolize, resolve_function
@@ -73,6 +77,17 @@ class KernelServices:
         self.trace: list[tuple] = m.trace
         # Bound methods, taken once: a member is one attribute lookup, as on the machine.
         self.text_poke_batch = m.text_poke_batch
+        # The optprobe optimizer runs between quanta and cannot await: it starts a poke
+        # and polls its IPIs; it also tells the quanta's block counter where instructions
+        # start once a jump's tail was written alone.
+        self.text_poke_start = m.text_poke_start
+        self.text_poke_finish = m.text_poke_finish
+        self.code_written = m.insn_starts.code_written
+        self.optinsn_area = (mem.OPTINSN.start, mem.OPTINSN.end)
+        self.quiescent = m.quiescent
+        self.preempted_task_pcs = m.preempted_task_pcs
+        self.completed_grace_periods = m.completed_grace_periods
+        self.sleep_ns = m.sleep_ns
         self.synchronize = m.synchronize
         self.register_unquiescent_text = m.register_unquiescent_text
         self.peek = m.memory.peek

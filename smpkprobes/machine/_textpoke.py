@@ -30,6 +30,25 @@ class TextPoke:
     async def text_poke_batch(self, patches: list[tuple[int, bytes]]) -> None:
         if not patches:
             return
+        await self.text_poke_finish(*self.text_poke_start(patches))
+
+    async def text_poke_finish(self, sync: int | None, pending) -> None:
+        """Wait for the IPIs `text_poke_start` sent."""
+        if sync is None:
+            return
+        remaining = {cpu.id for cpu, e in pending if any(x is e for x in cpu.pending_flush)}
+        waiter = [remaining, trio.Event(), self._now]     # [2]: when the last CPU acked
+        if remaining:
+            self._sync_waiters.append(waiter)
+            await waiter[1].wait()
+            self._check_panic()
+        self.trace_event("synced", sync, waiter[2])
+
+    def text_poke_start(self, patches: list[tuple[int, bytes]]):
+        """Write the patches and send the IPIs, without waiting: returns the sync's number
+        (None when syncs are off) and the (cpu, IPI) pairs still pending; an IPI is acked
+        once it is no longer in its CPU's `pending_flush`.  For a caller that cannot await
+        (the optprobe optimizer, which runs between quanta)."""
         for addr, data in patches:
             self.memory.poke(addr, data)
             self._code_written(addr, data)
@@ -39,9 +58,9 @@ class TextPoke:
         sync = self._c.text_syncs
         self.trace_event("poke", tuple((a, d.hex()) for a, d in patches), sync, self._now)
         if not self.text_sync:
-            return      # the "no cross-CPU sync" configuration: stale translations survive
+            return None, []  # the "no cross-CPU sync" configuration: stale translations survive
         ranges = [(a, a + len(d)) for a, d in patches]
-        remaining = set()
+        pending = []
         for cpu in self.cpus:
             if not cpu.online:
                 continue
@@ -50,13 +69,10 @@ class TextPoke:
                     cpu.flush_tb(a, b)
             else:
                 delay = self.conductor.randint("ipi", 0, self.ipi_delay) if self.ipi_delay else 0
-                cpu.pending_flush.append([ranges, delay])
-                remaining.add(cpu.id)
-        waiter = [remaining, trio.Event(), self._now]     # [2]: when the last CPU acked
-        if remaining:
-            self._sync_waiters.append(waiter)
-            await waiter[1].wait()
-        self.trace_event("synced", sync, waiter[2])
+                entry = [ranges, delay]
+                cpu.pending_flush.append(entry)
+                pending.append((cpu, entry))
+        return sync, pending
 
     async def smp_call_function_many(self, cpus, func) -> None:
         """Run `func(cpu)` on each online CPU of `cpus`, on that CPU, and return when all
@@ -77,6 +93,7 @@ class TextPoke:
             waiter = [remaining, trio.Event(), self._now]
             self._sync_waiters.append(waiter)
             await waiter[1].wait()
+            self._check_panic()
 
     def _deliver_ipis(self, cpu: CPU) -> None:
         keep = []

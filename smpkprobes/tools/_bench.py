@@ -123,6 +123,8 @@ def bench_kprobe(arch: str = "x86_64", n: int = 20_000, others: int = 10_000) ->
     async def run():
         out = {}
         async with Machine(arch=arch, cpus=1, seed=1, trap_delay=0) as m:
+            # The trap-based rows first: jump optimization off until the optimized row.
+            await m.sysctl.write("debug/kprobes-optimization", "0")
             base = min([await timed(m) for _ in range(3)])
             kp = Kprobe(symbol_name="bench_target", pre_handler=lambda p, r: 0)
             await m.kprobes.register_kprobe(kp)
@@ -166,8 +168,16 @@ def bench_kprobe(arch: str = "x86_64", n: int = 20_000, others: int = 10_000) ->
             await m.kprobes.register_kprobe(kp)
             out["boosted_10k"] = (min([await timed(m) for _ in range(3)]) - base2) / n
             await m.kprobes.unregister_kprobes(probes + [kp])
+            # Jump-optimized: the same probe hit through its detour, no trap.
+            await m.sysctl.write("debug/kprobes-optimization", "1")
+            kp = Kprobe(symbol_name="bench_target", pre_handler=lambda p, r: 0)
+            await m.kprobes.register_kprobe(kp)
+            await m.kprobes.optimizer.wait_for_kprobe_optimizer()
+            out["optimized"] = (min([await timed(m) for _ in range(3)]) - base) / n
+            await m.kprobes.unregister_kprobe(kp)
         # The default configuration: 1 trap in 16 is handled in the CPU's next quantum.
         async with Machine(arch=arch, cpus=1, seed=1) as m:
+            await m.sysctl.write("debug/kprobes-optimization", "0")
             out["trap_delay"] = m.trap_delay
             base = min([await timed(m) for _ in range(3)])
             kp = Kprobe(symbol_name="bench_target", pre_handler=lambda p, r: 0)
@@ -190,6 +200,8 @@ def bench_kprobe(arch: str = "x86_64", n: int = 20_000, others: int = 10_000) ->
          "ratio": r["boosted_10k"] / r["boosted"]},
         {"what": f"probe-free loop with {r['registered_others']} probes elsewhere (time ratio)",
          "us": float("nan"), "ratio": r["probe_free_ratio"]},
+        {"what": "kprobe hit, empty pre_handler (jump-optimized)", "us": r["optimized"] * 1e6,
+         "ratio": r["optimized"] / hook_cost},
     ]
 
 
@@ -235,9 +247,21 @@ def bench_overhead(arch: str = "x86_64", n: int = 10_000) -> dict[str, float]:
                     best = min(best, time.perf_counter() - t0)
                 return best
             base = await timed()
+            # The document's columns are trap-based; o and ro are jump-optimized.
+            await m.sysctl.write("debug/kprobes-optimization", "0")
             for name, make in configs():
                 probes = make()
                 await register(m, probes)
+                out[name] = (await timed() - base) / n * 1e6
+                await unregister(m, probes)
+            await m.sysctl.write("debug/kprobes-optimization", "1")
+            for name, make in (("o", lambda: [Kprobe(symbol_name="bench_target",
+                                                      pre_handler=lambda p, r: 0)]),
+                               ("ro", lambda: [Kretprobe(handler=lambda ri, r: 0,
+                                                         symbol_name="bench_target")])):
+                probes = make()
+                await register(m, probes)
+                await m.kprobes.optimizer.wait_for_kprobe_optimizer()
                 out[name] = (await timed() - base) / n * 1e6
                 await unregister(m, probes)
         return out
@@ -248,24 +272,29 @@ def print_overhead(rows: dict[str, dict[str, float]], hook_us: float) -> None:
     print("bench overhead: us per hit on bench_target (1 CPU), as the kprobes document's table")
     print("  k = unboosted kprobe (trap + single-step, as in 2.6.25); kb = boosted kprobe (later "
           "kernels)")
-    cols = ["k", "j", "r", "kr", "jr", "kb"]
+    print("  o = jump-optimized kprobe, ro = kretprobe whose entry is jump-optimized "
+          "(arm64, sparc64: trap-based, as kb and r)")
+    cols = ["k", "j", "r", "kr", "jr", "kb", "o", "ro"]
     print(f"  {'arch':<9}" + "".join(f"{c:>8}" for c in cols) +
-          f"{'j/k':>7}{'r/k':>7}{'kr/r':>7}{'r/kb':>7}")
+          f"{'j/k':>7}{'r/k':>7}{'kr/r':>7}{'r/kb':>7}{'o/kb':>7}{'ro/r':>7}")
     print(f"  {'document':<9}" + "".join(f"{v:>8}" for v in
-                                         ("0.49", "0.76", "0.80", "0.82", "1.07", "-")) +
-          f"{'1.55':>7}{'1.63':>7}{'1.03':>7}{'-':>7}   (x86_64, Opteron 246)")
+                                         ("0.49", "0.76", "0.80", "0.82", "1.07", "-", "-",
+                                          "-")) +
+          f"{'1.55':>7}{'1.63':>7}{'1.03':>7}{'-':>7}{'-':>7}{'-':>7}   (x86_64, Opteron 246)")
     for arch, r in rows.items():
         k = r["k (stepped)"]
-        vals = [k, r["j"], r["r"], r["kr"], r["jr"], r["k"]]
+        vals = [k, r["j"], r["r"], r["kr"], r["jr"], r["k"], r["o"], r["ro"]]
         print(f"  {arch:<9}" + "".join(f"{v:>8.2f}" for v in vals) +
               f"{r['j'] / k:>7.2f}{r['r'] / k:>7.2f}{r['kr'] / r['r']:>7.2f}"
-              f"{r['r'] / r['k']:>7.2f}")
+              f"{r['r'] / r['k']:>7.2f}{r['o'] / r['k']:>7.2f}{r['ro'] / r['r']:>7.2f}")
     print(f"  baseline: a bare Unicorn UC_HOOK_CODE Python callback costs {hook_us:.2f} us")
     for arch, r in rows.items():
         k = r["k (stepped)"]
         target(f"{arch}: j <= 1.75 x k", r["j"] / k, r["j"] / k <= 1.75, "x k")
         target(f"{arch}: r <= 1.75 x k", r["r"] / k, r["r"] / k <= 1.75, "x k")
         target(f"{arch}: kr <= 1.1 x r", r["kr"] / r["r"], r["kr"] / r["r"] <= 1.1, "x r")
+        target(f"{arch}: o <= kb / 3", r["o"] / r["k"], r["o"] / r["k"] <= 1 / 3, "x kb")
+        target(f"{arch}: ro <= 0.5 x r", r["ro"] / r["r"], r["ro"] / r["r"] <= 0.5, "x r")
 
 
 def target(what: str, value: float, met: bool, unit: str = "") -> bool:
@@ -343,11 +372,19 @@ def main(what: str = "all", quick: bool = False, arches=None) -> int:
         for r in rows:
             us = "" if r["us"] != r["us"] else f"{r['us']:.2f}"
             print(f"  {r['what']:<62} {us:>8} {r['ratio']:>7.2f}")
-        boosted, crowded, free = rows[2]["ratio"], rows[4]["ratio"], rows[5]["ratio"]
+        by = {r["what"].split(" (")[0] if "jump" not in r["what"] else "optimized": r
+              for r in rows}
+        boosted = rows[2]["ratio"]
+        crowded = next(r["ratio"] for r in rows if "other probes" in r["what"])
+        free = next(r["ratio"] for r in rows if "probe-free" in r["what"])
         target("boosted hit <= 8 x the bare hook", boosted, boosted <= 8, "x")
         target("boosted hit with other probes <= 1.1 x alone", crowded, crowded <= 1.1, "x")
         target("probe-free loop with probes elsewhere at full speed (0.9..1.1)", free,
                0.9 <= free <= 1.1, "x")
+        opt = by["optimized"]["ratio"]
+        target("jump-optimized hit <= 2 x the bare hook", opt, opt <= 2, "x")
+        target("jump-optimized hit <= 1/3 of the boosted hit", opt / boosted,
+               opt / boosted <= 1 / 3, "x boosted")
     if what in ("all", "watchpoint"):
         from ._bench_hwbp import bench_watchpoint, print_watchpoint
         print_watchpoint(bench_watchpoint(n=5_000 if quick else 20_000))

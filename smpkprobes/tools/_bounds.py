@@ -3,9 +3,11 @@
 A livelocked run (CPUs busy for ever, a grace period that never ends, a trap loop that
 grows the trace) must end as a reported failure, not hang `make test` or a stress seed.
 The bounds watch from outside the simulation: every `CHECK_EVERY` quanta, an observer of
-`QuantumEnded` reads the host's monotonic clock and the process's resident set, and when
-either passes its bound it cancels the run's scope.  The CPU tasks wait for the baton at a
-trio checkpoint between quanta, so the cancellation lands at the next quantum boundary.
+`QuantumEnded` reads the host's monotonic clock and the process's resident set; a watchdog
+task covers a hang in which no quantum runs at all.  When a bound is passed, the machine is
+stopped with `panic()`: its CPU tasks are cancelled, and host code waiting on it, even in a
+section shielded from cancellation (an unregistration between disarm and free), is woken
+with `MachinePanic`, so the run unwinds and is reported.
 
 Nothing here changes the run while it is within its bounds: the observer reads, and the
 simulation never sees the wall clock.
@@ -45,33 +47,38 @@ class Bounds:
         self._quanta = 0
 
     def install(self, machine, scope: trio.CancelScope) -> None:
+        """Watch `machine` (an SMPMachine); `scope` is cancelled with it."""
         if self.wall is None and self.memory is None:
             return
+        self._machine = machine
         self._scope = scope
         self._deadline = time.monotonic() + self.wall if self.wall is not None else None
-        if self.wall is not None:
-            # A hang in which no quantum ends (every task blocked: a grace period that
-            # waits for CPUs with nothing to run) is ended by trio's own deadline, a little
-            # later, so that a busy run is still reported by the quantum check.
-            scope.deadline = trio.current_time() + self.wall + max(2.0, self.wall / 2)
         self._rss0 = rss_mb()
         machine.events.subscribe(QuantumEnded, self._check)
 
-    def settle(self, scope: trio.CancelScope) -> None:
-        """After the run's scope: a deadline that fired with no quantum check is a hang."""
-        if scope.cancelled_caught and not self.exceeded and self.wall is not None:
-            self.exceeded = (f"{BOUND_KIND}: no progress within {self.wall:g} s of wall time "
-                             f"(a hang: every task blocked?)")
+    async def watchdog(self) -> None:
+        """A hang in which no quantum ends (every task blocked: a grace period that waits for
+        CPUs with nothing to run): stop the machine a little after the wall bound, so that a
+        busy run is still reported by the quantum check first."""
+        if self.wall is None:
+            return
+        await trio.sleep(self.wall + max(2.0, self.wall / 2))
+        if not self.exceeded:
+            self._stop(f"{BOUND_KIND}: no progress within {self.wall:g} s of wall time (a "
+                       f"hang, or a livelock that starves the CPUs)")
+
+    def _stop(self, why: str) -> None:
+        self.exceeded = why
+        self._machine.panic(why)
+        self._scope.cancel()
 
     def _check(self, _event) -> None:
         self._quanta += 1
         if self._quanta % CHECK_EVERY or self.exceeded:
             return
         if self._deadline is not None and time.monotonic() > self._deadline:
-            self.exceeded = (f"{BOUND_KIND}: still running after {self.wall:g} s of wall "
-                             f"time (a hang or a livelock?)")
+            self._stop(f"{BOUND_KIND}: still running after {self.wall:g} s of wall time (a "
+                       f"hang or a livelock?)")
         elif self.memory is not None and rss_mb() - self._rss0 > self.memory:
-            self.exceeded = (f"{BOUND_KIND}: the run grew by more than {self.memory:g} MB "
-                             f"of memory (a livelock filling the trace?)")
-        if self.exceeded:
-            self._scope.cancel()
+            self._stop(f"{BOUND_KIND}: the run grew by more than {self.memory:g} MB of "
+                       f"memory (a livelock filling the trace?)")

@@ -252,16 +252,22 @@ async def run(scenario: Scenario, args: argparse.Namespace,
     bounds = Bounds(getattr(args, "wall_bound", None), getattr(args, "memory_bound", None))
     try:
         with trio.CancelScope() as scope:
-            bounds.install(m, scope)
-            async with m:
+            bounds.install(m.machine, scope)
+            async with trio.open_nursery() as guard:
+                guard.start_soon(bounds.watchdog)
                 try:
-                    await scenario(m, report, args)
-                except Exception as exc:        # reported as a failure, not a traceback
-                    report.crash(exc)
-                report.expect(not m.oopses, f"no oops ({len(m.oopses)} seen)")
+                    async with m:
+                        try:
+                            await scenario(m, report, args)
+                        except Exception as exc:    # reported as a failure, not a traceback
+                            if not bounds.exceeded:
+                                report.crash(exc)
+                        report.expect(not m.oopses, f"no oops ({len(m.oopses)} seen)")
+                finally:
+                    guard.cancel_scope.cancel()
     except Exception as exc:                # the machine itself went down
-        report.crash(exc)
-    bounds.settle(scope)
+        if not bounds.exceeded:
+            report.crash(exc)
     if bounds.exceeded:
         report.expect(False, bounds.exceeded)
     if m.invariants is not None:

@@ -5,7 +5,7 @@ Every `Machine` carries an `Invariants` (`m.invariants`) unless built with
 KASAN watches the kernel, and checks five laws:
 
   text     a probed address that is not armed holds its original bytes, and an armed one
-           holds the breakpoint;
+           holds the breakpoint (or, jump-optimized, its jump);
   slots    no CPU executes in an instruction slot that has been freed;
   pool     for every registered kretprobe, free + in use == maxactive;
   entries  hits + nmissed == entries: every breakpoint trap at a probed address ends as
@@ -275,9 +275,11 @@ class Invariants:
                 tracked.pop(addr, None)
                 continue
             now = peek(addr, len(orig))
-            want = bp if site is not None and site.armed else orig
+            armed = site is not None and site.armed
+            # Under a jump the optimizer has written, the jump's bytes.
+            want = self._k.optimizer.expected_text(addr, bp if armed else orig)
             if now != want:
-                state = "armed" if want is bp else "disarmed"
+                state = "armed" if armed else "disarmed"
                 self.violation("text", f"{state} probe address {self._m.format_addr(addr)} "
                                        f"holds {now.hex()}, not {want.hex()}")
 

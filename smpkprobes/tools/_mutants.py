@@ -13,6 +13,7 @@ Each mutant names the stress scenarios expected to catch it (`hunted_by`);
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import heapq
 
 import trio
@@ -24,6 +25,8 @@ from ..hw_breakpoint._core import HwBreakpointSubsystem
 from ..hw_breakpoint._core import HwBreakpointSubsystem
 from ..kprobes._core import KprobesSubsystem, Status
 from ..kprobes._events import KprobesArmed
+from ..kprobes._optcheck import NotOptimizable, prepare_region
+from ..kprobes._optprobe import Optimizer
 from ..kprobes._slots import InsnSlots
 from ..machine._services import HANDLED, QuantumEnded
 
@@ -238,13 +241,19 @@ class ShortGracePeriod(KprobesSubsystem):
 
 
 class GracePeriodNeverEnds(KprobesSubsystem):
-    """A quiescent state is never reported: unregistration waits for ever while the CPUs
-    keep running.  A livelock: no guest call runs away, so only the run's wall-clock bound
-    ends it (see tools/_bounds.py)."""
+    """A quiescent state is never reported: each time a grace period ends, unregistration
+    waits for another, for ever, while the CPUs keep running.  A livelock: no guest call
+    runs away and the wait is shielded from cancellation, so only the run's bounds end it
+    (tools/_bounds.py: `panic` stops the machine and wakes the wait)."""
 
     def __init__(self, kernel):
         super().__init__(kernel)
-        self._kernel = _Kernel(kernel, synchronize=trio.sleep_forever)
+
+        async def synchronize():
+            while True:
+                await kernel.synchronize()
+                await trio.lowlevel.checkpoint()
+        self._kernel = _Kernel(kernel, synchronize=synchronize)
 
 
 def _wide_breakpoint_local_only():
@@ -279,6 +288,92 @@ class SlotNotMovedWithTask(HwBreakpointSubsystem):
         regs = self.debugregs[cpu.id]
         if self._user and regs.task is None and all(r.task is not task for r in self.debugregs):
             regs.load_task(task)
+# -- jump optimization (kprobes/_optprobe.py): the optimizer is the probe core's own part,
+# made by `_make_optimizer`, so each of these is a probe core with a broken optimizer.
+class _OptNoGracePeriod(Optimizer):
+    def _step(self):
+        for _ in range(2):
+            b = self._batch
+            if b is not None and b.phase == "gp":
+                b.remaining = set()
+                b.ranges = []
+            super()._step()
+
+
+class OptNoGracePeriod(KprobesSubsystem):
+    """The optimizer writes its jumps without waiting for a grace period, nor for the tasks
+    preempted inside the regions (RCU tasks)."""
+
+    def _make_optimizer(self, kernel):
+        return _OptNoGracePeriod(self, kernel)
+
+
+class _OptNoInt3First(Optimizer):
+    def _poke(self, b, phase):
+        n = len(self._bp)
+        if self.facts.jump_len == n:
+            return super()._poke(b, phase)
+        ops = [op for op in b.ops if op.state == "queued"]
+        b.phase = phase
+        if phase == "int3":
+            patches = [(op.site.addr, op.jump[:n]) for op in ops]
+        elif phase == "tail":
+            patches = [(op.site.addr + n, op.jump[n:]) for op in ops]
+            for op in ops:
+                op.written = True
+                self._kernel.code_written(op.site.addr, op.jump)
+        else:
+            patches = []
+        b.pending = self._kernel.text_poke_start(patches)[1] if patches else []
+
+
+class OptNoInt3First(KprobesSubsystem):
+    """The jump is written without a breakpoint guarding it (no text_poke_bp): its first
+    byte, then its tail, each with a sync, as a plain copy would, so for a while the text
+    holds a jump opcode with the old bytes as its displacement."""
+
+    def _make_optimizer(self, kernel):
+        return _OptNoInt3First(self, kernel)
+
+
+class _OptFreeWithoutGracePeriod(Optimizer):
+    async def unoptimize(self, ops):
+        await super().unoptimize(ops)
+        for op in ops:
+            if op in self._free_list:
+                self._free_list.remove(op)
+                del self._by_stub[op.stub]
+                self._free_index.append(op.index)
+
+
+class OptFreeWithoutGracePeriod(KprobesSubsystem):
+    """An unoptimized probe's detour is freed, and may be reused, at once."""
+
+    def _make_optimizer(self, kernel):
+        return _OptFreeWithoutGracePeriod(self, kernel)
+
+
+class _OptNoJumpTargetCheck(Optimizer):
+    def region(self, addr):
+        r = self._regions.get(addr)
+        if r is None:
+            sym = self._kernel.kallsyms.containing(addr)
+            facts = dataclasses.replace(self.facts, scan_function=False)
+            try:
+                r = prepare_region(self._backend, facts, self._k.original_text, sym.addr,
+                                   sym.size, addr)
+            except NotOptimizable as err:
+                r = err.reason
+            self._regions[addr] = r
+        return r
+
+
+class OptNoJumpTargetCheck(KprobesSubsystem):
+    """The safety checks do not decode the function: a region that a jump lands inside, or
+    that an indirect jump may reach, is optimized all the same."""
+
+    def _make_optimizer(self, kernel):
+        return _OptNoJumpTargetCheck(self, kernel)
 
 
 MUTANTS: dict[str, Mutant] = {m.name: m for m in (
@@ -313,6 +408,14 @@ MUTANTS: dict[str, Mutant] = {m.name: m for m in (
            hw_breakpoint_core=WideBreakpointLocalOnly),
     Mutant("slot_not_moved_with_task", "a per-task breakpoint's slot not moved with its "
            "migrating task", ("watchpoint_race",), hw_breakpoint_core=SlotNotMovedWithTask),
+    Mutant("opt_no_grace_period", "optimizing without a grace period (nor RCU tasks)",
+           ("optprobe_race",), OptNoGracePeriod),
+    Mutant("opt_no_int3_first", "a jump written without the int3-first protocol",
+           ("optprobe_race",), OptNoInt3First),
+    Mutant("opt_free_without_grace_period", "a detour buffer freed without a grace period",
+           ("optprobe_race",), OptFreeWithoutGracePeriod),
+    Mutant("opt_no_jump_target_check", "optimizing without the jump-target check",
+           ("optprobe_race",), OptNoJumpTargetCheck),
 )}
 
 

@@ -56,7 +56,9 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent
 CORE = PACKAGE / "kprobes"
-VIEWS = ("_debugfs", "_tracefs")     # read-only views of the core: not the probe logic
+# The file views of the core (debugfs; tracefs and its kprobe_events modules, _tp_*): not
+# the probe logic the stress suite hunts.
+VIEWS = ("_debugfs", "_tracefs", "_tp_")
 
 # The scenarios of the first round, and its schedule: the baseline the score is compared with.
 ROUND1 = ("concurrent_hits", "fault_injection", "jprobe_example", "kprobe_example",

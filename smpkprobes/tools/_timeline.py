@@ -55,6 +55,13 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "stray": ("cpu", "addr", "t"),          # the probe was removed under this trap
     "rp_miss": ("cpu", "addr", "t"),        # kretprobe pool empty
     "ret": ("cpu", "addr", "t"),            # return through the kretprobe trampoline
+    # jump optimization (kprobes/_optprobe.py)
+    "opt": ("cpu", "addr", "t"),            # an optimized hit: the detour's hook, no trap
+    "opt_queue": ("addr", "t"),             # a probe queued for the optimizer
+    "opt_gp_begin": ("ops", "frees", "t"),  # the optimizer waits (grace period, RCU tasks)
+    "opt_gp_end": ("t",),
+    "opt_patch": ("addr", "t"),             # a jump written (int3 first)
+    "unopt": ("addr", "t"),                 # the region restored, the int3 kept
     # hardware breakpoints (smpkprobes/hw_breakpoint): registration on the host, and each
     # trigger on its CPU: the watched address, the byte accessed, r/w/x, and whether the
     # handler ran after the access ("trap": x86, ppc) or before it ("fault": arm, arm64)
@@ -153,6 +160,8 @@ class _Timeline:
         self._open_sync: dict[int, tuple[int, dict]] = {}
         self._open_gp: dict[int, int] = {}
         self._host_t = 0
+        self._opt_gp: list[tuple[int, dict]] = []     # the optimizer's waits, oldest first
+        self._opt_gps = 0
         self._seq = 0
         self._syms: dict[int, str] = {}
         self.end = 0
@@ -303,6 +312,11 @@ class _Timeline:
                 self._pop(cpu, t)
                 self._zero(cpu, "post_handler", "handler", t)
             self._pop_to(cpu, t, ("hit", "ret"))
+        elif kind == "opt":
+            # An optimized hit: the pre_handlers run in the detour's hook and take no
+            # virtual time; no trap, no step.
+            self._zero(cpu, f"kprobe {self.sym(addr)} (optimized)", "kprobe", t,
+                       addr=self.sym(addr))
         elif kind == "miss":
             where = self.sym(addr)
             self.instants.append(Instant(cpu, f"kprobe miss {where}", "miss", t, {"addr": where}))
@@ -367,6 +381,20 @@ class _Timeline:
         elif kind in ("register", "unregister"):
             where = self.sym(e["addr"]) if e["addr"] is not None else "?"
             self.instants.append(Instant(-1, f"{kind}_{e['type']}probe {where}", "kprobes", t,
+                                         {"addr": where}))
+        elif kind == "opt_gp_begin":
+            self._opt_gp.append((t, {"optimize": e["ops"], "free": e["frees"]}))
+        elif kind == "opt_gp_end":
+            start, args = self._opt_gp.pop(0) if self._opt_gp else (t, {})
+            t = max(t, start)
+            self._opt_gps += 1
+            self.spans.append(Span(f"optimizer grace period #{self._opt_gps}", "optimizer",
+                                   self._opt_gps, start, t, args))
+        elif kind in ("opt_queue", "opt_patch", "unopt"):
+            where = self.sym(e["addr"])
+            name = {"opt_queue": "optimize queued", "opt_patch": "jump written",
+                    "unopt": "unoptimized"}[kind]
+            self.instants.append(Instant(-1, f"{name} {where}", "optimizer", t,
                                          {"addr": where}))
         elif kind in ("bp_register", "bp_unregister"):
             where = self.sym(e["addr"])

@@ -101,6 +101,10 @@ def _ftrace_body(tl: _Timeline, e: dict) -> tuple[str, str]:
     if kind in ("register", "unregister"):
         where = sym(e["addr"]) if e["addr"] is not None else "?"
         return f"kprobe_{kind}", f"type={e['type']} ({where})"
+    if kind == "opt_gp_begin":
+        return "optimizer_wait_start", f"optimize={e['ops']} free={e['frees']}"
+    if kind == "opt_gp_end":
+        return "optimizer_wait_end", ""
     if kind == "ss":
         return "kprobe_ss", f"({sym(e['addr'])}) how={e['how']}"
     if kind == "bp_hit":
@@ -111,7 +115,9 @@ def _ftrace_body(tl: _Timeline, e: dict) -> tuple[str, str]:
                                              f"{e['target']}")
     names = {"hit": "kprobe_hit", "ssdone": "kprobe_ss_done", "done": "kprobe_done",
              "miss": "kprobe_miss", "stray": "kprobe_stray", "rp_miss": "kretprobe_miss",
-             "ret": "kretprobe_return"}
+             "ret": "kretprobe_return", "opt": "kprobe_optimized_hit",
+             "opt_queue": "optimize_kprobe", "opt_patch": "optprobe_jump_written",
+             "unopt": "unoptimize_kprobe"}
     if kind in names:
         return names[kind], f"({sym(e['addr'])})"
     return kind, " ".join(f"{k}={v!r}" for k, v in e.items() if k != "kind")

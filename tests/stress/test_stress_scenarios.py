@@ -12,7 +12,7 @@ SCENARIOS = ["concurrent_hits", "singlestep_state", "maxactive_contention",
              "unregister_while_firing", "reentrancy", "module_gone", "fault_injection",
              "kprobe_example", "jprobe_example", "kretprobe_example",
              "aggregate_churn", "long_context_unregister", "unit_shapes",
-             "data_breakpoint", "watchpoint_race"]
+             "data_breakpoint", "watchpoint_race", "optprobe_race"]
 BOUNDS = ["--wall-bound", "120", "--memory-bound", "3072"]
 CONFIGS = {"drawn": [*BOUNDS], "pct+preempt": ["--schedule", "pct", "--preempt", *BOUNDS]}
 FIRST_SEED = 1000          # away from the seeds the scenario tests use

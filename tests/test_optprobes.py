@@ -1,0 +1,264 @@
+"""Jump-optimized kprobes (smpkprobes/kprobes/_optprobe.py): a probe that passes the safety
+checks is hit through a detour, without a trap, and falls back to a plain kprobe whenever
+it may not be optimized."""
+
+import errno
+
+import pytest
+import trio
+
+from smpkprobes import Kprobe, KprobeError, Machine
+
+OFF = 4          # kprobe_target+4 on x86_64: mov ecx, edi; mov eax, imm32 (a region of 2)
+
+
+async def _optimized(m, **kw):
+    kp = Kprobe(symbol_name="kprobe_target", offset=OFF, **kw)
+    await m.kprobes.register_kprobe(kp)
+    await m.kprobes.optimizer.wait_for_kprobe_optimizer()
+    return kp
+
+
+def _jump(m, addr):
+    return m.read_memory(addr, 5)
+
+
+async def test_sysctl_default_and_errors():
+    """debug/kprobes-optimization reads "1\\n" by default; it takes 0 or 1 only."""
+    async with Machine(cpus=1) as m:
+        assert m.sysctl.read("debug/kprobes-optimization") == "1\n"
+        with pytest.raises(KprobeError, match="takes 0 or 1") as e:
+            await m.sysctl.write("debug/kprobes-optimization", "2")
+        assert e.value.errno == errno.EINVAL
+        with pytest.raises(KprobeError, match="no sysctl") as e:
+            m.sysctl.read("debug/nope")
+        assert e.value.errno == errno.ENOENT
+        with pytest.raises(KprobeError, match="no sysctl"):
+            await m.sysctl.write("debug/nope", "1")
+        await m.sysctl.write("debug/kprobes-optimization", "0\n")
+        assert m.sysctl.read("debug/kprobes-optimization") == "0\n"
+
+
+async def test_queued_then_optimized_with_a_jump():
+    """Registered: queued (optimizing); after the optimizer: a jmp rel32 to the detour,
+    [OPTIMIZED] in kprobes/list, and the statistics say so."""
+    async with Machine(cpus=2, seed=1) as m:
+        kp = Kprobe(symbol_name="kprobe_target", offset=OFF, pre_handler=lambda p, r: 0)
+        await m.kprobes.register_kprobe(kp)
+        s = m.kprobes.statistics()
+        assert (s.optimized, s.unoptimized, s.optimizing) == (0, 0, 1)
+        await m.kprobes.optimizer.wait_for_kprobe_optimizer()
+        s = m.kprobes.statistics()
+        assert (s.optimized, s.unoptimized, s.optimizing) == (1, 0, 0)
+        op = m.kprobes.optimizer.ops[kp.addr]
+        assert _jump(m, kp.addr) == b"\xe9" + (op.stub - kp.addr - 5).to_bytes(4, "little",
+                                                                               signed=True)
+        assert m.debugfs.read("kprobes/list").endswith("kprobe_target+0x4 [OPTIMIZED]\n")
+
+
+async def test_optimized_hit_runs_the_pre_handler_without_a_trap():
+    """An optimized hit sees regs.ip at the probe and the arguments; no breakpoint trap is
+    taken (the trace has an "opt" event and no "hit"); the result is unchanged."""
+    async with Machine(cpus=2, seed=1) as m:
+        seen = []
+        kp = await _optimized(m, pre_handler=lambda p, r: seen.append((r.ip, r.arg(0))))
+        start = len(m.trace)
+        assert await m.call("kprobe_target", 300) == 100
+        kinds = [e[0] for e in list(m.trace)[start:]]
+        assert seen == [(kp.addr, 300)] and "opt" in kinds and "hit" not in kinds
+        assert m.kprobes.hits == 1 and m.kprobes.statistics().stray_traps == 0
+
+
+async def test_ip_change_is_ignored_but_registers_are_not():
+    """On an optimized probe a pre_handler's regs.ip is ignored, as in Linux; its other
+    register writes take effect (here the argument, read by the next instruction)."""
+    async with Machine(cpus=1) as m:
+        def pre(p, r):
+            r.ip = 0xdead
+            r.rdi = 9
+            return 1
+        await _optimized(m, pre_handler=pre)
+        assert await m.call("kprobe_target", 300) == 3
+
+
+async def test_post_handler_unoptimizes_and_its_removal_reoptimizes():
+    """A child with a post_handler turns the site back into a plain kprobe (region restored,
+    int3 kept); unregistering that child re-optimizes it."""
+    async with Machine(cpus=2, seed=3) as m:
+        kp = await _optimized(m, pre_handler=lambda p, r: 0)
+        orig = m.kprobes.original_text(kp.addr, 5)
+        posts = []
+        kp2 = Kprobe(symbol_name="kprobe_target", offset=OFF,
+                     post_handler=lambda p, r, f: posts.append(r.ip))
+        await m.kprobes.register_kprobe(kp2)
+        assert _jump(m, kp.addr) == b"\xcc" + orig[1:]
+        assert m.kprobes.statistics().unoptimized == 1
+        assert await m.call("kprobe_target", 30) == 10 and len(posts) == 1
+        await m.kprobes.unregister_kprobe(kp2)
+        await m.kprobes.optimizer.wait_for_kprobe_optimizer()
+        assert m.kprobes.optimizer.is_optimized(kp.addr)
+
+
+async def test_probe_inside_the_region_unoptimizes():
+    """A second probe inside an optimized region unoptimizes the first, and both fire."""
+    async with Machine(cpus=1) as m:
+        hits = []
+        kp = await _optimized(m, pre_handler=lambda p, r: hits.append(p.offset))
+        inner = Kprobe(symbol_name="kprobe_target", offset=OFF + 2,
+                       pre_handler=lambda p, r: hits.append(p.offset))
+        await m.kprobes.register_kprobe(inner)
+        await m.kprobes.optimizer.wait_for_kprobe_optimizer()
+        assert not m.kprobes.optimizer.is_optimized(kp.addr)
+        assert await m.call("kprobe_target", 30) == 10 and hits == [OFF, OFF + 2]
+        await m.kprobes.unregister_kprobe(inner)
+        await m.kprobes.optimizer.wait_for_kprobe_optimizer()
+        assert m.kprobes.optimizer.is_optimized(kp.addr)
+
+
+async def test_sysctl_off_unoptimizes_everything_and_on_requeues():
+    """Writing 0 restores every region and leaves the breakpoints; writing 1 re-queues."""
+    async with Machine(cpus=2) as m:
+        kp = await _optimized(m, pre_handler=lambda p, r: 0)
+        orig = m.kprobes.original_text(kp.addr, 5)
+        await m.sysctl.write("debug/kprobes-optimization", "0")
+        assert _jump(m, kp.addr) == b"\xcc" + orig[1:]
+        assert "[OPTIMIZED]" not in m.debugfs.read("kprobes/list")
+        await m.sysctl.write("debug/kprobes-optimization", "1")
+        await m.kprobes.optimizer.wait_for_kprobe_optimizer()
+        assert m.kprobes.optimizer.is_optimized(kp.addr)
+
+
+async def test_disable_and_unregister_restore_the_text():
+    """Disabling an optimized probe restores the original bytes; enabling re-optimizes;
+    unregistering restores them and frees the detour after a grace period."""
+    async with Machine(cpus=2) as m:
+        orig = m.read_memory(m.kallsyms_lookup_name("kprobe_target") + OFF, 5)
+        kp = await _optimized(m, pre_handler=lambda p, r: 0)
+        await m.kprobes.disable_kprobe(kp)
+        assert _jump(m, kp.addr) == orig
+        await m.kprobes.enable_kprobe(kp)
+        await m.kprobes.optimizer.wait_for_kprobe_optimizer()
+        assert m.kprobes.optimizer.is_optimized(kp.addr)
+        addr = kp.addr
+        await m.kprobes.unregister_kprobe(kp)
+        assert _jump(m, addr) == orig
+        await m.kprobes.optimizer.wait_for_kprobe_optimizer()
+        assert m.kprobes.optimizer.ops == {} and m.kprobes.optimizer._by_stub == {}
+
+
+async def test_reentry_counts_nmissed():
+    """test_kprobe_missed on an optimized probe: a handler calling the probed function
+    again gets no second handler run, only nmissed."""
+    async with Machine(cpus=1) as m:
+        calls = []
+
+        def pre(p, r):
+            calls.append(1)
+            r.cpu.call("kprobe_target", 3)
+        kp = await _optimized(m, pre_handler=pre)
+        assert await m.call("kprobe_target", 30) == 10
+        assert calls == [1] and kp.nmissed == 1
+
+
+async def test_handler_exception_goes_to_the_fault_handler():
+    """A pre_handler raising on an optimized probe counts nmissed and asks the
+    fault_handler; handled, the call goes on."""
+    async with Machine(cpus=1) as m:
+        seen = []
+
+        def pre(p, r):
+            raise RuntimeError("boom")
+        kp = await _optimized(m, pre_handler=pre,
+                              fault_handler=lambda p, r, t: seen.append(t) or 1)
+        assert await m.call("kprobe_target", 30) == 10
+        assert seen == [-1] and kp.nmissed == 1
+
+
+@pytest.mark.parametrize("arch", ["arm64", "sparc64"])
+async def test_trap_based_arches_never_optimize(arch):
+    """arm64 and sparc64 keep their breakpoints."""
+    async with Machine(arch=arch, cpus=1) as m:
+        kp = Kprobe(symbol_name="kprobe_target", pre_handler=lambda p, r: 0)
+        await m.kprobes.register_kprobe(kp)
+        s = m.kprobes.statistics()
+        assert (s.optimized, s.unoptimized, s.optimizing) == (0, 0, 0)
+        assert m.kprobes.optimizer.why_not(m.kprobes.sites()[kp.addr]) == \
+            "this architecture has no optprobes"
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "i386", "arm", "ppc"])
+async def test_transparency_on_every_instruction_optimized(arch):
+    """A probe on each instruction boundary of the conformance functions, optimized wherever
+    the checks allow (the optimizer done before the calls), leaves every result unchanged;
+    the text is whole again afterwards."""
+    from test_conformance import TRANSPARENCY
+    async with Machine(arch=arch, cpus=2, seed=2) as m:
+        expected = {f: [await m.call(f, *a) for a in args] for f, args in TRANSPARENCY.items()}
+        optimized = 0
+        opt = m.kprobes.optimizer
+        for func, args in TRANSPARENCY.items():
+            sym = m.kallsyms.lookup(func)
+            for addr in sorted(m.kprobes._insn_boundaries(sym)):
+                hits = []
+                kp = Kprobe(addr=addr, pre_handler=lambda p, r: hits.append(1))
+                try:
+                    await m.kprobes.register_kprobe(kp)
+                except KprobeError:
+                    continue
+                await opt.wait_for_kprobe_optimizer()
+                optimized += opt.is_optimized(addr)
+                got = [await m.call(func, *a) for a in args]
+                await m.kprobes.unregister_kprobe(kp)
+                assert got == expected[func], (func, m.format_addr(addr))
+            assert m.read_memory(sym.addr, sym.size) == m.kprobes.original_text(sym.addr,
+                                                                                 sym.size)
+        await opt.wait_for_kprobe_optimizer()
+        assert optimized > 30 and m.oopses == [] and opt.ops == {}
+
+
+async def test_exact_accounting_under_smp_optimized():
+    """4 CPUs hammering an optimized probe: every call is exactly one hit, and the results
+    equal the unprobed run."""
+    async def run(probe: bool):
+        async with Machine(cpus=4, seed=5) as m:
+            hits = []
+            kp = Kprobe(symbol_name="do_fork", pre_handler=lambda p, r: hits.append(r.cpu.id))
+            if probe:
+                await m.kprobes.register_kprobe(kp)
+                await m.kprobes.optimizer.wait_for_kprobe_optimizer()
+                assert m.kprobes.optimizer.is_optimized(kp.addr)
+            out = {}
+
+            async def loop(c):
+                out[c] = await m.call("fork_loop", 400, cpu=c)
+            async with trio.open_nursery() as n:
+                for c in range(4):
+                    n.start_soon(loop, c)
+            return hits, kp.nmissed, out
+    hits, missed, out = await run(True)
+    _, _, out0 = await run(False)
+    assert len(hits) == 1600 and missed == 0 and out == out0
+    assert sorted(set(hits)) == [0, 1, 2, 3]
+
+
+async def test_trace_export_shows_the_optimizer(tmp_path):
+    """The ftrace text names the optimized hit and the optimizer's steps; the Perfetto
+    trace has the optimizer's waits as spans and the hit as a kprobe slice."""
+    import json
+
+    from smpkprobes.tools import _trace_export
+    async with Machine(cpus=2, seed=1) as m:
+        kp = await _optimized(m, pre_handler=lambda p, r: 0)
+        await m.call("kprobe_target", 3)
+        await m.kprobes.unregister_kprobe(kp)
+        await m.kprobes.optimizer.wait_for_kprobe_optimizer()
+    names = [line.split(": ")[1].rstrip(":") for line in _trace_export.ftrace_text(m).splitlines()
+             if not line.startswith("#") and ("opt" in line or "unoptimize" in line)]
+    assert names == ["optimize_kprobe", "optimizer_wait_start", "optimizer_wait_end",
+                     "optprobe_jump_written", "kprobe_optimized_hit", "unoptimize_kprobe",
+                     "optimizer_wait_start", "optimizer_wait_end"]
+    _trace_export.export_perfetto(m, tmp_path / "t.json")
+    events = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+    spans = [e["name"] for e in events if e.get("cat") == "optimizer" and e["ph"] == "b"]
+    assert spans == ["optimizer grace period #1", "optimizer grace period #2"]
+    assert any(e.get("name") == "kprobe kprobe_target+0x4 (optimized)" for e in events)
