@@ -98,7 +98,10 @@ async def scenario(m, report, args) -> None:
                  f"triggered {hits}")
     for bp in bps:
         await hw.unregister_hw_breakpoint(bp)
-    report.expect(moves > 0 or m.ncpus == 1, "the tasks migrate between CPUs")
+    # Migration is what this part exercises, and the random policy always gives some; PCT's
+    # fixed priorities may keep every task on its CPU, which is no bug.
+    if args.schedule == "random":
+        report.expect(moves > 0 or m.ncpus == 1, "the tasks migrate between CPUs")
     report.expect(hits == [TASK_LOOPS] * len(tasks),
                   f"each per-task breakpoint triggers once per write of its task, on whichever "
                   f"CPU it runs ({TASK_LOOPS} each, got {hits})")

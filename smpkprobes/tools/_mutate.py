@@ -440,6 +440,7 @@ class Score:
     seed: int
     results: list[MutantResult] = field(default_factory=list)
     baseline_seconds: float = 0.0
+    dropped: list[tuple[str, str]] = field(default_factory=list)   # failed unmutated
 
     @property
     def killed(self) -> int:
@@ -470,10 +471,15 @@ def score_mutants(chosen: list[tuple[Mutant, str]], the_suite: list[Job], kind: 
     base, covered, score.baseline_seconds = _spawn(None, None, the_suite, timeout,
                                                    wall=600.0 + 60 * len(the_suite),
                                                    cover=True)
-    if len(base) != len(the_suite) or not all(r["ok"] for r in base):
-        bad = next((r for r in base if not r["ok"]), {"failure": "missing records"})
-        raise RuntimeError(f"the unmutated suite does not pass: {bad['failure']}")
-    digests = [r["digest"] for r in base]
+    if len(base) != len(the_suite):
+        raise RuntimeError("the unmutated suite did not finish: "
+                           f"{(base[-1]['failure'] if base else 'no record')}")
+    # A run that fails unmutated cannot judge a mutant: it leaves the suite, and says so.
+    score.dropped = [(job.command(), r["failure"]) for job, r in zip(the_suite, base)
+                     if not r["ok"]]
+    keep = [i for i, r in enumerate(base) if r["ok"]]
+    the_suite = [the_suite[i] for i in keep]
+    digests = [base[i]["digest"] for i in keep]
     reached = {(f, ln) for f, ln in covered or []}
     per_job = score.baseline_seconds / max(1, len(the_suite))
     wall = wall or max(60.0, 20 * per_job * len(the_suite))
@@ -514,6 +520,8 @@ def format_score(score: Score, show_diffs: bool = True) -> str:
            f"{score.killed}/{len(score.results)} killed = {100 * score.score:.0f}%  "
            f"(survived {score.count('survived')}, equivalent? {score.count('equivalent?')}, "
            f"not reached {score.count('not reached')})"]
+    for cmd, why in score.dropped:
+        out.append(f"  (left out of the suite, it fails unmutated: {cmd}: {why})")
     kinds: dict[str, int] = {}
     for r in score.results:
         if r.verdict == "killed":
