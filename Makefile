@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 LOG    := $(VENV)/install.log
 JOBS   ?= 2
 
-.PHONY: demo test bench kernels clean
+.PHONY: demo test lint bench kernels clean
 
 $(STAMP): pyproject.toml setup.py smpkprobes/machine/_blockbudget_native.c
 	@echo "setting up $(VENV) (python3 -m venv, pip install -e '.[test]'; log in $(LOG))"
@@ -25,6 +25,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(JOBS) -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 bench: $(STAMP)
 	$(BIN)/smpkprobes bench

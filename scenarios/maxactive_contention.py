@@ -30,7 +30,6 @@ try:
     import smpkprobes
 except ImportError:      # run from a source checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    import smpkprobes
 
 from smpkprobes import Kretprobe, Machine
 from smpkprobes.scenario import machine_options, scenario_main

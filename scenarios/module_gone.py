@@ -27,7 +27,6 @@ try:
     import smpkprobes
 except ImportError:      # run from a source checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    import smpkprobes
 
 from smpkprobes import Kprobe, KprobeError, Kretprobe
 from smpkprobes.scenario import scenario_main

@@ -32,7 +32,6 @@ try:
     import smpkprobes
 except ImportError:      # run from a source checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    import smpkprobes
 
 from smpkprobes import Kprobe, KprobeError
 from smpkprobes.scenario import scenario_main

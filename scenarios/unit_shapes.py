@@ -21,7 +21,6 @@ build as well as in how they interleave):
 from __future__ import annotations
 
 import random
-import struct
 import sys
 from pathlib import Path
 
@@ -31,7 +30,6 @@ try:
     import smpkprobes
 except ImportError:      # run from a source checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    import smpkprobes
 
 from smpkprobes import Jprobe, Kprobe, Kretprobe, regs_return_value
 from smpkprobes.scenario import scenario_main

@@ -1,7 +1,6 @@
 """Hangs and livelocks are failures: a run's wall-clock and memory bounds (tools/_bounds)."""
 
 import argparse
-import functools
 
 import trio
 

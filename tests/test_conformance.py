@@ -5,7 +5,6 @@ breakpoint bytes, the calling convention); nothing names an architecture.  Heavy
 at a small size; --stress-seeds deepens them.
 """
 
-import functools
 
 import pytest
 import trio

@@ -1,7 +1,6 @@
 """The kprobes core on x86_64: handlers, single-step, aggregates, batches, errors, debugfs."""
 
 import errno
-import functools
 
 import pytest
 import trio
@@ -344,7 +343,7 @@ async def test_debugfs_list_and_blacklist(m):
     a1, a2 = m.kallsyms_lookup_name("kprobe_target"), m.kallsyms_lookup_name("kprobe_target2")
     lines = sorted([(a1, f"{a1:016x}  k  kprobe_target+0x0\n"),
                     (a2, f"{a2:016x}  k  kprobe_target2+0x0 [DISABLED]\n")])
-    assert m.debugfs.read("kprobes/list") == "".join(l for _, l in lines)
+    assert m.debugfs.read("kprobes/list") == "".join(line for _, line in lines)
     bl = m.debugfs.read("kprobes/blacklist")
     dpf = m.kallsyms.lookup("do_page_fault")
     assert f"0x{dpf.addr:016x}-0x{dpf.addr + dpf.size:016x}\tdo_page_fault\n" in bl

@@ -96,7 +96,6 @@ async def test_preemption_migrates_only_where_allowed(preempt):
                 bad.append("migrated between pre and post")
         kp = Kprobe(symbol_name="fib", offset=0, pre_handler=pre, post_handler=post)
         await m.kprobes.register_kprobe(kp)
-        tasks = []
         async with trio.open_nursery() as n:
             for c in range(6):
                 n.start_soon(functools.partial(m.call, "fib", 12))

@@ -1,6 +1,5 @@
 """selftest --mutate: generated probe-core mutants and the mutation score."""
 
-import ast
 import textwrap
 
 import pytest

@@ -2,7 +2,6 @@
 facts and detour layout (cpus/_optprobe.py), on hand-made x86_64 text and on the default
 kernels."""
 
-import capstone
 import pytest
 
 from smpkprobes import Machine, cpus

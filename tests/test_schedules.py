@@ -9,7 +9,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from smpkprobes import Kprobe, Kretprobe, Machine
-from smpkprobes.machine import _conductor
 from smpkprobes.tools import _stress
 from smpkprobes.machine._conductor import (Conductor, PCTConductor, Recording, ReplayConductor,
                                    format_recording, format_schedule, make_conductor,

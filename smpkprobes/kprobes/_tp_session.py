@@ -12,7 +12,6 @@ from typing import Callable
 
 import trio
 
-from .._errors import KprobeError
 
 # Default arguments of the workloads `--workload` knows by name; `n` is --loops.
 WORKLOADS: dict[str, Callable[[int], tuple[int, ...]]] = {

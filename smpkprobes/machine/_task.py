@@ -6,7 +6,6 @@ import enum
 
 import trio
 
-from .._errors import Oops, RunawayError
 
 
 class TaskState(enum.Enum):

@@ -95,11 +95,15 @@ def bare_hook_cost(n: int = 20_000) -> float:
     uc, ks, call, _ = _bare("x86_64")
     target = ks.lookup("bench_target").addr
     call("bench_loop", n)
-    t = time.perf_counter(); call("bench_loop", n); plain = time.perf_counter() - t
+    t = time.perf_counter()
+    call("bench_loop", n)
+    plain = time.perf_counter() - t
     uc.hook_add(unicorn.UC_HOOK_CODE, lambda *a: None, None, target, target)
     uc.ctl_flush_tb()
     call("bench_loop", 10)
-    t = time.perf_counter(); call("bench_loop", n); hooked = time.perf_counter() - t
+    t = time.perf_counter()
+    call("bench_loop", n)
+    hooked = time.perf_counter() - t
     return (hooked - plain) / n * 1e6
 
 
@@ -107,12 +111,18 @@ def bench_kprobe(arch: str = "x86_64", n: int = 20_000, others: int = 10_000) ->
     from ..kprobes._core import Kprobe
     uc, ks, call, _ = _bare(arch)
     target = ks.lookup("bench_target").addr
-    t = time.perf_counter(); call("bench_loop", n); t_plain = time.perf_counter() - t
-    t = time.perf_counter(); call("bench_loop", n); t_plain = min(t_plain, time.perf_counter() - t)
+    t = time.perf_counter()
+    call("bench_loop", n)
+    t_plain = time.perf_counter() - t
+    t = time.perf_counter()
+    call("bench_loop", n)
+    t_plain = min(t_plain, time.perf_counter() - t)
     uc.hook_add(unicorn.UC_HOOK_CODE, lambda *a: None, None, target, target)
     uc.ctl_flush_tb()       # code translated before the hook was added would skip it
     call("bench_loop", 10)
-    t = time.perf_counter(); call("bench_loop", n); t_hook = time.perf_counter() - t
+    t = time.perf_counter()
+    call("bench_loop", n)
+    t_hook = time.perf_counter() - t
     hook_cost = (t_hook - t_plain) / n
 
     async def timed(m, func="bench_loop"):

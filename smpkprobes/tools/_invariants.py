@@ -56,6 +56,7 @@ from .._errors import SimulationError
 
 if TYPE_CHECKING:    # pragma: no cover
     from ..kprobes._core import KprobesSubsystem, Kretprobe
+    from ..machine._cpu import CPU
     from ..machine._machine import SMPMachine
 
 from ..kprobes._events import (KprobesArmed, KprobesChanged, KprobesDisarmed,

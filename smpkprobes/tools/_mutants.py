@@ -19,9 +19,7 @@ import heapq
 import trio
 from dataclasses import dataclass
 
-import trio
 
-from ..hw_breakpoint._core import HwBreakpointSubsystem
 from ..hw_breakpoint._core import HwBreakpointSubsystem
 from ..kprobes._core import KprobesSubsystem, Status
 from ..kprobes._events import KprobesArmed
@@ -254,22 +252,6 @@ class GracePeriodNeverEnds(KprobesSubsystem):
                 await kernel.synchronize()
                 await trio.lowlevel.checkpoint()
         self._kernel = _Kernel(kernel, synchronize=synchronize)
-
-
-def _wide_breakpoint_local_only():
-    """register_wide_hw_breakpoint installs the breakpoint in the local CPU's debug registers
-    only (CPU 0's), with no cross-CPU call to the others."""
-    return _patch(HwBreakpointSubsystem, "_wide_cpus", lambda self: [self._m.cpus[0]])
-
-
-def _slot_not_moved_with_task():
-    """A per-task breakpoint is loaded into the registers of the first CPU its task runs on
-    and stays there: not moved at context switch when the task migrates."""
-    def sched_in(self, cpu, task):
-        regs = self.debugregs[cpu.id]
-        if self._user and regs.task is None and all(r.task is not task for r in self.debugregs):
-            regs.load_task(task)
-    return _patch(HwBreakpointSubsystem, "_sched_in", sched_in)
 
 
 class WideBreakpointLocalOnly(HwBreakpointSubsystem):
