@@ -75,9 +75,21 @@ def test_the_suites_name_their_runs():
     assert all("--quanta" in j.argv for j in cur)
 
 
-@pytest.mark.slow
-def test_scoring_kills_a_real_bug_and_flags_an_unobservable_one(request):
-    """End to end, in child processes: dropping the disarm of unregistration is killed by
-    unregister_while_firing; a mutant on a line the suite never reaches is 'not reached'."""
-    if not request.config.getoption("--stress-seeds"):
-        pytest.skip("spawns child runs: give --stress-seeds N")
+def test_scoring_kills_a_real_bug_and_reports_what_it_cannot_reach():
+    """End to end, in child processes: skipping the grace period of unregistration is
+    killed by unregister_while_firing (with the replay command of the run that caught it);
+    a mutant on a line the suite never reaches is 'not reached', and not run."""
+    cands = _mutate.candidates()
+    killable = next((m, src) for m, src in cands if m.op == "skip-await"
+                    and m.detail == "await self._kernel.synchronize()"
+                    and m.module.endswith("_registry"))
+    unreached = next((m, src) for m, src in cands if m.module.endswith("_hit")
+                     and m.op == "drop" and "unrecoverable" in m.detail)
+    suite = [_mutate.Job("unregister_while_firing", ("--seed", "0", "--size", "5", "--quiet"))]
+    score = _mutate.score_mutants([killable, unreached], suite, "test", 0, jobs=2)
+    verdicts = {r.mutant.ident: r for r in score.results}
+    k, u = verdicts[killable[0].ident], verdicts[unreached[0].ident]
+    assert (k.verdict, k.how, u.verdict, u.runs) == ("killed", "fail", "not reached", 0)
+    assert k.by == "smpkprobes run unregister_while_firing --seed 0 --size 5 --quiet"
+    assert "-        await self._kernel.synchronize()" in k.diff
+    assert score.killed == 1 and "1/2 killed" in _mutate.format_score(score)
