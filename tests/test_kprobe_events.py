@@ -188,9 +188,6 @@ async def test_a_plain_symbol_probe_on_a_module_stays_gone(m):
     assert m.debugfs.read("kprobes/list").count("[GONE]") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="needs the probe core to re-arm a GONE aggregate when a "
-                                       "new probe registers on it (the reliability branch); "
-                                       "drop this mark when that merges")
 async def test_a_re_registered_probe_beside_a_gone_one_fires(m):
     """The kernel's register_aggr_kprobe re-arms a GONE aggregate for a new probe: the
     re-registered MOD:SYM probe fires while the bare one beside it stays GONE."""

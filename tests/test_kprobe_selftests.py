@@ -353,20 +353,32 @@ async def test_kprobe_non_uniq_symbol(m):
 
 
 async def test_kprobe_opt_types(m):
-    """kprobe_opt_types.tc: this probe core never optimizes a kprobe (no jump
-    optimization), so, like the script on such a kernel, the loop ends unresolved: no
-    probe of do_fork+0..255 is listed OPTIMIZED."""
+    """kprobe_opt_types.tc: find an offset of do_fork whose probe the optimizer jump-optimizes
+    ([OPTIMIZED] in kprobes/list once the optimizer has run), and check that the event's
+    fetch arguments of every size still read right through the detour."""
     fs = m.tracefs
+    found = None
     for i in range(0, 24):
         try:
-            await fs.write("kprobe_events", f"p:testprobe do_fork+{i}")
+            await fs.write("kprobe_events", f"p:testprobe do_fork+{i} a=%sp:u8 b=%sp:u16 "
+                                            f"c=%sp:u32 d=%sp:u64 e=%sp:x64")
         except TraceProbeError:
             continue
         await fs.write("events/kprobes/enable", "1")
         await forked(m)
-        assert "OPTIMIZED" not in m.debugfs.read("kprobes/list")
+        listed = m.debugfs.read("kprobes/list")
         await fs.write("events/kprobes/enable", "0")
+        if "OPTIMIZED" in listed:
+            found = i
+            break
         await fs.write("kprobe_events", "")
+    assert found is not None, "no offset of do_fork was optimized"
+    lines = [ln for ln in fs.read("trace").splitlines() if "testprobe:" in ln]
+    assert lines
+    for ln in lines:
+        sp = int(re.search(r"e=(0x[0-9a-f]+)", ln).group(1), 16)
+        assert re.search(rf"a={sp & 0xff} b={sp & 0xffff} c={sp & 0xffffffff} d={sp} ", ln), ln
+    await fs.write("kprobe_events", "")
 
 
 async def test_kretprobe_args(any_arch):

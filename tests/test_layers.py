@@ -49,7 +49,8 @@ def test_the_machine_imports_no_probe_core_and_no_tool(path):
 
 # The known exceptions, both in tracefs: it renders its trace file with the exporter's line
 # format (tools/_trace_export), and its command-line entry point boots a Machine.
-PROBE_CORE_TOOL_IMPORTS = {"_tracefs.py": {"tools._trace_export", "_system"}}
+PROBE_CORE_TOOL_IMPORTS = {"_tracefs.py": {"tools._trace_export", "_system"},
+                           "_tp_session.py": {"tools._trace_export", "_system"}}
 
 
 @pytest.mark.parametrize("path", _modules("kprobes"), ids=lambda p: p.name)

@@ -2,7 +2,6 @@
 
 import textwrap
 
-import pytest
 
 from smpkprobes.tools import _mutate
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .._errors import KprobeError
-from ..machine._memory import STACK_SIZE
+from ..machine._services import STACK_SIZE
 from ._core import KPROBE_FLAG_DISABLED, Kprobe, Kretprobe
 from ._tp_errors import ERRORS, ErrorLog, TraceProbeError
 from ._tp_fetch import Fetcher

@@ -46,6 +46,7 @@ from ._events import Event as Event
 from ._events import EventBus as EventBus
 from ._events import ModuleGoing as ModuleGoing
 from ._events import QuantumEnded as QuantumEnded
+from ._memory import STACK_SIZE as STACK_SIZE     # a task stack's size (tracefs: $stackN)
 from ._events import TaskExited as TaskExited
 from ._events import TaskOopsed as TaskOopsed
 from ._traps import HANDLED as HANDLED
