@@ -47,6 +47,9 @@ class _Host:
     async def _main(self, seed, arch):
         async with Machine(arch=arch, cpus=3, seed=seed, quantum=(4, 600),
                            invariants="record") as m:
+            # The text checks below expect breakpoints: this machine is about batches and
+            # cancellation, not jump optimization (tests/test_optprobes.py covers that).
+            await m.sysctl.write("debug/kprobes-optimization", "0")
             self.m = m
             self.token = trio.lowlevel.current_trio_token()
             self.stop = trio.Event()

@@ -37,7 +37,7 @@ from smpkprobes.cpus._optprobe import detour_layout, opt_facts
 from .._errors import KprobeError
 from ..machine._services import ModuleGoing, QuantumEnded, resume_at
 from ._optcheck import NotOptimizable, prepare_region, site_blockers
-from ._probes import KPROBE_FLAG_DISABLED
+from ._probes import KPROBE_FLAG_DISABLED, KPROBE_FLAG_GONE
 from ._state import _HIT_ACTIVE, _NONE
 
 if TYPE_CHECKING:    # pragma: no cover
@@ -147,7 +147,8 @@ class Optimizer:
         for child in site.children:
             if not child._registered:
                 k.stale_handlers.append((site.addr, child, "pre_handler"))
-            if child.flags & KPROBE_FLAG_DISABLED or child.pre_handler is None:
+            # kprobe_disabled(): a disabled child, or a GONE one beside a revived aggregate
+            if child.flags & (KPROBE_FLAG_DISABLED | KPROBE_FLAG_GONE) or child.pre_handler is None:
                 continue
             try:
                 ret = child.pre_handler(child, regs)
