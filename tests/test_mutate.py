@@ -1,6 +1,7 @@
 """selftest --mutate: generated probe-core mutants and the mutation score."""
 
 import textwrap
+from pathlib import Path
 
 
 from smpkprobes.tools import _mutate
@@ -92,3 +93,31 @@ def test_scoring_kills_a_real_bug_and_reports_what_it_cannot_reach():
     assert k.by == "smpkprobes run unregister_while_firing --seed 0 --size 5 --quiet"
     assert "-        await self._kernel.synchronize()" in k.diff
     assert score.killed == 1 and "1/2 killed" in _mutate.format_score(score)
+
+
+def test_the_baseline_chooses_the_runs_that_reach_a_line():
+    """The covered baseline records, per run, the probe-core lines it reaches: a line of
+    the jprobe entry handler is reached by the jprobe scenario only, so a mutant there runs
+    that scenario alone; a module constant runs at import, so every run reaches it; a line
+    no run reaches is reached by none.  A run that fails unmutated leaves the suite, with
+    its reason."""
+    import ast
+    import inspect
+    from smpkprobes.kprobes import _jprobes
+    path = inspect.getsourcefile(_jprobes)
+    tree = ast.parse(Path(path).read_text())
+    fn = next(n for n in ast.walk(tree) if getattr(n, "name", "") == "setjmp_pre_handler")
+    entry = fn.body[1].lineno                    # the first statement after the docstring
+    const = next(n.lineno for n in tree.body if isinstance(n, ast.Assign)
+                 and n.targets[0].id == "MAX_STACK_SIZE")
+    suite = [_mutate.Job("kprobe_example", ("--seed", "0", "--quiet")),
+             _mutate.Job("jprobe_example", ("--seed", "0", "--quiet")),
+             _mutate.Job("unregister_while_firing", ("--mutant", "no_backup_on_stray_trap",
+                                                     "--seed", "58", "--quiet"))]
+    base = _mutate.baseline(suite, 30.0, jobs=2)
+    assert [j.scenario for j in base.jobs] == ["kprobe_example", "jprobe_example"]
+    assert len(base.dropped) == 1 and "no_backup_on_stray_trap" in base.dropped[0][0]
+    assert all(len(d) == 32 for d in base.digests) and all(s > 0 for s in base.seconds)
+    assert base.reaching({(path, entry)}) == [1]
+    assert sorted(base.reaching({(path, const)})) == [0, 1]
+    assert base.reaching({(path, 10**6)}) == []

@@ -182,7 +182,9 @@ def _selftest_flags(st: argparse.ArgumentParser) -> None:
                     help="just these mutants")
     st.add_argument("--max-seeds", type=positive_int, default=20,
                     help="seeds per mutant (default 20)")
-    st.add_argument("--jobs", type=positive_int, default=1)
+    st.add_argument("--jobs", type=positive_int, default=None,
+                    help="processes in parallel (default: 1 for --mutants, one per CPU for "
+                         "--mutate)")
     st.add_argument("--first", action="store_true",
                     help="stop each mutant at its first failing seed (no detection rate)")
     from . import _campaign
@@ -218,7 +220,7 @@ def _selftest(a) -> int:
               f"CPUs (best of 5); same run with and without: {c['same_run']}")
     if a.mutants:
         from . import _campaign
-        results = _stress.mutation_check(a.max_seeds, a.jobs, a.only, rate=not a.first,
+        results = _stress.mutation_check(a.max_seeds, a.jobs or 1, a.only, rate=not a.first,
                                          **_campaign.engine_options(a))
         _stress.print_mutation_table(results, a.max_seeds)
         status = 0 if all(r.caught for r in results) else 1
@@ -235,7 +237,8 @@ def _mutation_score(a) -> int:
         print(f"[{done[0]}/{a.mutate}] {r.verdict:<12} {r.mutant.ident}"
               f"{'  (' + r.how + ')' if r.how else ''}", file=sys.stderr, flush=True)
     score = _mutate.mutation_score(a.mutate, seed=a.seed, kind=a.baseline,
-                                   seeds=a.mutate_seeds, jobs=a.jobs, progress=progress)
+                                   seeds=a.mutate_seeds, jobs=a.jobs or os.cpu_count() or 1,
+                                   progress=progress)
     print(_mutate.format_score(score))
     if a.json:
         with open(a.json, "w") as f:

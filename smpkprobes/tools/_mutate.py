@@ -19,20 +19,29 @@ authors did not think of, so this module makes them mechanically:
    small unified diff.  The candidate list is sorted, and `--seed` draws N of them with its
    own `random.Random`: the same N and seed give the same mutants on the same code.
 
-2. **Cover.**  One unmutated run of the suite, with a line tracer limited to the probe-core
-   files, finds which lines the suite reaches.  A mutant on a line it never reaches cannot
-   be killed by it; it is reported as `not reached` (a survivor) and not run.
+2. **Cover.**  One unmutated run of the suite, split over the `--jobs` processes, measured
+   by coverage.py (its C tracer, limited to the probe-core files) records which probe-core
+   lines each run reaches, how long it took, and its trace digest.  The lines that run while
+   the package is imported (module constants, class bodies, `def` lines with their
+   defaults) count as reached by every run.  A mutant on a line that no run reaches cannot
+   be killed; it is reported as `not reached` (a survivor) and not run.
 
-3. **Run.**  Each mutant runs in a fresh Python process.  A bootstrap installs an import
-   finder that serves the mutated source for that one module, before smpkprobes is imported;
-   nothing in the runtime package knows about it.  The child runs the suite's jobs in order
-   and stops at the first failure.  The parent kills a child that exceeds its wall-clock
-   bound: a hang or a livelock is a kill of its own kind (`hang`).
+3. **Run.**  Each mutant runs in a fresh Python process, against the runs that reach its
+   lines only (a run that never executes the mutated line behaves as unmutated), cheapest
+   first.  A bootstrap installs an import finder that serves the mutated source for that one
+   module, before smpkprobes is imported; nothing in the runtime package knows about it.
+   The child stops at the first failure.  Each run keeps the scenario's own bounds (its
+   wall bound is the larger of `timeout` and 4x its unmutated time), and the parent kills a
+   child that exceeds the sum: a hang or a livelock is a kill of its own kind (`hang`).
 
 4. **Judge.**  A mutant is `killed` (a scenario failed: an expectation, an invariant, an
    oops, a crash, a hang), `equivalent?` (it survived, and every run's trace digest equals
    the unmutated run's: nothing observable changed), or `survived` (the runs changed, and no
    check noticed).  The score is killed / (all mutants that compiled).
+
+Selecting the runs by coverage is what mutation tools call test selection: on the probe
+core it cuts the work several-fold, since most mutants sit on lines that only a few
+scenarios reach (the optimizer's, the watchpoints', the jprobes').
 
 Why not a mutation-testing library (mutmut, cosmic-ray)?  Both drive a test runner (pytest)
 over a rewritten source tree.  Our suite is the stress scenarios under seeded schedules, with
@@ -93,11 +102,18 @@ def suite(kind: str = "current", seeds: int = 2) -> list[Job]:
 
 
 # == running in a child ==================================================================
-# The child's bootstrap: installs the finder before smpkprobes is imported, so the mutated
-# module is the one every other module gets.  It imports nothing of smpkprobes itself first.
+# The child's bootstrap: installs the finder (and, for the covered baseline, starts
+# coverage) before smpkprobes is imported, so the mutated module is the one every other
+# module gets, and the lines run at import time are measured.  It imports nothing of
+# smpkprobes itself first.
 _BOOT = r'''
 import importlib.abc, importlib.machinery, json, sys
 spec = json.loads(sys.argv[1])
+cov = None
+if spec.get("cover"):
+    import coverage
+    cov = coverage.Coverage(data_file=None, include=spec["include"], config_file=False)
+    cov.start()
 if spec["module"]:
     class _Loader(importlib.machinery.SourceFileLoader):
         def get_data(self, path):
@@ -117,78 +133,59 @@ if spec["module"]:
             return s
     sys.meta_path.insert(0, _Finder())
 from smpkprobes.tools import _mutate
-_mutate._child(spec)
+_mutate._child(spec, cov)
 '''
 
 
-def _child(spec: dict) -> None:
-    """Run the jobs in this process; print one JSON line per job on the real stdout."""
+def _lines(cov) -> list[list]:
+    """The probe-core lines `cov` measured since it was last erased; erases it."""
+    cov.stop()
+    data = cov.get_data()
+    out = sorted([f, n] for f in data.measured_files() for n in (data.lines(f) or ()))
+    cov.erase()
+    return out
+
+
+def _child(spec: dict, cov=None) -> None:
+    """Run the jobs in this process; print one JSON line per job on the real stdout.  With
+    coverage (the baseline), the first line is the lines run at import ("prelude"), and
+    each job's record carries the lines it reached."""
     from . import _stress
     real = os.fdopen(os.dup(1), "w")
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)                       # scenario output is not the protocol
-    tracer = _LineTracer() if spec.get("cover") else None
-    for scenario, argv in spec["jobs"]:
-        if tracer:
-            tracer.start()
+    if cov is not None:
+        real.write(json.dumps({"prelude": _lines(cov)}) + "\n")
+    for scenario, argv, timeout in spec["jobs"]:
+        if cov is not None:
+            cov.start()
+        t0 = time.perf_counter()
         try:
-            out = _stress.run_once(scenario, list(argv), spec["timeout"])
+            out = _stress.run_once(scenario, list(argv), timeout)
             rec = {"ok": out.ok, "digest": out.digest,
                    "failure": out.failures[0] if out.failures else "",
                    "kind": "hang" if out.kind == "timeout" else "fail"}
         except BaseException as exc:          # noqa: BLE001 - the mutant broke the host
             rec = {"ok": False, "digest": "", "kind": "crash",
                    "failure": f"{type(exc).__name__}: {exc}"}
-        finally:
-            if tracer:
-                tracer.stop()
+        rec["seconds"] = time.perf_counter() - t0
+        if cov is not None:
+            rec["covered"] = _lines(cov)
         real.write(json.dumps(rec) + "\n")
         real.flush()
         if not rec["ok"] and spec.get("stop_at_first", True):
             break
-    if tracer:
-        real.write(json.dumps({"covered": tracer.covered()}) + "\n")
     real.flush()
 
 
-class _LineTracer:
-    """Which probe-core lines ran: a tracer that only follows frames of those files."""
-
-    def __init__(self):
-        self.files = {str(p) for _, p in core_modules()}
-        self.lines: set[tuple[str, int]] = set()
-
-    def _local(self, frame, event, arg):
-        if event == "line":
-            self.lines.add((frame.f_code.co_filename, frame.f_lineno))
-        return self._local
-
-    def _global(self, frame, event, arg):
-        if frame.f_code.co_filename in self.files:
-            self.lines.add((frame.f_code.co_filename, frame.f_code.co_firstlineno))
-            return self._local
-        return None
-
-    def start(self):
-        import threading
-        threading.settrace(self._global)
-        sys.settrace(self._global)
-
-    def stop(self):
-        import threading
-        sys.settrace(None)
-        threading.settrace(None)
-
-    def covered(self) -> list[list]:
-        return sorted([f, n] for f, n in self.lines)
-
-
-def _spawn(module: str | None, source: str | None, jobs: list[Job], timeout: float,
-           wall: float, cover: bool = False) -> tuple[list[dict], str | None, float]:
-    """Run `jobs` in a child, optionally with one module mutated.  Returns the per-job
-    records, the covered lines record if asked, and the seconds it took."""
-    spec = {"module": module, "source": source, "timeout": timeout, "cover": cover,
-            "jobs": [(j.scenario, list(j.argv)) for j in jobs]}
+def _spawn(module: str | None, source: str | None, jobs: list[tuple[Job, float]],
+           wall: float, cover: bool = False) -> tuple[list[dict], list | None, float]:
+    """Run `jobs` (each with its own wall bound) in a child, optionally with one module
+    mutated.  With `cover`, every job runs (no stop at the first failure) under coverage.
+    Returns the per-job records, the prelude's lines if covered, and the seconds it took."""
+    spec = {"module": module, "source": source, "cover": cover, "stop_at_first": not cover,
+            "include": [str(p) for _, p in core_modules()],
+            "jobs": [(j.scenario, list(j.argv), t) for j, t in jobs]}
     t0 = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, "-c", _BOOT, json.dumps(spec)],
@@ -197,14 +194,14 @@ def _spawn(module: str | None, source: str | None, jobs: list[Job], timeout: flo
     except subprocess.TimeoutExpired as exc:
         text = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         hung = True
-    records, covered = [], None
+    records, prelude = [], None
     for ln in text.splitlines():
         try:
             rec = json.loads(ln)
         except ValueError:
             continue
-        if "covered" in rec:
-            covered = rec["covered"]
+        if "prelude" in rec:
+            prelude = rec["prelude"]
         else:
             records.append(rec)
     if hung:
@@ -214,7 +211,58 @@ def _spawn(module: str | None, source: str | None, jobs: list[Job], timeout: flo
         err = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         records.append({"ok": False, "digest": "", "kind": "crash",
                         "failure": f"the run died: {err}"})
-    return records, covered, time.perf_counter() - t0
+    return records, prelude, time.perf_counter() - t0
+
+
+@dataclass
+class Baseline:
+    """The unmutated suite, measured: per run its digest, its seconds and the probe-core
+    lines it reaches; the lines every run reaches (import time)."""
+    jobs: list[Job]
+    digests: list[str]
+    seconds: list[float]
+    covered: list[frozenset]
+    prelude: frozenset
+    dropped: list[tuple[str, str]]
+    elapsed: float
+
+    def reaching(self, lines: set) -> list[int]:
+        """The runs that execute any of `lines`, cheapest first."""
+        if lines & self.prelude:
+            chosen = list(range(len(self.jobs)))
+        else:
+            chosen = [i for i, cov in enumerate(self.covered) if lines & cov]
+        return sorted(chosen, key=lambda i: (self.seconds[i], i))
+
+
+def baseline(the_suite: list[Job], timeout: float, jobs: int = 2) -> Baseline:
+    """Run the unmutated suite under coverage, split over `jobs` processes."""
+    t0 = time.perf_counter()
+    parts = [the_suite[i::max(1, jobs)] for i in range(max(1, jobs))]
+    parts = [p for p in parts if p]
+    # Coverage slows a run down (about 1.5x): the bound of each run is loosened to match.
+    budget = [[(j, 3 * timeout) for j in part] for part in parts]
+    with cf.ThreadPoolExecutor(max_workers=len(parts)) as pool:
+        outs = list(pool.map(lambda b: _spawn(None, None, b, wall=600.0 + 4 * timeout * len(b),
+                                              cover=True), budget))
+    by_job: dict[Job, dict] = {}
+    prelude: set = set()
+    for part, (records, pre, _) in zip(parts, outs):
+        if len(records) != len(part):
+            raise RuntimeError("the unmutated suite did not finish: "
+                               f"{(records[-1]['failure'] if records else 'no record')}")
+        prelude |= {(f, n) for f, n in pre or ()}
+        by_job.update(zip(part, records))
+    recs = [by_job[j] for j in the_suite]
+    keep = [i for i, r in enumerate(recs) if r["ok"]]
+    return Baseline(
+        jobs=[the_suite[i] for i in keep],
+        digests=[recs[i]["digest"] for i in keep],
+        seconds=[recs[i]["seconds"] for i in keep],
+        covered=[frozenset((f, n) for f, n in recs[i]["covered"]) for i in keep],
+        prelude=frozenset(prelude),
+        dropped=[(j.command(), r["failure"]) for j, r in zip(the_suite, recs) if not r["ok"]],
+        elapsed=time.perf_counter() - t0)
 
 
 # == judging =============================================================================
@@ -261,24 +309,14 @@ def mutation_score(n: int, seed: int = 1, kind: str = "current", seeds: int = 2,
 def score_mutants(chosen: list[tuple[Mutant, str]], the_suite: list[Job], kind: str = "",
                   seed: int = 0, jobs: int = 2, timeout: float = 30.0,
                   wall: float | None = None, progress=None) -> Score:
-    """Run `the_suite` against each mutant of `chosen` and score it (see the docstring)."""
+    """Run `the_suite` against each mutant of `chosen` and score it (see the docstring).
+    `wall`, if given, bounds each mutant's child process instead of the sum of its runs'
+    bounds."""
     score = Score(kind, seed)
-    # the unmutated baseline: digests per job, and which lines the suite reaches
-    base, covered, score.baseline_seconds = _spawn(None, None, the_suite, timeout,
-                                                   wall=600.0 + 60 * len(the_suite),
-                                                   cover=True)
-    if len(base) != len(the_suite):
-        raise RuntimeError("the unmutated suite did not finish: "
-                           f"{(base[-1]['failure'] if base else 'no record')}")
-    # A run that fails unmutated cannot judge a mutant: it leaves the suite, and says so.
-    score.dropped = [(job.command(), r["failure"]) for job, r in zip(the_suite, base)
-                     if not r["ok"]]
-    keep = [i for i, r in enumerate(base) if r["ok"]]
-    the_suite = [the_suite[i] for i in keep]
-    digests = [base[i]["digest"] for i in keep]
-    reached = {(f, ln) for f, ln in covered or []}
-    per_job = score.baseline_seconds / max(1, len(the_suite))
-    wall = wall or max(60.0, 20 * per_job * len(the_suite))
+    # The unmutated baseline.  A run that fails unmutated cannot judge a mutant: it leaves
+    # the suite, and says so.
+    base = baseline(the_suite, timeout, jobs)
+    score.baseline_seconds, score.dropped = base.elapsed, base.dropped
     paths = dict(core_modules())
 
     def one(item: tuple[Mutant, str]) -> MutantResult:
@@ -286,20 +324,21 @@ def score_mutants(chosen: list[tuple[Mutant, str]], the_suite: list[Job], kind: 
         path = str(paths[mutant.module])
         res = MutantResult(mutant, "survived",
                            diff=diff(source, mutant, os.path.relpath(path, PACKAGE.parent)))
-        lines = range(mutant.line, max(e[2] for e in mutant.edits) + 1)
-        if reached and not any((path, ln) in reached for ln in lines):
+        lines = {(path, ln) for ln in range(mutant.line, max(e[2] for e in mutant.edits) + 1)}
+        chosen_runs = base.reaching(lines)
+        if not chosen_runs:
             res.verdict = "not reached"
             return res
-        records, _, res.seconds = _spawn(mutant.module, apply(source, mutant), the_suite,
-                                         timeout, wall)
+        runs = [(base.jobs[i], max(timeout, 4 * base.seconds[i])) for i in chosen_runs]
+        bound = wall or 60.0 + sum(t for _, t in runs)
+        records, _, res.seconds = _spawn(mutant.module, apply(source, mutant), runs, bound)
         res.runs = len(records)
         bad = next((i for i, r in enumerate(records) if not r["ok"]), None)
         if bad is not None:
             res.verdict, res.how = "killed", records[bad]["kind"]
             res.failure = records[bad]["failure"]
-            job = the_suite[min(bad, len(the_suite) - 1)]
-            res.by = job.command()
-        elif [r["digest"] for r in records] == digests:
+            res.by = runs[min(bad, len(runs) - 1)][0].command()
+        elif [r["digest"] for r in records] == [base.digests[i] for i in chosen_runs]:
             res.verdict = "equivalent?"
         return res
 
