@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .._errors import KprobeError
+from .._ftrace import ftrace_header, ftrace_line
 from ..machine._services import STACK_SIZE
 from ._core import KPROBE_FLAG_DISABLED, Kprobe, Kretprobe
 from ._tp_errors import ERRORS, ErrorLog, TraceProbeError
@@ -49,7 +50,6 @@ from ._tp_fetch import Fetcher
 from ._tp_defs import Definition, kstrtoul, resolve_symbol
 from ._tp_parse import Canceled, Command, parse_create
 from ._tp_session import modules_named, parse_workloads, trace_session
-from ..tools._trace_export import ftrace_header, ftrace_line
 
 __all__ = ["ERRORS", "TraceProbeError", "Tracefs", "modules_named", "parse_workloads",
            "trace_session"]
