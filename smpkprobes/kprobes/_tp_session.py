@@ -93,7 +93,7 @@ async def trace_session(definitions: list[str], workloads: list[tuple[str, tuple
         fs.unfollow(out)
         summary = ", ".join(f"{tp.group}/{tp.name} {tp.nhit} hits, {tp.nmissed} missed"
                             for tp in fs.events())
-        err(f"# {len(fs._buffer)} lines; {summary}")
+        err(f"# {fs.entries_written()} lines; {summary}")
         await fs.write("kprobe_events", "")
     if after is not None:
         after(m)
