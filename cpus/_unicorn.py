@@ -49,6 +49,11 @@ class UnicornQuirks:
     special_regs: Mapping[str, int] = field(default_factory=dict)
     # A CPU model to pin with ctl_set_cpu_model, or None for Unicorn's default.
     cpu_model: int | None = None
+    # The `until` address every `emu_start` is given.  The machine never stops a CPU there
+    # (quanta end through block hooks, nested calls through the __hc_call_return hook), so
+    # it must be an address no guest jump can make Unicorn mishandle.  0 on most arches, where
+    # a jump to 0 stops as at `until` and the next quantum finds the PC unmapped.
+    emu_until: int = 0
 
     def reg_id(self, name: str) -> int:
         if name in self.special_regs:

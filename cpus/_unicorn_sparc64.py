@@ -24,7 +24,13 @@ backend does about it.
   resumes such a CPU at nPC when the delay slot is a nop, or through a two-instruction
   trampoline (`ba nPC` + a copy of the delay instruction) on a private page otherwise.
 * `emu_start(..., until)` re-executes the instruction before `until` for ever; the
-  machine's nested calls end through the __hc_call_return hook instead.
+  machine's nested calls end through the __hc_call_return hook instead.  The same spin
+  follows a guest jump *to* `until`: with `until` = 0, a call through a NULL function
+  pointer (`jmpl %o0` with %o0 = 0) never returns from `emu_start`, no hook runs and only
+  SIGKILL ends it, where a jump to 4 or to any other unmapped address is a clean
+  UC_ERR_FETCH_UNMAPPED.  So sparc64's `until` is all ones (`emu_until`): an odd address,
+  which no jump reaches (a misaligned target traps first, mem_address_not_aligned), so a
+  jump to 0 is the fetch fault it is on every other arch.
 * `emu_start(..., count)` is implemented with a code hook on every instruction, and a
   code hook on the delay slot of a `jmpl` (every `retl`) replaces the computed nPC with
   QEMU's "dynamic" marker 1: the CPU jumps to address 1.  The machine never uses it:
@@ -367,4 +373,5 @@ class Sparc64Quirks(UnicornQuirks):
 SPARC64 = Sparc64Quirks(uc_arch=unicorn.UC_ARCH_SPARC,
                         uc_mode=unicorn.UC_MODE_SPARC64 | unicorn.UC_MODE_BIG_ENDIAN,
                         consts=us, reg_prefix="UC_SPARC_REG_", trap_intno=TRAP_INTNO,
-                        trap_pc_offset=4, special_regs={"ccr": _CCR, "y": _Y})
+                        trap_pc_offset=4, special_regs={"ccr": _CCR, "y": _Y},
+                        emu_until=_MASK)

@@ -3,8 +3,10 @@ set_event, error_log's reset, multi-probe removal, the trace reset on removal, a
 semantics (MOD:SYM before the module loads, GONE, re-arming)."""
 
 import errno
+import functools
 
 import pytest
+import trio
 
 from smpkprobes import KprobeError, Machine
 from smpkprobes.kprobes._tracefs import TraceProbeError
@@ -202,9 +204,125 @@ async def test_a_re_registered_probe_beside_a_gone_one_fires(m):
             if not line.startswith("#")] == ["named"]
 
 
+# == the trace buffer: buffer_size_kb per CPU, overwrite, the header's counts ==================
+def _body(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if not ln.startswith("#")]
+
+
+def _counts(text: str) -> tuple[int, int]:
+    [head] = [ln for ln in text.splitlines() if "entries-in-buffer" in ln]
+    shown, written = head.split(": ")[1].split()[0].split("/")
+    return int(shown), int(written)
+
+
+def _newest_that_fit(lines: list[str], limit: int) -> list[str]:
+    """The longest suffix of `lines` whose sizes (text and newline) fit in `limit` bytes."""
+    kept, used = [], 0
+    for line in reversed(lines):
+        if used + len(line) + 1 > limit:
+            break
+        kept.append(line)
+        used += len(line) + 1
+    return kept[::-1]
+
+
+@pytest.mark.parametrize("sizes_kb", [(1, 1), (1, 3), (2, 1), (5, 5)])
+async def test_each_cpu_keeps_its_newest_lines_that_fit(sizes_kb):
+    """Differential: with per-CPU sizes, `trace` holds, for each CPU, exactly the newest
+    lines it wrote whose sizes fit in its buffer_size_kb, in the order written; the header
+    counts them against every line written; trace_pipe hands out only lines still there."""
+    async with Machine(cpus=2, seed=11) as m:
+        fs = m.tracefs
+        for cpu, kb in enumerate(sizes_kb):
+            await fs.write(f"per_cpu/cpu{cpu}/buffer_size_kb", f"{kb}\n")
+        assert fs.read("buffer_size_kb") == ("X\n" if len(set(sizes_kb)) > 1
+                                             else f"{sizes_kb[0]}\n")
+        assert fs.read("buffer_total_size_kb") == f"{sum(sizes_kb)}\n"
+        seen = []
+        fs.follow(seen.append)
+        await fs.write("kprobe_events", "p:f do_fork flags=$arg1:x64 me=$comm\n"
+                                        "r:o do_sys_open ret=$retval:s32")
+        await fs.write("events/enable", "1")
+        async with trio.open_nursery() as n:
+            n.start_soon(functools.partial(m.call, "fork_loop", 60, cpu=0))
+            n.start_soon(functools.partial(m.call, "open_loop", 40, 3, cpu=1))
+            n.start_soon(functools.partial(m.call, "fork_loop", 30, cpu=1))
+        await fs.write("events/enable", "0")
+        text = fs.read("trace")
+        expected = []
+        for cpu, kb in enumerate(sizes_kb):
+            mine = [ln for ln in seen if f"[{cpu:03d}]" in ln]
+            expected += _newest_that_fit(mine, kb << 10)
+        body = _body(text)
+        assert sorted(body, key=seen.index) == body          # the order they were written
+        assert sorted(body) == sorted(expected)
+        assert _counts(text) == (len(expected), len(seen)) and len(seen) == 60 + 40 + 30
+        assert fs.read("trace_pipe").splitlines() == body and fs.read("trace_pipe") == ""
+
+
+async def test_shrinking_drops_the_oldest_lines_and_a_clear_zeroes_the_counts():
+    """A smaller buffer_size_kb drops the oldest lines, counted as overwritten (entries
+    written stays); writing to `trace` empties the buffers and zeroes both counts."""
+    async with Machine(cpus=1, seed=3) as m:
+        fs = m.tracefs
+        await fs.write("kprobe_events", "p:f do_fork flags=$arg1:x64")
+        await fs.write("events/enable", "1")
+        await m.call("fork_loop", 100)
+        before = _body(fs.read("trace"))
+        assert _counts(fs.read("trace")) == (100, 100)
+        await fs.write("buffer_size_kb", "2")
+        after = _body(fs.read("trace"))
+        assert after == _newest_that_fit(before, 2048) and 0 < len(after) < 100
+        assert _counts(fs.read("trace")) == (len(after), 100)
+        await fs.write("buffer_size_kb", "4")                  # growing loses nothing more
+        assert _body(fs.read("trace")) == after
+        await fs.write("trace", "")
+        assert _counts(fs.read("trace")) == (0, 0) and fs.read("trace_pipe") == ""
+        await m.call("fork_loop", 1)
+        assert _counts(fs.read("trace")) == (1, 1)
+
+
+async def test_a_line_larger_than_the_buffer_is_dropped():
+    """A line that does not fit in the whole per-CPU buffer is not recorded (the kernel
+    refuses an event larger than its buffer can hold); the smaller lines stay."""
+    async with Machine(cpus=1, seed=3) as m:
+        fs = m.tracefs
+        wide = " ".join(f"an_argument_named_{i:02d}=$comm" for i in range(40))
+        await fs.write("kprobe_events", f"p:small do_fork\np:big do_fork {wide}")
+        await fs.write("buffer_size_kb", "1")
+        await fs.write("events/enable", "1")
+        seen = []
+        fs.follow(seen.append)
+        await m.call("fork_loop", 2)
+        small = [ln for ln in seen if ": small: " in ln]
+        assert len(seen) == 4 and len(small) == 2
+        assert all(len(ln) < 1023 if ln in small else len(ln) > 1024 for ln in seen)
+        assert _body(fs.read("trace")) == small
+        assert _counts(fs.read("trace")) == (2, 2)
+
+
+@pytest.mark.parametrize("path, text, code", [
+    ("buffer_size_kb", "0", errno.EINVAL), ("buffer_size_kb", "0\n", errno.EINVAL),
+    ("buffer_size_kb", "", errno.EINVAL), ("buffer_size_kb", "1k", errno.EINVAL),
+    ("buffer_size_kb", "-1", errno.EINVAL), ("buffer_size_kb", "0x10", errno.EINVAL),
+    ("buffer_size_kb", str(1 << 64), errno.ERANGE),
+    ("per_cpu/cpu0/buffer_size_kb", "0", errno.EINVAL),
+    ("per_cpu/cpu1/buffer_size_kb", "1", errno.ENOENT),
+    ("per_cpu/cpu01/buffer_size_kb", "1", errno.ENOENT),
+    ("buffer_total_size_kb", "1", errno.EACCES)])
+async def test_bad_buffer_size_writes_change_nothing(m, path, text, code):
+    """buffer_size_kb takes a decimal number of KiB, not 0 (EINVAL; ERANGE past 64 bits);
+    a CPU the machine does not have is ENOENT; buffer_total_size_kb is read-only."""
+    with pytest.raises(KprobeError, match="buffer_(total_)?size_kb|per_cpu") as err:
+        await m.tracefs.write(path, text)
+    assert err.value.errno == code
+    assert m.tracefs.read("buffer_size_kb") == "1408\n"
+    assert m.tracefs.read("per_cpu/cpu0/buffer_size_kb") == "1408\n"
+    assert m.tracefs.read("buffer_total_size_kb") == "1408\n"
+
+
 # == any definition: accepted and listed back the same, or refused with a sane caret ==============
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
-import trio  # noqa: E402
 
 BASES = ["%ip", "%sp", "$stack", "$stack0", "$stack3", "$comm", "$retval", "$arg1", "$arg2",
          "@_sdata", "@_sdata-8", "@passwd_name+1", "@0x200000", "\\7", "\\-3", '\\"hi"',

@@ -47,18 +47,12 @@ def test_the_machine_imports_no_probe_core_and_no_tool(path):
     assert not bad, bad
 
 
-# The known exceptions, both in tracefs: it renders its trace file with the exporter's line
-# format (tools/_trace_export), and its command-line entry point boots a Machine.
-PROBE_CORE_TOOL_IMPORTS = {"_tracefs.py": {"tools._trace_export", "_system"},
-                           "_tp_session.py": {"tools._trace_export", "_system"}}
-
-
 @pytest.mark.parametrize("path", _modules("kprobes"), ids=lambda p: p.name)
 def test_the_probe_core_reaches_the_machine_only_through_kernel_services(path):
-    """A probe-core module imports, of the machine, only machine._services (and of the
-    tools nothing but the one exception listed here)."""
+    """A probe-core module imports, of the machine, only machine._services, and neither the
+    tools nor the composed system (`_system`)."""
     imports = _runtime_imports(path)
     machine = {m for m in imports if m.startswith("machine")}
     assert machine <= {"machine._services"}, machine
     tools = {m for m in imports if m.startswith("tools") or m == "_system"}
-    assert tools <= PROBE_CORE_TOOL_IMPORTS.get(path.name, set()), tools
+    assert not tools, tools

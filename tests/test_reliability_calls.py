@@ -104,6 +104,66 @@ def test_sparc64_faults_end_in_bounded_time():
     assert out.split() == ["oops"] * 4 + ["healthy"]
 
 
+def test_sparc64_guest_jumps_to_zero_end_in_bounded_time():
+    """On sparc64, a jump the guest itself makes to 0 (a call through a NULL function
+    pointer, a tail jump to it, a return to a corrupted %o7) is a fetch fault of that task,
+    in a call from the host or from a handler, while the other CPU runs its loop to the
+    end; the run replays identically.  (Unicorn spun for ever on a jump to its `until`
+    address, which was 0.)"""
+    out = _in_subprocess("""
+        import re, struct
+        from _health import healthy
+        ROUTINES = {                        # hand-assembled at run time, in module text
+            "tail": [0x81c22000, 0x01000000],                     # jmp %o0; nop
+            "call": [0x9de3bf40, 0x9fc60000, 0x01000000,          # save; call %i0; nop;
+                     0x81c7e008, 0x81e80000],                     # ret; restore
+            "return": [0x9e100008, 0x81c3e008, 0x01000000],       # mov %o0, %o7; retl; nop
+        }
+        async def run():
+            out = []
+            async with Machine(arch="sparc64", cpus=2, seed=3) as m:
+                addr = {}
+                for i, (name, words) in enumerate(ROUTINES.items()):
+                    addr[name] = 0x0048_0000 + 0x100 * i
+                    await m.text_poke(addr[name], struct.pack(f">{len(words)}I", *words))
+                async def wild(name, arg):
+                    try:
+                        await m.call(addr[name], arg, cpu=0)
+                    except Oops as e:
+                        assert not isinstance(e, RunawayError), e
+                        assert re.search(r"FETCH_FAULT", e.record.cause), e.record.cause
+                        assert e.record.cpu == 0 and e.record.ip == 0, e.record
+                        out.append(f"oops-{name}")
+                async def loop():
+                    out.append(f"loop={await m.call('fork_loop', 200, cpu=1)}")
+                async with trio.open_nursery() as n:
+                    n.start_soon(loop)
+                    n.start_soon(wild, "tail", 0)
+                    n.start_soon(wild, "call", 0)
+                    n.start_soon(wild, "return", -8)     # retl goes to %o7 + 8 = 0
+                def pre(p, regs):
+                    regs.cpu.call(addr["tail"], 0)
+                    return 0
+                kp = Kprobe(symbol_name="kprobe_target", pre_handler=pre)
+                await m.kprobes.register_kprobe(kp)
+                try:
+                    await m.call("kprobe_target", 30)
+                except Oops as e:
+                    assert "GuestFault" in e.record.cause, e.record.cause
+                    assert re.search(r"FETCH_FAULT", e.record.cause), e.record.cause
+                    out.append("oops-nested")
+                await m.kprobes.unregister_kprobe(kp)
+                await healthy(m)
+                return sorted(out), m.trace_digest()
+        async def main():
+            first, again = await run(), await run()
+            assert first == again, (first, again)
+            print(" ".join(first[0]))
+        trio.run(main)
+    """.replace("FETCH_FAULT", FETCH_FAULT))
+    assert out.split() == ["loop=200", "oops-call", "oops-nested", "oops-return", "oops-tail"]
+
+
 # == item 3: bounded, cancellable guest calls =========================================
 async def test_more_calls_than_task_stacks_wait_for_a_stack():
     """Far more concurrent calls than task stacks: each waits for a free stack, all

@@ -123,8 +123,6 @@ async def test_a_bad_trace_limit_is_a_valueerror():
         Machine(cpus=1, trace_limit=2.5)
 
 
-@pytest.mark.xfail(strict=True, reason="tracefs belongs to the kprobe-events branch, which is "
-                   "rewriting it: buffer_size_kb is not implemented yet")
 async def test_the_tracefs_buffer_has_buffer_size_kb_semantics():
     """buffer_size_kb bounds the trace buffer per CPU: the oldest lines are overwritten,
     the header counts entries in the buffer against entries written."""

@@ -90,22 +90,71 @@ async def test_a_new_probe_at_a_gone_address_rearms_it():
         await healthy(m)
 
 
-@pytest.mark.xfail(strict=True, reason="tracefs belongs to the kprobe-events branch: its "
-                   "module notifier (re-register on load) is not there yet")
 async def test_a_kprobe_event_on_a_module_comes_back_with_it():
     """A kprobe_events probe on a module function fires again once the module is loaded
-    again, as trace_kprobe's module notifier re-registers it."""
+    again, as trace_kprobe's module notifier re-registers it.  The probe names its module
+    (`MOD:SYM`): the kernel's notifier re-registers only those (trace_kprobe_within_module);
+    a bare-symbol probe stays GONE (tests/test_kprobe_events.py)."""
     async with Machine(cpus=2, seed=1) as m:
         mod = await m.load_module("example_mod")
-        await m.tracefs.write("kprobe_events", "p:modfunc example_mod_func x=$arg1")
+        await m.tracefs.write("kprobe_events", "p:modfunc example_mod:example_mod_func x=$arg1")
         await m.tracefs.write("events/kprobes/modfunc/enable", "1")
         assert await m.call("example_mod_func", 1) == 2
         await m.unload_module(mod)
+        assert m.debugfs.read("kprobes/list").endswith("[GONE]\n")
         mod = await m.load_module("example_mod")
+        assert "[GONE]" not in m.debugfs.read("kprobes/list")
         assert await m.call("example_mod_func", 2) == 3
         lines = [ln for ln in m.tracefs.read("trace").splitlines() if "modfunc:" in ln]
-        assert [ln.split()[-1] for ln in lines] == ["x=1", "x=2"]
+        assert [ln.split()[-1] for ln in lines] == ["x=0x1", "x=0x2"]    # default type x64
         await m.tracefs.write("events/kprobes/modfunc/enable", "0")
         await m.tracefs.write("kprobe_events", "")
+        await m.unload_module(mod)
+        await healthy(m)
+
+
+async def test_a_module_event_across_unload_disable_delete_and_reload():
+    """While its module is away a MOD:SYM event stays listed (kprobe_events unchanged) with
+    its kprobe GONE; disabling it then keeps it disabled when the module comes back (the
+    kprobe is registered disarmed, and does not fire); deleting one while the module is away
+    unregisters it for good: the next load brings back only the events still defined."""
+    async with Machine(cpus=2, seed=1) as m:
+        fs = m.tracefs
+        mod = await m.load_module("example_mod")
+        await fs.write("kprobe_events", "p:modfunc example_mod:example_mod_func x=$arg1\n"
+                                        "r:modret example_mod:example_mod_func r=$retval")
+        listing = fs.read("kprobe_events")
+        await fs.write("events/kprobes/enable", "1")
+        assert await m.call("example_mod_func", 1) == 2
+        await m.unload_module(mod)
+        assert fs.read("kprobe_events") == listing
+        assert m.debugfs.read("kprobes/list").count("[GONE]") == 2
+        assert fs.read("events/kprobes/modfunc/enable") == "1\n"
+        await fs.write("events/kprobes/modfunc/enable", "0")
+        assert fs.read("events/kprobes/modfunc/enable") == "0\n"
+
+        mod = await m.load_module("example_mod")
+        assert fs.read("kprobe_events") == listing
+        listed = m.debugfs.read("kprobes/list")
+        assert "[GONE]" not in listed and listed.count("[DISABLED]") == 1
+        assert await m.call("example_mod_func", 2) == 3
+        events = [ln.split()[3] for ln in fs.read("trace").splitlines() if ln[:1] != "#"]
+        assert events == ["modfunc:", "modret:", "modret:"]          # modfunc stayed off
+        assert [(tp.name, tp.nhit) for tp in fs.events()] == [("modfunc", 1), ("modret", 2)]
+
+        await m.unload_module(mod)
+        await fs.write("events/kprobes/modret/enable", "0")
+        await fs.write("kprobe_events", "-:modret", append=True)
+        assert fs.read("kprobe_events") == listing.splitlines(keepends=True)[0]
+        assert m.debugfs.read("kprobes/list").count("[GONE]") == 1
+        assert fs.read("trace").count("\n") == 6      # removing an event once enabled: reset
+        mod = await m.load_module("example_mod")
+        [kp_line] = m.debugfs.read("kprobes/list").splitlines()
+        assert "  k  example_mod_func+0x0" in kp_line and "[GONE]" not in kp_line
+        with pytest.raises(KprobeError) as err:
+            await fs.write("events/kprobes/modret/enable", "1")
+        assert err.value.errno == errno.ENOENT
+        await fs.write("kprobe_events", "")
+        assert m.debugfs.read("kprobes/list") == ""
         await m.unload_module(mod)
         await healthy(m)

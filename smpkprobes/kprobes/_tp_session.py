@@ -58,13 +58,15 @@ def modules_named(definitions: list[str]) -> list[str]:
 
 
 async def trace_session(definitions: list[str], workloads: list[tuple[str, tuple[int, ...]]], *,
-                        arch: str = "x86_64", cpus: int = 4, seed: int = 1,
+                        boot: Callable, arch: str = "x86_64", cpus: int = 4, seed: int = 1,
                         preempt: bool = False, out: Callable[[str], None] = print,
                         err: Callable[[str], None] = print, after=None) -> int:
     """Define the events, enable them, run every workload once on every CPU, and hand each
-    trace line to `out` as it is recorded.  Returns a process exit status."""
-    from .._system import Machine        # _system builds us: import it only when run
-    async with Machine(arch=arch, cpus=cpus, seed=seed, preempt=preempt) as m:
+    trace line to `out` as it is recorded.  Returns a process exit status.
+
+    `boot(arch=, cpus=, seed=, preempt=)` makes the machine (an async context manager): the
+    composed `Machine`, which its caller passes in (the probe core does not import it)."""
+    async with boot(arch=arch, cpus=cpus, seed=seed, preempt=preempt) as m:
         fs = m.tracefs
         for mod in modules_named(definitions):
             try:
@@ -91,7 +93,7 @@ async def trace_session(definitions: list[str], workloads: list[tuple[str, tuple
         fs.unfollow(out)
         summary = ", ".join(f"{tp.group}/{tp.name} {tp.nhit} hits, {tp.nmissed} missed"
                             for tp in fs.events())
-        err(f"# {len(fs._buffer)} lines; {summary}")
+        err(f"# {fs.entries_written()} lines; {summary}")
         await fs.write("kprobe_events", "")
     if after is not None:
         after(m)

@@ -20,11 +20,15 @@ and is logged in error_log exactly as the kernel logs it; a command the kernel r
 without a log entry (not a p/r/- command, a delete of nothing, a busy event) raises a plain
 `KprobeError` with the kernel's errno.
 
-Removing an event that was ever enabled resets the trace buffer, as the kernel's
-dyn_event_release does.
+The ring buffer is per CPU and bounded (`_tp_buffer`): `buffer_size_kb` (default 1408, the
+kernel's) is each CPU's size, in KiB of formatted trace lines; when a CPU's buffer is full
+its oldest lines are overwritten, and the trace header's `entries-in-buffer/entries-written`
+counts the lines kept against every line written since the last reset.  Removing an event
+that was ever enabled resets the buffer, as the kernel's dyn_event_release does.
 
 Files: kprobe_events, dynamic_events, trace, trace_pipe, error_log, kprobe_profile,
-set_event, tracing_on, events/enable, events/GRP/enable, events/GRP/EVENT/enable.  `read`
+set_event, tracing_on, buffer_size_kb, buffer_total_size_kb (read-only),
+per_cpu/cpuN/buffer_size_kb, events/enable, events/GRP/enable, events/GRP/EVENT/enable.  `read`
 returns str; `write` is async (registering and enabling probes patch text) and truncates like
 `echo >`, or appends like `echo >>` with `append=True`.
 
@@ -38,34 +42,21 @@ kernel's __enable_trace_kprobe skips a gone probe), and when MOD is loaded again
 from __future__ import annotations
 
 import errno as E
-from dataclasses import dataclass
 from typing import Callable
 
 from .._errors import KprobeError
+from .._ftrace import ftrace_header, ftrace_line
 from ..machine._services import STACK_SIZE
 from ._core import KPROBE_FLAG_DISABLED, Kprobe, Kretprobe
+from ._tp_buffer import TraceBuffer
 from ._tp_errors import ERRORS, ErrorLog, TraceProbeError
 from ._tp_fetch import Fetcher
 from ._tp_defs import Definition, kstrtoul, resolve_symbol
 from ._tp_parse import Canceled, Command, parse_create
 from ._tp_session import modules_named, parse_workloads, trace_session
-from ..tools._trace_export import ftrace_header, ftrace_line
 
 __all__ = ["ERRORS", "TraceProbeError", "Tracefs", "modules_named", "parse_workloads",
            "trace_session"]
-
-
-@dataclass(frozen=True)
-class TraceRecord:
-    ts: int
-    cpu: int
-    pid: int
-    comm: str
-    event: str
-    body: str
-
-    def line(self) -> str:
-        return ftrace_line(self.comm, self.pid, self.cpu, self.ts, self.event, self.body)
 
 
 class TraceEvent:
@@ -148,8 +139,7 @@ class Tracefs:
         self._k = kprobes
         self._events: dict[tuple[str, str], TraceEvent] = {}
         self._probes: list[TraceProbe] = []          # the dyn_event list, in creation order
-        self._buffer: list[TraceRecord] = []
-        self._read_pos = 0                           # trace_pipe's position
+        self._buffer = TraceBuffer(machine.ncpus)    # per CPU, buffer_size_kb each
         self._errors = ErrorLog()
         self.tracing_on = True
         self._followers: list[Callable[[str], None]] = []
@@ -164,12 +154,18 @@ class Tracefs:
         if path in ("kprobe_events", "dynamic_events"):
             return "".join(tp.d.line() + "\n" for tp in self._probes)
         if path == "trace":
-            return ftrace_header(len(self._buffer), self._m.ncpus, extra=()) + \
-                "".join(r.line() + "\n" for r in self._buffer)
+            buf = self._buffer
+            return ftrace_header(buf.entries(), self._m.ncpus, written=buf.written()) + \
+                "".join(line + "\n" for line in buf.lines())
         if path == "trace_pipe":
-            new = self._buffer[self._read_pos:]
-            self._read_pos = len(self._buffer)
-            return "".join(r.line() + "\n" for r in new)
+            return "".join(line + "\n" for line in self._buffer.consume())
+        if path == "buffer_size_kb":
+            return self._buffer.size_kb()
+        if path == "buffer_total_size_kb":
+            return self._buffer.total_size_kb()
+        cpu = self._per_cpu(path, "buffer_size_kb")
+        if cpu is not None:
+            return self._buffer.size_kb(cpu)
         if path == "error_log":
             return self._errors.read()
         if path == "kprobe_profile":
@@ -198,8 +194,14 @@ class Tracefs:
             return
         if path in ("trace", "trace_pipe"):
             if not append:
-                self._buffer.clear()
-                self._read_pos = 0
+                self._buffer.reset()
+            return
+        if path == "buffer_size_kb":
+            self._buffer.resize(_size_kb(path, text))
+            return
+        cpu = self._per_cpu(path, "buffer_size_kb")
+        if cpu is not None:
+            self._buffer.resize(_size_kb(path, text), cpu)
             return
         if path == "error_log":
             if not append:
@@ -217,7 +219,8 @@ class Tracefs:
             for ev in events:
                 await self._enable(ev, on)
             return
-        raise KprobeError(E.EACCES if path in ("kprobe_profile", "README") else E.ENOENT,
+        raise KprobeError(E.EACCES if path in ("kprobe_profile", "README", "buffer_total_size_kb")
+                          else E.ENOENT,
                           f"cannot write tracefs file {path!r}")
 
     def follow(self, callback: Callable[[str], None]) -> None:
@@ -353,8 +356,7 @@ class Tracefs:
                 del self._events[(tp.group, tp.name)]
                 clear |= tp.event.was_enabled
         if clear:                            # tracing_reset_all_online_cpus, clear_trace set
-            self._buffer.clear()
-            self._read_pos = 0
+            self._buffer.reset()
         if len(gone) < len(probes):
             ev = next(tp.event for tp in probes if tp not in gone)
             raise KprobeError(E.EBUSY, f"event {ev.group}/{ev.name} is enabled; disable it "
@@ -384,6 +386,17 @@ class Tracefs:
             for tp in done:
                 await (self._k.disable_kprobe if on else self._k.enable_kprobe)(tp.kp)
             raise
+
+    def _per_cpu(self, path: str, name: str) -> int | None:
+        """N of `per_cpu/cpuN/<name>` (ENOENT for a CPU the machine does not have)."""
+        parts = path.split("/")
+        if len(parts) != 3 or parts[0] != "per_cpu" or parts[2] != name \
+                or not parts[1].startswith("cpu"):
+            return None
+        n = parts[1][3:]
+        if not (n.isdigit() and str(int(n)) == n and int(n) < self._m.ncpus):
+            raise KprobeError(E.ENOENT, f"no tracefs file {path!r}")
+        return int(n)
 
     def _enable_path(self, path: str) -> list[TraceEvent] | None:
         parts = path.split("/")
@@ -456,12 +469,16 @@ class Tracefs:
         comm = task.comm if task else "<idle>"
         body = where + "".join(f" {a.name}={self._fetch.format(a, regs, entry, comm)}"
                                for a in tp.d.args)
-        rec = TraceRecord(cpu.now_ns(), cpu.id, task.pid if task else 0, comm, tp.name, body)
-        self._buffer.append(rec)
+        line = ftrace_line(comm, task.pid if task else 0, cpu.id, cpu.now_ns(), tp.name, body)
+        self._buffer.write(cpu.id, line)
         if self._followers:
-            line = rec.line()
             for f in list(self._followers):
                 f(line)
+
+    def entries_written(self) -> int:
+        """Trace lines recorded since the buffer was last reset, overwritten ones included
+        (the header's entries-written)."""
+        return self._buffer.written()
 
 
 def _compare_args(a: list, b: list) -> int:
@@ -475,6 +492,19 @@ def _symbols(e: tuple) -> list[str]:
     if e[0] == "sym":
         return [e[1]]
     return _symbols(e[2]) if e[0] == "deref" else []
+
+
+def _size_kb(path: str, text: str) -> int:
+    """tracing_entries_write: a decimal number of KiB per CPU, not 0."""
+    val = kstrtoul(text, 10)
+    if val is None:
+        digits = text[:-1] if text.endswith("\n") else text
+        if digits and all(c in "0123456789" for c in digits):
+            raise KprobeError(E.ERANGE, f"{path}: {text!r} is out of range")
+        raise KprobeError(E.EINVAL, f"{path} takes a number of KiB per CPU, not {text!r}")
+    if val == 0:
+        raise KprobeError(E.EINVAL, f"{path} cannot be 0")
+    return val
 
 
 def _bool(path: str, text: str) -> bool:

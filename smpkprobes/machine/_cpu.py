@@ -91,6 +91,7 @@ class CPU:
                                    ("Q" if backend.bits == 64 else "I"))
         self._call_return = call_return
         self._call_budget = call_budget
+        self._until = quirks.emu_until          # never reached: see UnicornQuirks.emu_until
         # Scheduling state, owned by the machine.
         self.current = None            # the running Task, or None when idle
         self.clock = 0                 # virtual ns: one per instruction
@@ -128,8 +129,9 @@ class CPU:
             htype, fptr, 1, 0, user))
         self.initial_context = self.context_save()
         # Where this CPU may fetch instructions; a quantum never starts elsewhere.  (A jump
-        # to unmapped memory is a fetch fault on every arch that way: Unicorn stops at
-        # address 0 as at an `until` address on most, and spins for ever on sparc64.)
+        # to unmapped memory is a fetch fault on every arch that way: a fetch there faults,
+        # or, at address 0 on most arches, Unicorn stops as at the `until` address and the
+        # next quantum finds the PC unmapped.  sparc64's `until` is never a PC.)
         self._exec_ranges = tuple((b, e + 1) for b, e, perms in self.uc.mem_regions()
                                   if perms & unicorn.UC_PROT_EXEC)
         # A KeyboardInterrupt or SystemExit raised in a callback, re-raised once Unicorn
@@ -243,7 +245,7 @@ class CPU:
         self._budget_ctx.budget = count
         self._unspent = 0
         self._nested = 0
-        err = _uc_emu_start(self._uch, begin, 0, 0, 0)
+        err = _uc_emu_start(self._uch, begin, self._until, 0, 0)
         # What the blocks that started took off the budget (the last one is counted whole),
         # and what calls made from its handlers ran (already in `executed`).
         ran = count - self._unspent - self._budget_ctx.budget
@@ -300,7 +302,7 @@ class CPU:
         try:
             # No `until`: the __hc_call_return hook stops the CPU before the stub runs (and
             # Unicorn 2.1.4's sparc64 loops on the instruction before an `until` address).
-            err = _uc_emu_start(self._uch, addr, 0, 0, 0) if self.executable(addr) \
+            err = _uc_emu_start(self._uch, addr, self._until, 0, 0) if self.executable(addr) \
                 else unicorn.UC_ERR_FETCH_UNMAPPED
             self._raise_pending()
             pc = self.reg_read_id(self._pc_id)

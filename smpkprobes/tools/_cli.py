@@ -300,7 +300,8 @@ def _trace(a) -> int:
             raise UsageError(str(err)) from None
     log = functools.partial(print, file=sys.stderr)
     after = functools.partial(_trace_export.export_all, perfetto=a.perfetto, plot=a.plot, log=log)
-    session = _tracefs.trace_session
+    from .._system import Machine
+    session = functools.partial(_tracefs.trace_session, boot=Machine)
     if any(d.startswith("mem:") for d in a.definitions):
         from ..hw_breakpoint._perf import trace_session as session
     try:

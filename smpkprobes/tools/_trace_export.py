@@ -21,6 +21,9 @@ import json
 import os
 from typing import Iterable
 
+from .._ftrace import format_ts as format_ts
+from .._ftrace import ftrace_header as ftrace_header
+from .._ftrace import ftrace_line as ftrace_line
 from ._plot import PlotUnavailable as PlotUnavailable
 from ._plot import plot_curves as plot_curves
 from ._plot import plot_timeline as plot_timeline
@@ -29,25 +32,6 @@ from ._timeline import EVENTS as EVENTS
 from ._timeline import Slice, _Timeline, _us
 from ._timeline import expand as expand
 from ._timeline import fields_of as fields_of
-
-
-def format_ts(ns: int) -> str:
-    """ftrace's `%5lu.%06lu`, but with ns: the virtual clock counts one ns per instruction."""
-    return f"{ns // 1_000_000_000:5d}.{ns % 1_000_000_000:09d}"
-
-
-def ftrace_line(comm: str, pid: int, cpu: int | None, ns: int, event: str, body: str) -> str:
-    """`<comm>-<pid> [cpu] timestamp: event: body`, padded like the kernel's trace file."""
-    where = "---" if cpu is None else f"{cpu:03d}"
-    return f"{comm[:16]:>16}-{pid:<7} [{where}] {format_ts(ns)}: {event}: {body}".rstrip()
-
-
-def ftrace_header(nentries: int, ncpus: int, tracer: str = "nop", extra: Iterable[str] = ()) -> str:
-    lines = [f"# tracer: {tracer}", "#", *(f"# {e}" for e in extra),
-             f"# entries-in-buffer/entries-written: {nentries}/{nentries}   #P:{ncpus}", "#",
-             "#           TASK-PID     CPU#     TIMESTAMP  FUNCTION",
-             "#              | |         |         |         |"]
-    return "\n".join(lines) + "\n"
 
 
 @contextlib.contextmanager
