@@ -80,6 +80,22 @@ async def test_an_orphan_breakpoint_is_reported():
         await m.text_poke(addr, orig)
 
 
+async def test_an_orphan_is_a_breakpoint_where_an_instruction_starts():
+    """Inside a function, breakpoint bytes are an orphan only where an instruction starts
+    (kprobe_target+0x4, `mov ecx, edi`); inside an instruction (+0x7, the immediate of
+    `mov eax, imm32`) they are an operand, which no CPU executes as a breakpoint."""
+    async with Machine(cpus=1, seed=1, invariants="record") as m:
+        base = m.kallsyms_lookup_name("kprobe_target")
+        orig = m.read_memory(base, 16)
+        await m.text_poke(base + 7, m.backend.breakpoint)
+        await m.text_poke(base + 4, m.backend.breakpoint)
+        assert await m.call("kprobe_target2", 30) == 11
+        await m.text_poke(base, orig)
+        assert await m.call("kprobe_target", 30) == 10
+    assert m.invariants.violations == ["orphans: a breakpoint at kprobe_target+0x4 that no "
+                                       "registered probe owns"]
+
+
 async def test_a_probe_on_two_machines_is_reported():
     """A probe linked in one machine's registry but owned by another is reported."""
     async with Machine(cpus=1, seed=1, invariants="record") as m1, \

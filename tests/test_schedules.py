@@ -240,3 +240,38 @@ def test_failure_kinds_ignore_numbers():
     a = _stress.failure_kind("invariant slots: cpu2 executes at 0x6000d8 in slot 0x6000c0")
     b = _stress.failure_kind("invariant slots: cpu0 executes at 0x600008 in slot 0x600000")
     assert a == b != _stress.failure_kind("invariant pool: free 1 + in use 2 != maxactive 4")
+
+
+
+class _SlowReplays:
+    """A replay engine for a failure that needs one override (step `needle`) and replays
+    that take `seconds` each, on a clock of its own (`now`, given to the shrinker)."""
+
+    workers = 1
+
+    def __init__(self, needle, seconds):
+        self.needle, self.seconds, self.clock = needle, seconds, 0.0
+
+    def now(self):
+        return self.clock
+
+    def replays(self, name, argvs, timeout):
+        out = []
+        for argv in argvs:
+            self.clock += self.seconds
+            rec = parse_recording(argv[argv.index("--replay") + 1])
+            out.append(["needle found"] if self.needle in rec.choices else [])
+        return out
+
+
+def test_shrinking_slow_replays_is_bounded_by_replays_not_a_fixed_time(monkeypatch):
+    """Replays of 4 s each: the search goes on for its `max_runs` replays (a fixed 90 s
+    ended it after 23, all spent finding the prefix) and finds the one override."""
+    from smpkprobes.tools import _shrink
+    schedule = [(i % 4, 16 + i % 200) for i in range(5000)]
+    engine = _SlowReplays(needle=4990, seconds=4.0)
+    monkeypatch.setattr(_shrink.time, "perf_counter", engine.now)
+    shrunk = _stress.shrink("concurrent_hits", [], 1, schedule, [],
+                            _stress.failure_kind("needle found"), max_runs=60, engine=engine)
+    assert shrunk.reproduced and shrunk.recording.choices == {4990: schedule[4990]}
+    assert shrunk.runs <= 60 and engine.clock == 4.0 * shrunk.runs

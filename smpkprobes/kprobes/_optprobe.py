@@ -442,17 +442,24 @@ class Optimizer:
                     if addr <= a + i < end:
                         buf[a + i - addr] = byte
 
-    def expected_text(self, addr: int, want: bytes) -> bytes:
-        """What the text at `addr` must hold: `want`, unless the optimizer has written
-        where a jump goes (the jump, or a step of writing or removing it)."""
+    def jump_text(self, addr: int, size: int) -> bytes | None:
+        """The `size` bytes the optimizer has put at `addr` where a jump goes (the jump, or a
+        step of writing or removing it: text_poke_bp's breakpoint, then the operand), or
+        None where it has written nothing."""
         if self.facts is None:
-            return want
+            return None
         for a in range(addr - self.facts.jump_len + 1, addr + 1):
             op = self.ops.get(a)
             if op is not None and (op.written or op.state == "optimized"):
                 i = addr - a
-                return op.text[i:i + len(want)]
-        return want
+                return op.text[i:i + size]
+        return None
+
+    def expected_text(self, addr: int, want: bytes) -> bytes:
+        """What the text at `addr` must hold: `want`, unless the optimizer has written
+        where a jump goes (`jump_text`)."""
+        got = self.jump_text(addr, len(want))
+        return want if got is None else got
 
     def is_optimized(self, addr: int) -> bool:
         op = self.ops.get(addr)

@@ -18,8 +18,12 @@ KASAN watches the kernel, and checks five laws:
   slots    (also) free + in use + garbage == every slot there is;
   ctlblk   at a quantum boundary, a CPU with no probe in flight (preemptible, no deferred
            trap, not in a slot) has an idle kprobe_ctlblk;
-  orphans  a breakpoint written into text (`Machine.text_write_observers`) that is still
-           there while no registered, armed probe owns its address.
+  orphans  a breakpoint written into text (a text write that begins with the breakpoint's
+           bytes) that is still there, where an instruction starts, while nothing owns it:
+           no registered, armed probe at its address, and no jump the optimizer has
+           written or is writing there.  Bytes equal to the breakpoint that are not one -
+           the operand of an optimized probe's jump, an instruction's own bytes put back
+           when the jump is removed - are not orphans.
 
 It only observes: it subscribes to the events the machine publishes (`QuantumEnded`,
 `ModuleGoing`) and those of the probe core (`KprobesArmed`, `KprobesDisarmed`,
@@ -225,19 +229,41 @@ class Invariants:
                 self._suspects.add(event.addr)
 
     def check_orphans(self) -> None:
-        """A breakpoint in the text that no registered, armed probe owns."""
+        """A breakpoint in the text that nothing owns (see the module docstring)."""
         k = self._k
         if k._mutex.locked():
             return
         bp = self._bp
         for addr in sorted(self._suspects):
+            self._suspects.discard(addr)
+            if self._m.memory.peek(addr, len(bp)) != bp:
+                continue
             site = k._kprobe_table.get(addr)
-            if self._m.memory.peek(addr, len(bp)) != bp or (site is not None and site.armed):
-                self._suspects.discard(addr)
-            else:
-                self._suspects.discard(addr)
-                self.violation("orphans", f"a breakpoint at {self._m.format_addr(addr)} that no "
-                                          f"registered probe owns")
+            if site is not None and site.armed:
+                continue                    # the probe's own breakpoint
+            if k.optimizer.jump_text(addr, len(bp)) == bp:
+                continue                    # the optimizer's: its jump, or text_poke_bp's int3
+            if not self._starts_instruction(addr):
+                continue                    # an operand's bytes, not an instruction
+            self.violation("orphans", f"a breakpoint at {self._m.format_addr(addr)} that no "
+                                      f"registered probe owns")
+
+    def _starts_instruction(self, addr: int) -> bool:
+        """Whether an instruction starts at `addr`, decoding its function from the start
+        in the text as it is without the probes' bytes; outside a function, assume so."""
+        sym = self._m.kallsyms.containing(addr)
+        if sym is None or not sym.is_func:
+            return True
+        text = self._k.original_text(sym.addr, sym.size)
+        insn_length = self._m.backend.insn_length
+        max_len = self._m.backend.max_insn_len
+        off, want = 0, addr - sym.addr
+        while off < want:
+            size = insn_length(text[off:off + max_len], sym.addr + off)
+            if size is None:
+                return True
+            off += size
+        return off == want
 
     def check_slots(self, cached: bool = False) -> None:
         """No CPU executes in a freed slot."""

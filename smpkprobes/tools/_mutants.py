@@ -235,6 +235,8 @@ class ShortGracePeriod(KprobesSubsystem):
         async def synchronize():
             if any(lo <= cpu.pc < hi for cpu in kernel.cpus):
                 await kernel.synchronize()
+            else:
+                await _no_wait()        # a checkpoint still (see _no_wait)
         self._kernel = _Kernel(kernel, synchronize=synchronize)
 
 
