@@ -68,6 +68,24 @@ class MachineStatistics:
     per_cpu_tasks: tuple[int, ...]
 
 
+def _seed_trio_order(seed: int) -> None:
+    """Make trio's own run order a function of the machine's seed.
+
+    Trio runs the tasks that are ready at the same moment in an order it draws from a
+    generator of its own (`trio._core._run._r`, seeded from the OS and shared by every
+    `trio.run` of the process).  The machine keeps that order out of what the guest sees
+    (host turns, sorted admission), but host tasks woken at the same quantum boundary (a
+    guest call returning while a grace period ends) still ran in that order, and scenario
+    code that shares state between them (a counter, a flag) then ran differently from run to
+    run and with what the process ran before.  Seeded here, at the start of every machine,
+    that order is the seed's too.  (A private attribute: trio is pinned, and the
+    determinism tests fail if it goes away.)"""
+    from trio._core import _run
+    rng = getattr(_run, "_r", None)
+    if isinstance(rng, random.Random):
+        rng.seed(f"smpkprobes trio order {seed}")
+
+
 class _Counters:
     def __init__(self):
         for f in fields(MachineStatistics):
@@ -180,6 +198,7 @@ class SMPMachine(GuestCalls, HostTurns, Scheduler, TextPoke, GracePeriods, Modul
 
     # == lifecycle ======================================================================
     async def __aenter__(self):
+        _seed_trio_order(self.seed)
         self._nursery_cm = trio.open_nursery()
         self._nursery = await self._nursery_cm.__aenter__()
         for cpu in self.cpus:
