@@ -73,16 +73,20 @@ def _seed_trio_order(seed: int) -> None:
 
     Trio runs the tasks that are ready at the same moment in an order it draws from a
     generator of its own (`trio._core._run._r`, seeded from the OS and shared by every
-    `trio.run` of the process).  The machine keeps that order out of what the guest sees
-    (host turns, sorted admission), but host tasks woken at the same quantum boundary (a
-    guest call returning while a grace period ends) still ran in that order, and scenario
-    code that shares state between them (a counter, a flag) then ran differently from run to
-    run and with what the process ran before.  Seeded here, at the start of every machine,
-    that order is the seed's too.  (A private attribute: trio is pinned, and the
-    determinism tests fail if it goes away.)"""
+    `trio.run` of the process), and with one of two methods: a coin that reverses the batch,
+    or, once Hypothesis has been imported (its trio plugin), a shuffle of the batch sorted by
+    creation.  The machine keeps that order out of what the guest sees (host turns, sorted
+    admission), but host tasks woken at the same quantum boundary (a guest call returning
+    while a grace period ends) still ran in it, and scenario code that shares state between
+    them (a counter, a flag) then ran differently from run to run, with what the process ran
+    before, and between a test process and a Dask worker.  Here, at the start of every
+    machine, the method is fixed to the sorted shuffle (Hypothesis's: whatever the process
+    imported, it is the same) and the generator is seeded from the seed.  (Private
+    attributes: trio is pinned, and tests/test_determinism.py fails if they go away.)"""
     from trio._core import _run
     rng = getattr(_run, "_r", None)
-    if isinstance(rng, random.Random):
+    if isinstance(rng, random.Random) and hasattr(_run, "_ALLOW_DETERMINISTIC_SCHEDULING"):
+        _run._ALLOW_DETERMINISTIC_SCHEDULING = True
         rng.seed(f"smpkprobes trio order {seed}")
 
 
