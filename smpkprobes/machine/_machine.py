@@ -68,6 +68,28 @@ class MachineStatistics:
     per_cpu_tasks: tuple[int, ...]
 
 
+def _seed_trio_order(seed: int) -> None:
+    """Make trio's own run order a function of the machine's seed.
+
+    Trio runs the tasks that are ready at the same moment in an order it draws from a
+    generator of its own (`trio._core._run._r`, seeded from the OS and shared by every
+    `trio.run` of the process), and with one of two methods: a coin that reverses the batch,
+    or, once Hypothesis has been imported (its trio plugin), a shuffle of the batch sorted by
+    creation.  The machine keeps that order out of what the guest sees (host turns, sorted
+    admission), but host tasks woken at the same quantum boundary (a guest call returning
+    while a grace period ends) still ran in it, and scenario code that shares state between
+    them (a counter, a flag) then ran differently from run to run, with what the process ran
+    before, and between a test process and a Dask worker.  Here, at the start of every
+    machine, the method is fixed to the sorted shuffle (Hypothesis's: whatever the process
+    imported, it is the same) and the generator is seeded from the seed.  (Private
+    attributes: trio is pinned, and tests/test_determinism.py fails if they go away.)"""
+    from trio._core import _run
+    rng = getattr(_run, "_r", None)
+    if isinstance(rng, random.Random) and hasattr(_run, "_ALLOW_DETERMINISTIC_SCHEDULING"):
+        _run._ALLOW_DETERMINISTIC_SCHEDULING = True
+        rng.seed(f"smpkprobes trio order {seed}")
+
+
 class _Counters:
     def __init__(self):
         for f in fields(MachineStatistics):
@@ -180,6 +202,7 @@ class SMPMachine(GuestCalls, HostTurns, Scheduler, TextPoke, GracePeriods, Modul
 
     # == lifecycle ======================================================================
     async def __aenter__(self):
+        _seed_trio_order(self.seed)
         self._nursery_cm = trio.open_nursery()
         self._nursery = await self._nursery_cm.__aenter__()
         for cpu in self.cpus:

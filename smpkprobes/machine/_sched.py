@@ -73,9 +73,17 @@ class Scheduler:
     """The scheduler part of `SMPMachine` (see `_machine`)."""
 
     async def _cpu_main(self, me: CPU) -> None:
-        while True:
-            await self._batons[me.id].wait()
-            await self._conduct(me)
+        try:
+            while True:
+                await self._batons[me.id].wait()
+                await self._conduct(me)
+        except Exception as exc:
+            # A bug of the machine itself (the guest's faults and the handlers' exceptions
+            # are oopses, not exceptions here).  The nursery cancels the other CPUs, but a
+            # host task shielded from cancellation (an unregistration waiting for its text
+            # sync) would wait for ever for CPUs that are gone: panic wakes it.
+            self.panic(f"CPU {me.id} crashed: {type(exc).__name__}: {exc}")
+            raise
 
     async def _conduct(self, me: CPU) -> None:
         """Run quanta while the conductor picks `me`; hand the baton on when it doesn't."""

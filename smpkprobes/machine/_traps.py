@@ -110,15 +110,17 @@ class Traps:
         cpu.deferred_trap = False
         cpu.stop_requested = False
         addr = cpu.deferred_addr
+        # As in the CPU's trap hook, everything the handler's result leads to is inside the
+        # guard: a broken result (a mutant's None) is an internal error that kills the task,
+        # not an exception that ends the CPU's trio task and leaves the host waiting.
         try:
             result = self._trap_handler(cpu, addr)
+            if result.resume is not None:
+                cpu.pc = result.resume
+            elif not result.owned and cpu.current is not None:
+                self.on_unowned_trap(cpu, addr)
         except BaseException as exc:
             self.on_hook_exception(cpu, exc)
-            return
-        if result.resume is not None:
-            cpu.pc = result.resume
-        elif not result.owned and cpu.current is not None:
-            self.on_unowned_trap(cpu, addr)
 
     # -- CpuHost ---------------------------------------------------------------------------
     def on_foreign_trap(self, cpu: "CPU", intno: int) -> None:

@@ -42,8 +42,9 @@ class CampaignError(Exception):
 
 
 # == on the worker ========================================================================
-# A worker process may run several tasks at once (a `dask worker --nthreads 4`); a run patches
-# classes for its mutant, so runs in one process take turns.
+# A worker process may run several tasks at once (a `dask worker --nthreads 4`); a run seeds
+# trio's process-wide run order from its seed when its machine starts (`_machine`), so runs in
+# one process take turns.
 _RUN_LOCK = threading.Lock()
 
 
