@@ -91,13 +91,6 @@ class CallingConvention:
         sp = regs.read(self.sp_reg)
         regs.write_word(sp + self.stack_args_offset + (n - len(self.arg_regs)) * self.word_bytes, value)
 
-    def return_address_slot(self, regs: RegAccess) -> int | None:
-        """Where the return address is stored at function entry: a stack address, or None
-        when it is in `return_address_reg`."""
-        if self.return_address_reg is not None:
-            return None
-        return regs.read(self.sp_reg)
-
     def get_return_address(self, regs: RegAccess) -> int:
         if self.return_address_reg is not None:
             return regs.read(self.return_address_reg)

@@ -86,9 +86,6 @@ class Sparc64CallingConvention(CallingConvention):
         else:
             regs.write_word(self._arg_slot(regs, n), value)
 
-    def return_address_slot(self, regs: RegAccess) -> int | None:
-        return None
-
     def get_return_address(self, regs: RegAccess) -> int:
         return (regs.read("o7") + 8) & _MASK
 

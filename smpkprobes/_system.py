@@ -1,9 +1,11 @@
 """`Machine`: the SMP machine and the probe core, put together (the public entry point).
 
-The three parts meet only here.  The machine (`machine.SMPMachine`) knows nothing of kprobes;
+The parts meet only here.  The machine (`machine.SMPMachine`) knows nothing of kprobes;
 the probe core (`kprobes.KprobesSubsystem`) sees the machine only through its
-`KernelServices`; the invariant checker (`tools._invariants`) subscribes to the events both
-publish.  `Machine` holds the three and forwards the machine's public surface (API.md).
+`KernelServices`, and `m.hw_breakpoints` (`hw_breakpoint.HwBreakpointSubsystem`) only
+through its `HwBreakpointServices` (both in machine/_services.py); the invariant checker
+(`tools._invariants`) subscribes to the events the machine and the probe core publish.
+`Machine` holds them all and forwards the machine's public surface (API.md).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from .kprobes._debugfs import Debugfs
 from .kprobes._optprobe import Sysctl
 from .kprobes._tracefs import Tracefs
 from .machine._machine import SMPMachine
-from .machine._services import KernelServices
+from .machine._services import HwBreakpointServices, KernelServices
 from .tools._invariants import Invariants
 from .hw_breakpoint._core import HwBreakpointSubsystem
 
@@ -82,7 +84,7 @@ class Machine:
         self.debugfs = Debugfs(services, self.kprobes)
         self.sysctl = Sysctl(self.kprobes.optimizer)
         self.tracefs = Tracefs(self, self.kprobes)
-        self.hw_breakpoints = hw_breakpoint_core(self)
+        self.hw_breakpoints = hw_breakpoint_core(HwBreakpointServices(self.machine))
         self.debugfs.files["hw_breakpoint/list"] = self.hw_breakpoints.debugfs_list
         self.invariants = Invariants(self.machine, self.kprobes, "raise" if invariants is True
                                      else invariants) if invariants else None

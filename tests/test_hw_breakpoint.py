@@ -507,3 +507,22 @@ async def test_a_cancelled_registration_is_not_left_half_done():
                 await hw.unregister_wide_hw_breakpoint(h)
             assert [hw.installed(c) for c in range(4)] == [[], [], [], []]
             assert hw.constraints.in_use("data", 0) == 0
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "arm64"])
+async def test_a_raising_handler_oopses_only_the_accessing_task(arch):
+    """A triggered handler that raises oopses the task whose access triggered it, with the
+    handler's exception as the cause (not as an internal error of the CPU's hook); the
+    CPU's preemption count is back to 0 and the CPU runs the next task normally."""
+    async with Machine(arch=arch, cpus=1, seed=3) as m:
+        def triggered(bp, data, regs):
+            raise ValueError("boom")
+        h = await m.hw_breakpoints.register_wide_hw_breakpoint(watch(m), triggered)
+        with pytest.raises(Oops, match=r"exception in the handler of <hw_breakpoint "
+                                       r"0x[0-9a-f]+/\d:w cpu0>: ValueError: boom"):
+            await m.call("fork_loop", 3, cpu=0)
+        assert (h.hits, m.cpus[0].preempt_count, len(m.oopses)) == (1, 0, 1)
+        await m.hw_breakpoints.unregister_wide_hw_breakpoint(h)
+        before = word(m, "last_pid")
+        await m.call("fork_loop", 3, cpu=0)
+        assert word(m, "last_pid") - before == 3

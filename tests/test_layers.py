@@ -1,6 +1,6 @@
 """The layers the tree shows are the layers the imports keep: the machine knows nothing of the
-probe core or the tools, and the probe core reaches the machine only through
-`KernelServices` (machine/_services.py)."""
+probe core or the tools, the probe core reaches the machine only through `KernelServices`
+and the hw_breakpoint layer only through `HwBreakpointServices` (machine/_services.py)."""
 
 import ast
 from pathlib import Path
@@ -56,3 +56,29 @@ def test_the_probe_core_reaches_the_machine_only_through_kernel_services(path):
     assert machine <= {"machine._services"}, machine
     tools = {m for m in imports if m.startswith("tools") or m == "_system"}
     assert not tools, tools
+
+
+@pytest.mark.parametrize("path", _modules("hw_breakpoint"), ids=lambda p: p.name)
+def test_hw_breakpoint_reaches_the_machine_only_through_its_services(path):
+    """A hw_breakpoint module imports, of the machine, only machine._services; nothing of
+    the probe core, of the tools, or of the composed system (`trace mem:` is given its
+    machine factory by the CLI)."""
+    imports = _runtime_imports(path)
+    machine = {m for m in imports if m.startswith("machine")}
+    assert machine <= {"machine._services"}, machine
+    assert not {m for m in imports if m.startswith("kprobes")}
+    tools = {m for m in imports if m.startswith("tools") or m == "_system"}
+    assert not tools, tools
+
+
+def test_hw_breakpoint_is_given_its_services_not_the_machine():
+    """`m.hw_breakpoints` holds a `HwBreakpointServices`, whose members are the ones it
+    lists; anything else is a clear AttributeError."""
+    from smpkprobes import Machine
+    from smpkprobes.machine._services import HwBreakpointServices
+    m = Machine(cpus=2)
+    kernel = m.hw_breakpoints._kernel
+    assert type(kernel) is HwBreakpointServices
+    assert kernel.cpus == tuple(m.cpus) and kernel.ncpus == 2 and kernel.arch == "x86_64"
+    with pytest.raises(AttributeError, match="reaches the machine only through"):
+        kernel.memory

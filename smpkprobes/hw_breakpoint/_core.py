@@ -27,14 +27,12 @@ import trio
 from smpkprobes.cpus import hw_breakpoint_facts
 
 from .._errors import KprobeError
-from ..machine._machine import TRAP_COST_NS
-from ..machine._events import TaskExited, TaskScheduledIn
+from ..machine._services import TRAP_COST_NS, HwBreakpointServices, TaskExited, TaskScheduledIn
 from ._constraints import SlotConstraints
 from ._debugreg import DebugRegisters, TriggerData
 
 if TYPE_CHECKING:    # pragma: no cover
     from ..machine._cpu import CPU
-    from ..machine._machine import SMPMachine
 
 TYPES = ("r", "w", "rw", "x")
 
@@ -102,42 +100,42 @@ class WideHwBreakpoint:
 
 
 class HwBreakpointSubsystem:
-    """`m.hw_breakpoints`."""
+    """`m.hw_breakpoints`, on the machine's `HwBreakpointServices` (machine/_services.py)."""
 
-    def __init__(self, machine: "SMPMachine"):
-        self._m = machine
-        self.facts = hw_breakpoint_facts(machine.arch)
-        self.memory = machine.memory
-        self.constraints = SlotConstraints(machine.ncpus, self.facts)
-        self.debugregs = [DebugRegisters(cpu, self) for cpu in machine.cpus]
+    def __init__(self, kernel: HwBreakpointServices):
+        self._kernel = kernel
+        self.facts = hw_breakpoint_facts(kernel.arch)
+        self.constraints = SlotConstraints(kernel.ncpus, self.facts)
+        self.debugregs = [DebugRegisters(cpu, self, kernel)
+                          for cpu in kernel.cpus]
         self._wide: list[WideHwBreakpoint] = []
         self._user: list[HwBreakpoint] = []
         # Triggers of a breakpoint that was already unregistered (must stay empty), and
         # slot-table warnings (ditto).
         self.stale_triggers: list[tuple[int, HwBreakpoint]] = []
         self.warnings: list[str] = []
-        self._endian = machine.backend.endian
-        machine.events.subscribe(TaskScheduledIn, lambda e: self._sched_in(e.cpu, e.task))
-        machine.events.subscribe(TaskExited, lambda e: self._task_exit(e.task))
+        self._endian = kernel.backend.endian
+        kernel.subscribe(TaskScheduledIn, lambda e: self._sched_in(e.cpu, e.task))
+        kernel.subscribe(TaskExited, lambda e: self._task_exit(e.task))
 
     # == the API ===========================================================================
     async def register_wide_hw_breakpoint(self, attr: HwBreakpointAttr,
                                           triggered: Callable) -> WideHwBreakpoint:
         addr, pool = self._parse(attr)
-        cpus = list(range(self._m.ncpus))
+        cpus = list(range(self._kernel.ncpus))
         self.constraints.reserve(pool, cpus)
         handle = WideHwBreakpoint(tuple(HwBreakpoint(attr, addr, pool, triggered, cpu=c)
                                         for c in cpus))
         self._wide.append(handle)
-        self._m.trace_event("bp_register", addr, attr.bp_len, attr.bp_type, "wide",
-                            self._m.now_ns())
+        self._kernel.trace_event("bp_register", addr, attr.bp_len, attr.bp_type, "wide",
+                            self._kernel.now_ns())
         if not attr.disabled:
             await self._cross_call(self._wide_cpus(), lambda cpu: self._install_own(cpu, handle))
         return handle
 
     def _wide_cpus(self) -> list["CPU"]:
         """Every CPU installs its own member of a wide breakpoint."""
-        return list(self._m.cpus)
+        return list(self._kernel.cpus)
 
     def _install_own(self, cpu: "CPU", handle: WideHwBreakpoint) -> None:
         self.debugregs[cpu.id].install(handle[cpu.id])
@@ -149,19 +147,19 @@ class HwBreakpointSubsystem:
         await self._remove(list(handle.per_cpu))
         bp = handle[0]
         self.constraints.release(bp.pool, list(range(len(handle))))
-        self._m.trace_event("bp_unregister", bp.addr, bp.len, bp.type, "wide", self._m.now_ns())
+        self._kernel.trace_event("bp_unregister", bp.addr, bp.len, bp.type, "wide", self._kernel.now_ns())
 
     async def register_user_hw_breakpoint(self, attr: HwBreakpointAttr, triggered: Callable,
                                           task) -> HwBreakpoint:
         if task.oops is not None or task.done.is_set():
             raise KprobeError(E.ESRCH, f"{task!r} has exited")
         addr, pool = self._parse(attr)
-        self.constraints.reserve(pool, list(range(self._m.ncpus)), task)
+        self.constraints.reserve(pool, list(range(self._kernel.ncpus)), task)
         bp = HwBreakpoint(attr, addr, pool, triggered, task=task)
         self._user.append(bp)
         task.hw_breakpoints.append(bp)
-        self._m.trace_event("bp_register", addr, attr.bp_len, attr.bp_type, "task",
-                            self._m.now_ns())
+        self._kernel.trace_event("bp_register", addr, attr.bp_len, attr.bp_type, "task",
+                            self._kernel.now_ns())
         await self._reload_task(task)
         return bp
 
@@ -170,8 +168,8 @@ class HwBreakpointSubsystem:
             raise KprobeError(E.EINVAL, f"{bp!r} is not a registered user breakpoint")
         addr, pool = self._parse(attr)
         if pool != bp.pool:
-            self.constraints.reserve(pool, list(range(self._m.ncpus)), bp.task)
-            self.constraints.release(bp.pool, list(range(self._m.ncpus)), bp.task)
+            self.constraints.reserve(pool, list(range(self._kernel.ncpus)), bp.task)
+            self.constraints.release(bp.pool, list(range(self._kernel.ncpus)), bp.task)
         # Off the task and every CPU first (a context switch meanwhile must not load it
         # again): a CPU's registers never hold a half-changed breakpoint.
         bp.task.hw_breakpoints.remove(bp)
@@ -186,8 +184,8 @@ class HwBreakpointSubsystem:
         self._user.remove(bp)
         bp.task.hw_breakpoints.remove(bp)
         await self._remove([bp])
-        self.constraints.release(bp.pool, list(range(self._m.ncpus)), bp.task)
-        self._m.trace_event("bp_unregister", bp.addr, bp.len, bp.type, "task", self._m.now_ns())
+        self.constraints.release(bp.pool, list(range(self._kernel.ncpus)), bp.task)
+        self._kernel.trace_event("bp_unregister", bp.addr, bp.len, bp.type, "task", self._kernel.now_ns())
 
     # == introspection ====================================================================
     def installed(self, cpu: int) -> list[tuple[str, int, HwBreakpoint]]:
@@ -197,7 +195,7 @@ class HwBreakpointSubsystem:
     def debugfs_list(self) -> str:
         """One line per breakpoint: address, length, type, symbol, owner, the slots holding
         it, hits."""
-        w = self._m.backend.bits // 4
+        w = self._kernel.backend.bits // 4
         lines = []
         for h in self._wide:
             lines.append(self._line(w, h[0], "wide", list(h.per_cpu), h.hits))
@@ -212,7 +210,7 @@ class HwBreakpointSubsystem:
                 if any(b is m for m in members):
                     held.append(f"cpu{regs.cpu.id}:{pool}{i}")
         flags = " [DISABLED]" if bp.attr.disabled else ""
-        return (f"{bp.addr:0{w}x}  {bp.len}  {bp.type:<2}  {self._m.format_addr(bp.addr)}  "
+        return (f"{bp.addr:0{w}x}  {bp.len}  {bp.type:<2}  {self._kernel.format_addr(bp.addr)}  "
                 f"{owner}  {' '.join(held) or '-'}  hits={hits}{flags}\n")
 
     # == internals ========================================================================
@@ -227,12 +225,12 @@ class HwBreakpointSubsystem:
             raise KprobeError(E.EINVAL, f"bp_type must be one of {', '.join(TYPES)}, not "
                                         f"{attr.bp_type!r}")
         if attr.bp_type not in f.types:
-            raise KprobeError(E.EINVAL, f"{self._m.arch} has no {attr.bp_type!r} breakpoints "
+            raise KprobeError(E.EINVAL, f"{self._kernel.arch} has no {attr.bp_type!r} breakpoints "
                                         f"(it has {', '.join(t for t in TYPES if t in f.types)})")
         if (attr.symbol_name is None) == (attr.bp_addr is None):
             raise KprobeError(E.EINVAL, "exactly one of bp_addr and symbol_name must be set")
         if attr.symbol_name is not None:
-            addr = self._m.kallsyms_lookup_name(attr.symbol_name)
+            addr = self._kernel.kallsyms_lookup_name(attr.symbol_name)
             if not addr:
                 raise KprobeError(E.ENOENT, f"unknown symbol {attr.symbol_name!r}")
         else:
@@ -240,21 +238,21 @@ class HwBreakpointSubsystem:
         n = attr.bp_len
         if attr.bp_type == "x":
             if n != f.inst_len:
-                raise KprobeError(E.EINVAL, f"an instruction breakpoint on {self._m.arch} has "
+                raise KprobeError(E.EINVAL, f"an instruction breakpoint on {self._kernel.arch} has "
                                             f"bp_len {f.inst_len}, not {n}")
-            if addr % (self._m.backend.fixed_insn_len or 1):
+            if addr % (self._kernel.backend.fixed_insn_len or 1):
                 raise KprobeError(E.EINVAL, f"{addr:#x} is not an instruction address")
         else:
             if n not in f.lengths:
                 raise KprobeError(E.EINVAL, f"bp_len {n} is not one of "
                                             f"{', '.join(map(str, sorted(f.lengths)))} on "
-                                            f"{self._m.arch}")
+                                            f"{self._kernel.arch}")
             if f.align_to_len and addr % n:
                 raise KprobeError(E.EINVAL, f"{addr:#x} is not aligned to bp_len {n}")
             if addr % f.window + n > f.window:
                 raise KprobeError(E.EINVAL, f"{addr:#x}/{n} crosses an aligned {f.window}-byte "
                                             f"unit")
-        if self._m.memory.region_of(addr) is None:
+        if self._kernel.region_of(addr) is None:
             raise KprobeError(E.EINVAL, f"{addr:#x} is not mapped")
         return addr, self.facts.pool_of(attr.bp_type)
 
@@ -276,7 +274,7 @@ class HwBreakpointSubsystem:
                 regs = self.debugregs[cpu.id]
                 regs.load_task(None)
                 regs.load_task(task)
-        cpus = [c for c in self._m.cpus if c.current is task]
+        cpus = [c for c in self._kernel.cpus if c.current is task]
         await self._cross_call(cpus, reload)
 
     async def _cross_call(self, cpus: list["CPU"], func: Callable[["CPU"], None]) -> None:
@@ -284,7 +282,7 @@ class HwBreakpointSubsystem:
         unregistration is never left half done by a cancellation (it takes effect when
         the caller reaches its next checkpoint)."""
         with trio.CancelScope(shield=True):
-            await self._m.smp_call_function_many(cpus, func)
+            await self._kernel.smp_call_function_many(cpus, func)
 
     def _sched_in(self, cpu: "CPU", task) -> None:
         """A task's breakpoints follow it: off the CPU it left (the sched-out it had there),
@@ -306,7 +304,7 @@ class HwBreakpointSubsystem:
     def slot_warning(self, cpu: "CPU", bp: HwBreakpoint) -> None:
         msg = f"Can't find any breakpoint slot on CPU {cpu.id} for {bp!r}"
         self.warnings.append(msg)
-        self._m.printk_log.append(msg)
+        self._kernel.printk(msg)
 
     # == the debug exception ==============================================================
     def trigger(self, cpu: "CPU", bp: HwBreakpoint, addr: int, access: str, pc: int,
@@ -314,7 +312,7 @@ class HwBreakpointSubsystem:
         """A watched access on `cpu` (called from its hook, before the access): run the
         handler before the access (arm, arm64) or after it (x86, ppc; a store is made
         first, and `regs.ip` is the next instruction)."""
-        m = self._m
+        m = self._kernel
         if not bp.registered:
             self.stale_triggers.append((cpu.id, bp))
         ip = pc
@@ -322,7 +320,7 @@ class HwBreakpointSubsystem:
         if self.facts.trap_after and access != "x":
             if store is not None:
                 size, value = store
-                self.memory.poke(addr, (value & ((1 << 8 * size) - 1)).to_bytes(size, self._endian))
+                self._kernel.poke(addr, (value & ((1 << 8 * size) - 1)).to_bytes(size, self._endian))
             ip = debugregs.next_ip(pc)
         bp.hits += 1
         cpu.intra += TRAP_COST_NS

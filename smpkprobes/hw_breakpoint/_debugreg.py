@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING
 
 import unicorn
 
-from ..machine._regs import regs_class
+from ..machine._services import regs_class
 
 if TYPE_CHECKING:    # pragma: no cover
     from ..machine._cpu import CPU
+    from ..machine._services import HwBreakpointServices
     from ._core import HwBreakpoint, HwBreakpointSubsystem
 
 _READ, _WRITE = unicorn.UC_MEM_READ, unicorn.UC_MEM_WRITE
@@ -54,9 +55,11 @@ class DebugRegisters:
     """The debug registers of one CPU: a slot table per pool and the hooks of the slots in
     use.  `task` is the task whose per-task breakpoints are loaded."""
 
-    def __init__(self, cpu: "CPU", subsystem: "HwBreakpointSubsystem"):
+    def __init__(self, cpu: "CPU", subsystem: "HwBreakpointSubsystem",
+                 kernel: "HwBreakpointServices"):
         self.cpu = cpu
         self._sub = subsystem
+        self._kernel = kernel
         self._facts = subsystem.facts
         self.slots: dict[str, list] = {pool: [None] * n for pool, n in self._facts.slots}
         self._hooks: dict[int, list[int]] = {}        # id(bp) -> Unicorn hook handles
@@ -129,20 +132,20 @@ class DebugRegisters:
             self._sub.trigger(cpu, bp, addr, "w" if access == _WRITE else "r", pc,
                               (size, value) if access == _WRITE else None)
         except BaseException as exc:     # never lose an exception inside Unicorn
-            cpu._host.on_hook_exception(cpu, exc)
+            self._kernel.on_hook_exception(cpu, exc)
 
     def _execute(self, _uc, addr, _size, bp: "HwBreakpoint"):
         cpu = self.cpu
         try:
             self._sub.trigger(cpu, bp, addr, "x", addr, None)
         except BaseException as exc:
-            cpu._host.on_hook_exception(cpu, exc)
+            self._kernel.on_hook_exception(cpu, exc)
 
     def _decode(self, pc: int) -> tuple[int, bool]:
         """The length of the instruction at `pc`, and whether a read it makes is part of its
         write; decoded once per instruction (and again if its bytes change)."""
         backend = self.cpu.backend
-        code = self._sub.memory.peek(pc, backend.max_insn_len)
+        code = self._kernel.peek(pc, backend.max_insn_len)
         key = (pc, code)
         known = self._decoded.get(key)
         if known is None:

@@ -15,7 +15,7 @@ from typing import Callable
 import trio
 
 from .._errors import KprobeError
-from ..tools._trace_export import ftrace_line
+from .._ftrace import ftrace_line
 from ._core import HwBreakpointAttr
 
 _MEM = re.compile(r"mem:(?P<where>[^/:]+)(?:/(?P<len>[0-9]+))?(?::(?P<access>[rwx]+))?$")
@@ -39,13 +39,14 @@ def parse_mem_event(spec: str, word_bytes: int) -> HwBreakpointAttr:
 
 
 async def trace_session(definitions: list[str], workloads: list[tuple[str, tuple[int, ...]]], *,
-                        arch: str = "x86_64", cpus: int = 4, seed: int = 1,
+                        boot: Callable, arch: str = "x86_64", cpus: int = 4, seed: int = 1,
                         preempt: bool = False, out: Callable[[str], None] = print,
                         err: Callable[[str], None] = print, after=None) -> int:
     """Register each `mem:` event as a wide breakpoint, run every workload once on every CPU,
-    print a line per trigger.  Returns a process exit status."""
-    from .._system import Machine
-    async with Machine(arch=arch, cpus=cpus, seed=seed, preempt=preempt) as m:
+    print a line per trigger.  Returns a process exit status.  `boot(arch=, cpus=, seed=,
+    preempt=)` makes the machine (the composed system is the caller's: this layer does not
+    import it)."""
+    async with boot(arch=arch, cpus=cpus, seed=seed, preempt=preempt) as m:
         others = [d for d in definitions if not d.startswith("mem:")]
         if others:
             err(f"mem: events cannot be mixed with kprobe events here: {others[0]!r}")

@@ -117,10 +117,16 @@ class KprobeMutex:
 class KprobesSubsystem(Registry, HitPath, Kretprobes, Jprobes):
     """`m.kprobes`: the probe core, on the machine's `KernelServices`."""
 
+    # The hit path reads this object's attributes on every trap.  CPython (3.11+) keeps an
+    # instance's attributes in a fast inline array, and specializes the reads of them and
+    # of its methods, only while it has at most 30: with 31 (the cold facts kept here
+    # before) a boosted hit cost about 10% more.  Keep it under that (tests/test_machine.py
+    # checks), and derive what the hit path never reads (the properties below).
+    MAX_INSTANCE_ATTRIBUTES = 30
+
     def __init__(self, kernel: KernelServices):
         self._kernel = kernel
         self._backend = kernel.backend
-        self._bp = kernel.backend.breakpoint
         self._kprobe_table: dict[int, AggrKprobe] = {}    # the kprobe hash: address -> probe
         self._by_slot: dict[int, AggrKprobe] = {}
         self.events = EventBus()
@@ -143,7 +149,6 @@ class KprobesSubsystem(Registry, HitPath, Kretprobes, Jprobes):
         self.simulation_errors: list[str] = []
         # Arming, disarming and kretprobe registrations, for observers (see _events);
         # `self.events` is made above, with the mutex that publishes KprobesChanged.
-        self._slot_stride = self._backend.slot_size // 2
         self._slot_lo, self._slot_hi = kernel.insn_slot_area
         self.slots = InsnSlots(kernel.insn_slot_area, self._backend.slot_size,
                                kernel.synchronize, self._cpu_in_range)
@@ -154,7 +159,6 @@ class KprobesSubsystem(Registry, HitPath, Kretprobes, Jprobes):
         self._trampoline = k.lookup("kretprobe_trampoline").addr
         self._trampoline_probe = AggrKprobe(self._trampoline, None, b"")
         self._jprobe_return = k.lookup("jprobe_return").addr
-        self._kernel_text = kernel.kernel_text
         self._blacklist = []
         for name in BLACKLIST:
             s = k.lookup(name)
@@ -170,6 +174,19 @@ class KprobesSubsystem(Registry, HitPath, Kretprobes, Jprobes):
         kernel.subscribe(TaskOopsed, self._oops_reset)
         kernel.subscribe(ModuleGoing, self.kprobes_module_callback)
         self.optimizer = self._make_optimizer(kernel)
+
+    # Facts the hit path never reads: derived on use rather than stored (see __init__).
+    @property
+    def _bp(self) -> bytes:
+        return self._backend.breakpoint
+
+    @property
+    def _slot_stride(self) -> int:
+        return self._backend.slot_size // 2
+
+    @property
+    def _kernel_text(self) -> tuple[int, int]:
+        return self._kernel.kernel_text
 
     def _make_optimizer(self, kernel: KernelServices) -> Optimizer:
         """The jump optimizer (kprobe_optimizer and its detours); a mutant may give its

@@ -72,10 +72,11 @@ class HitPath:
         for child in p.children:
             if not child._registered:
                 self.stale_handlers.append((p.addr, child, "pre_handler"))
-            if child.flags & _OFF or child.pre_handler is None:
+            pre_handler = child.pre_handler
+            if child.flags & _OFF or pre_handler is None:
                 continue
             try:
-                ret = child.pre_handler(child, regs)
+                ret = pre_handler(child, regs)
             except _JprobeReturn:
                 ret = 0
             except BaseException as exc:

@@ -112,6 +112,11 @@ class CPU:
         self.trap_cost = 0             # virtual ns a trap costs inside a quantum (the host's)
         self._trap_intno = quirks.trap_intno
         self._trap_pc_offset = quirks.trap_pc_offset
+        # The trap path's own PC word: only ever a PC, so a 32-bit arch's reads (which fill
+        # its low half) leave the high half 0 as it started, and it needs no clearing
+        # before each read, as the shared `_val` does (one c_uint64 set less per trap).
+        self._trap_pc = ctypes.c_uint64()
+        self._trap_pc_ref = ctypes.byref(self._trap_pc)
         # Hooks are registered with raw ctypes callbacks: the binding's own wrappers cost
         # about a third of a bare callback, and ours already catch every exception.
         self._hooks = []
@@ -367,18 +372,20 @@ class CPU:
         try:
             # The probe hit path: the PC read, the trap sink's call and the PC write it may
             # ask for (resume_at) are all made here.
-            val = self._val
-            val.value = 0
-            _uc_reg_read(self._uch, self._pc_id, self._val_ref)
+            pc = self._trap_pc
+            _uc_reg_read(self._uch, self._pc_id, self._trap_pc_ref)
             if intno == self._trap_intno:
                 self.traps += 1
                 self.intra += self.trap_cost
-                addr = val.value - self._trap_pc_offset
-                result = self.trap_sink(self, addr)
+                addr = pc.value - self._trap_pc_offset
+                # (Read, then called: `self.trap_sink(...)` would be a method lookup, which
+                # CPython does not specialize for an instance attribute.)
+                sink = self.trap_sink
+                result = sink(self, addr)
                 resume = result.resume
                 if resume is not None:
-                    val.value = resume
-                    _uc_reg_write(self._uch, self._pc_id, self._val_ref)
+                    pc.value = resume
+                    _uc_reg_write(self._uch, self._pc_id, self._trap_pc_ref)
                 elif not result.owned and self.current is not None:
                     self._host.on_unowned_trap(self, addr)
             else:

@@ -1,4 +1,5 @@
-"""`KernelServices`: everything kernel code beside the machine (the probe core) may use of it.
+"""What kernel code beside the machine may use of it: `KernelServices` (the probe core's) and
+`HwBreakpointServices` (the hw_breakpoint layer's, at the end of this module).
 
 The probe core holds one of these, never the machine.  Each member is something the
 kernel's kprobes code gets from the rest of the kernel, under the kernel's name where it has
@@ -26,8 +27,8 @@ one:
   reporting .......... printk, kill_current (oops the current task), count_stray_trap,
                        trace / trace_event / now_ns (the event trace and its clock)
 
-The types that go with them are re-exported here too (TrapResult, the events, Regs), so the
-probe core imports nothing else of the machine.
+The types that go with them are re-exported here too (TrapResult, the events, Regs,
+TRAP_COST_NS), so neither layer imports anything else of the machine (tests/test_layers.py).
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ from ._events import QuantumEnded as QuantumEnded
 from ._memory import STACK_SIZE as STACK_SIZE     # a task stack's size (tracefs: $stackN)
 from ._events import TaskExited as TaskExited
 from ._events import TaskOopsed as TaskOopsed
+from ._events import TaskScheduledIn as TaskScheduledIn
 from ._traps import HANDLED as HANDLED
+from ._traps import TRAP_COST_NS as TRAP_COST_NS
 from ._traps import NOT_MINE as NOT_MINE
 from ._traps import TrapResult as TrapResult
 from ._traps import resume_at as resume_at
@@ -122,3 +125,51 @@ class KernelServices:
     def __getattr__(self, name: str) -> Any:
         raise AttributeError(f"KernelServices has no {name!r}: the probe core reaches the "
                              f"machine only through the members listed in _services")
+
+
+class HwBreakpointServices:
+    """The machine as the hw_breakpoint layer sees it (`hw_breakpoint.HwBreakpointSubsystem`
+    holds one of these, never the machine):
+
+      facts .............. arch, backend, cpus, ncpus
+      memory ............. region_of (is an address mapped), peek (the instruction at a
+                           PC, decoded), poke (the store a trap-after watchpoint makes
+                           before its handler runs)
+      symbols ............ kallsyms_lookup_name, format_addr
+      cross-CPU calls .... smp_call_function_many (install / uninstall on each CPU)
+      notifications ...... subscribe(TaskScheduledIn | TaskExited, fn) (a task's breakpoints
+                           follow it)
+      the debug exception  on_hook_exception (an exception inside a CPU's watch hook),
+                           kill_current (a handler raised: oops the task)
+      reporting .......... printk, trace_event / now_ns
+    """
+
+    def __init__(self, machine: "SMPMachine"):
+        m = machine
+        self.arch = m.arch
+        self.backend = m.backend
+        self.cpus: tuple["CPU", ...] = tuple(m.cpus)
+        self.ncpus = m.ncpus
+        self.region_of = m.memory.region_of
+        self.peek = m.memory.peek
+        self.poke = m.memory.poke
+        self.kallsyms_lookup_name = m.kallsyms_lookup_name
+        self.format_addr = m.format_addr
+        self.smp_call_function_many = m.smp_call_function_many
+        self.subscribe = m.events.subscribe
+        self.on_hook_exception = m.on_hook_exception
+        self.kill_current = m.kill_current
+        self.trace_event = m.trace_event
+        self.now_ns = m.now_ns
+        self._printk_log = m.printk_log
+
+    def printk(self, line: str) -> None:
+        self._printk_log.append(line)
+
+    def __repr__(self) -> str:
+        return f"<HwBreakpointServices {self.arch} cpus={self.ncpus}>"
+
+    def __getattr__(self, name: str) -> Any:
+        raise AttributeError(f"HwBreakpointServices has no {name!r}: the hw_breakpoint layer "
+                             f"reaches the machine only through the members listed in "
+                             f"_services")

@@ -303,7 +303,8 @@ def _trace(a) -> int:
     from .._system import Machine
     session = functools.partial(_tracefs.trace_session, boot=Machine)
     if any(d.startswith("mem:") for d in a.definitions):
-        from ..hw_breakpoint._perf import trace_session as session
+        from ..hw_breakpoint import _perf
+        session = functools.partial(_perf.trace_session, boot=Machine)
     try:
         return trio.run(functools.partial(
             session, a.definitions, workloads, arch=a.arch, cpus=a.cpus,

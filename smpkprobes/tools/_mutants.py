@@ -261,7 +261,7 @@ class WideBreakpointLocalOnly(HwBreakpointSubsystem):
     registers only (CPU 0's), with no cross-CPU call to the others."""
 
     def _wide_cpus(self):
-        return [self._m.cpus[0]]
+        return [self._kernel.cpus[0]]
 
 
 class SlotNotMovedWithTask(HwBreakpointSubsystem):
