@@ -205,9 +205,7 @@ class Optimizer:
         resume = self._k.kretprobe_trampoline_handler(cpu, self._kcbs[cpu.id])
         if resume is not None:
             cpu.pc = resume
-        elif cpu.pc == addr:
-            # The task died in the handler (or had no instance): never run the breakpoint.
-            cpu.stop_requested = True
+        # (None: the task died, and the oops stopped the CPU before the breakpoint.)
 
     # == deciding =======================================================================
     def region(self, addr: int):
