@@ -662,7 +662,7 @@ async def _returns_seen(sysctl: str, arch: str = ARCH) -> tuple:
         return results, by_task, stats, [rp.nmissed for rp in rps], traps, m.oopses, optimized
 
 
-@pytest.mark.parametrize("arch", ["x86_64", "arm", "ppc"])
+@pytest.mark.parametrize("arch", ["x86_64", "i386", "arm", "ppc"])
 async def test_trap_free_returns_are_the_trapping_ones_but_for_the_traps(arch):
     """The same seeded workload with the trampoline trapping (sysctl 0) and trap-free (1):
     identical results, handler calls (LIFO order, private data, regs.ip, stack traces), pool
