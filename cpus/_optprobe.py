@@ -18,7 +18,11 @@ What differs per architecture is data:
     (opt-arm.c's `arch_check_optimized_kprobe` has nothing to check), and neither do we;
   * `encode_jump(src, dst)` - the branch itself.
 
-An architecture without these facts stays trap-based, and `NO_OPTPROBES` says why.
+An architecture without these facts stays trap-based, and `NO_OPTPROBES` says why.  The
+facts also decide the kretprobe trampoline: where they exist (x86_64, i386, arm, ppc) and
+optimization is on, the trampoline is entered through a code hook and takes no trap (x86's,
+arm's are code in Linux, ppc's is a kprobe its optprobes may optimize); on arm64 and sparc64
+its breakpoint traps, as every other probe there does.
 
 The detour buffer, per optimized probe (`DetourLayout`):
 

@@ -616,3 +616,151 @@ async def test_pool_statistics_are_conserved(m):
     assert (end.free, end.in_use, end.returned, end.high_water) == (3, 0, end.taken, 3)
     assert sorted(rets) == sorted(e for e in entries if e % 4)
     assert len(rets) == 3
+
+
+# -- the return side without a trap (jump optimization on) ------------------------------------
+# While debug.kprobes-optimization is 1 the trampoline is entered through a code hook on its
+# first instruction (as x86's code trampoline: no int3); with 0 its breakpoint traps.  Both run
+# the same trampoline_handler, so everything a user can see must be the same but the traps.
+
+async def _returns_seen(sysctl: str, arch: str = ARCH) -> tuple:
+    """A seeded workload seen from the handlers, with the traps it took: recursion with a
+    small pool (one task: LIFO decides who gets an instance), sleepers on two CPUs, a task
+    exiting inside a probed function."""
+    async with Machine(arch=arch, cpus=2, seed=7, trap_delay=0) as m:
+        await m.sysctl.write("debug/kprobes-optimization", sysctl)
+        seen = []
+
+        def entry(ri, regs):
+            ri.data[0] = regs.arg(0) & 0xFF
+            seen.append(("entry", ri.rp.kp.symbol_name, regs.arg(0), ri.task.pid))
+
+        def ret(ri, regs):
+            seen.append(("ret", ri.rp.kp.symbol_name, regs_return_value(regs), ri.data[0],
+                         ri.ret_addr, regs.ip, ri.task.pid, regs.stack_trace()))
+        rps = [Kretprobe(handler=ret, entry_handler=entry, data_size=1, maxactive=n,
+                         symbol_name=s) for s, n in (("fib", 3), ("sleepy", 8),
+                                                     ("exit_inside", 1))]
+        await m.kprobes.register_kretprobes(rps)
+        await m.kprobes.optimizer.wait_for_kprobe_optimizer()
+        optimized = [m.kprobes.optimizer.is_optimized(rp.kp.addr) for rp in rps]
+        traps0 = m.statistics().traps
+        results = [await m.call("fib", 6, cpu=0)]
+        results += await concurrently(*(functools.partial(m.call, "sleepy", 2 + i, cpu=i % 2)
+                                        for i in range(4)))
+        results.append(await m.call("exit_inside", 9, cpu=1))
+        traps = m.statistics().traps - traps0
+        stats = [rp.statistics() for rp in rps]
+        await m.kprobes.unregister_kretprobes(rps)
+        # The sleepers interleave as the timing has it: each task's own calls, in order,
+        # tasks numbered as they first appear (pids depend on what else the host ran).
+        pid = lambda e: e[3] if e[0] == "entry" else e[6]      # noqa: E731
+        order = {p: i for i, p in enumerate(dict.fromkeys(pid(e) for e in seen))}
+        by_task = sorted(seen, key=lambda e: order[pid(e)])
+        by_task = [e[:3] + (order[e[3]],) if e[0] == "entry" else
+                   e[:6] + (order[e[6]],) + e[7:] for e in by_task]
+        return results, by_task, stats, [rp.nmissed for rp in rps], traps, m.oopses, optimized
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "i386", "arm", "ppc"])
+async def test_trap_free_returns_are_the_trapping_ones_but_for_the_traps(arch):
+    """The same seeded workload with the trampoline trapping (sysctl 0) and trap-free (1):
+    identical results, handler calls (LIFO order, private data, regs.ip, stack traces), pool
+    statistics and nmissed; the trap-free run takes no trap at all (entries optimized too),
+    the trapping one takes one per entry and per return."""
+    trapped = await _returns_seen("0", arch)
+    free = await _returns_seen("1", arch)
+    assert free[:4] == trapped[:4]
+    results, seen, stats, nmissed, traps, oopses, optimized = free
+    assert results == [8, 2, 3, 4, 5, 9] and not oopses
+    assert nmissed[0] > 0                            # fib's small pool ran out
+    entries = sum(s.taken for s in stats)
+    returns = sum(1 for e in seen if e[0] == "ret")
+    assert returns == entries - 1                    # exit_inside never returns
+    assert not any(trapped[6]) and optimized[0]      # (fib's entry is always optimizable)
+    # Trap-free: only the entries the optimizer could not take (if any) trap, never a return.
+    assert traps == sum(s.entries for s, opt in zip(stats, optimized) if not opt)
+    assert trapped[4] == sum(s.entries for s in stats) + returns
+
+
+async def test_trap_free_returns_leave_the_guest_as_unprobed():
+    """Differential: with the kretprobes armed, trap-free or trapping, the guest computes what
+    it computes unprobed, and each CPU sees the same returns, in the same order."""
+    async def run(sysctl, probed):
+        async with Machine(arch=ARCH, cpus=2, seed=3, trap_delay=0) as m:
+            await m.sysctl.write("debug/kprobes-optimization", sysctl)
+            rps = [Kretprobe(handler=lambda ri, regs: None, symbol_name=s, maxactive=20)
+                   for s in ("fib", "kprobe_target")] if probed else []
+            if rps:
+                await m.kprobes.register_kretprobes(rps)
+                await m.kprobes.optimizer.wait_for_kprobe_optimizer()
+            out = await concurrently(functools.partial(m.call, "fib", 9, cpu=0),
+                                     functools.partial(m.call, "kprobe_target", 99, cpu=1))
+            rets = [[e[2] for e in m.trace if e[0] == "ret" and e[1] == c] for c in (0, 1)]
+            return out, rets, m.oopses
+    plain, none, _ = await run("1", False)
+    trapping, trapping_rets, oops1 = await run("0", True)
+    free, free_rets, oops2 = await run("1", True)
+    assert plain == trapping == free == [34, 33] and not (oops1 or oops2)
+    assert none == [[], []]
+    assert free_rets == trapping_rets
+    assert [len(r) for r in free_rets] == [fib_calls(9), 1]
+
+
+@pytest.mark.parametrize("sysctl", ["0", "1"])
+async def test_the_trampoline_refuses_probes_either_way(sysctl):
+    """No probe may sit on the trampoline, trapping or not (EINVAL), and it stays free of
+    breakpoints of ours: kretprobes still return through it."""
+    async with Machine(arch=ARCH, cpus=1, seed=1) as m:
+        await m.sysctl.write("debug/kprobes-optimization", sysctl)
+        tramp = m.kallsyms_lookup_name("kretprobe_trampoline")
+        for probe in (Kprobe(symbol_name="kretprobe_trampoline"), Kprobe(addr=tramp),
+                      Kretprobe(handler=lambda ri, regs: None,
+                                symbol_name="kretprobe_trampoline")):
+            register = (m.kprobes.register_kretprobe if isinstance(probe, Kretprobe)
+                        else m.kprobes.register_kprobe)
+            with pytest.raises(KprobeError) as err:
+                await register(probe)
+            assert err.value.errno == errno.EINVAL
+        rets = []
+        rp = Kretprobe(handler=lambda ri, regs: rets.append(regs_return_value(regs)),
+                       symbol_name="kprobe_target")
+        await m.kprobes.register_kretprobe(rp)
+        assert await m.call("kprobe_target", 30) == 10 and rets == [10]
+        await m.kprobes.unregister_kretprobe(rp)
+        assert m.kprobes.get_kprobe(tramp) is None
+
+
+@pytest.mark.parametrize("first, then", [("0", "1"), ("1", "0")])
+async def test_sysctl_flipped_with_instances_in_flight(first, then):
+    """Instances taken with the trampoline trapping return through the trap-free one, and
+    the other way round: each return handler runs once, the pool balances, no oops."""
+    async with Machine(arch=ARCH, cpus=2, seed=5) as m:
+        await m.sysctl.write("debug/kprobes-optimization", first)
+        rets = []
+        rp = Kretprobe(handler=lambda ri, regs: rets.append(regs_return_value(regs)),
+                       maxactive=8, symbol_name="sleepy")
+        await m.kprobes.register_kretprobe(rp)
+
+        async def flip():
+            await m.sleep_ns(200)
+            assert rp.statistics().in_use > 0        # tasks asleep inside sleepy
+            await m.sysctl.write("debug/kprobes-optimization", then)
+        results = await concurrently(*(functools.partial(m.call, "sleepy", 5 + i)
+                                       for i in range(6)), flip)
+        s = rp.statistics()
+        await m.kprobes.unregister_kretprobe(rp)
+        assert results[:6] == [5, 6, 7, 8, 9, 10]
+        assert sorted(rets) == [5, 6, 7, 8, 9, 10] and not m.oopses
+        assert (s.free, s.in_use, s.taken, s.returned) == (8, 0, 6, 6)
+
+
+async def test_a_trap_free_return_with_no_instance_is_one_kretprobe_bug(m):
+    """With the trampoline trap-free, reaching it with no instance is still one "kretprobe
+    BUG!" oops: its breakpoint never runs after the hook (no second report)."""
+    assert m.sysctl.read("debug/kprobes-optimization") == "1\n"
+    traps = m.statistics().traps
+    with pytest.raises(Oops, match="kretprobe BUG!"):
+        await m.call("kretprobe_trampoline")
+    assert len(m.kprobes.simulation_errors) == 1 and len(m.oopses) == 1
+    assert m.statistics().traps == traps

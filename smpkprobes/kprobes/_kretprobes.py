@@ -12,8 +12,11 @@ from ._probes import (KPROBE_FLAG_DISABLED, KPROBE_FLAG_GONE, KRETPROBE_MAX_DATA
                       Kretprobe)
 from ..machine._services import HANDLED, Regs, TaskExited, TrapResult, resume_at
 from ._events import KretprobeRegistered
-from ._state import KprobeCtlblk, Status
+from ._state import _HIT_ACTIVE, KprobeCtlblk
 from ._validate import check_not_registered
+
+# kprobe_disabled(): a probe whose handlers do not run.
+_OFF = KPROBE_FLAG_DISABLED | KPROBE_FLAG_GONE
 
 if TYPE_CHECKING:    # pragma: no cover
     from ..machine._cpu import CPU
@@ -75,8 +78,16 @@ class Kretprobes:
         return 0
 
     def trampoline_handler(self, cpu: "CPU", kcb: KprobeCtlblk) -> TrapResult:
+        """The trampoline's breakpoint trapped (kprobe_int3_handler): see
+        kretprobe_trampoline_handler."""
+        resume = self.kretprobe_trampoline_handler(cpu, kcb)
+        return HANDLED if resume is None else resume_at(resume)
+
+    def kretprobe_trampoline_handler(self, cpu: "CPU", kcb: KprobeCtlblk) -> int | None:
         """A function with a return probe returned (into the trampoline): run the handlers
-        of its instances, then go on at the real return address."""
+        of its instances.  Returns the real return address, where the CPU goes on, or None
+        when the task died (the trampoline is entered by a trap, or by a code hook while
+        jump optimization is on: _optprobe's kretprobe_trampoline_callback)."""
         task = cpu.current
         stack = self.kretprobe_inst_table.get(task) if task is not None else None
         if not stack:
@@ -85,49 +96,57 @@ class Kretprobes:
             self.simulation_errors.append(msg)
             self._kernel.printk(msg)
             self._kernel.kill_current(cpu, msg)
-            return HANDLED
+            return None
         # The real return address: the first instance (LIFO) not itself returning to the
         # trampoline (several kretprobes on one function chain through it).
-        n = 0
-        while n < len(stack):
-            n += 1
-            if stack[-n].ret_addr != self._trampoline:
-                break
-        batch = [stack.pop() for _ in range(n)]
-        correct = batch[-1].ret_addr
+        tramp = self._trampoline
+        ri = stack.pop()
+        if ri.ret_addr != tramp or not stack:
+            batch = (ri,)                   # one kretprobe on the function: the usual case
+        else:
+            batch = [ri]
+            while stack:
+                ri = stack.pop()
+                batch.append(ri)
+                if ri.ret_addr != tramp:
+                    break
+        correct = ri.ret_addr
         self._trace.append(("ret", cpu.id, correct, cpu.clock + cpu.intra))
         for ri in batch:
             ri.ret_addr = correct     # the chained ones recorded the trampoline at entry
         regs = self._Regs(cpu, correct)      # the handlers see regs.ip == the real return
         cpu.preempt_count += 1
         kcb.current_kprobe = self._trampoline_probe   # probes hit in the handlers are missed
-        kcb.kprobe_status = Status.HIT_ACTIVE
+        kcb.kprobe_status = _HIT_ACTIVE
         try:
-            for ri in batch:
+            for i, ri in enumerate(batch):
                 rp = ri.rp
-                if rp is not None and rp.handler is not None:
-                    if not rp.kp._registered:
-                        self.stale_handlers.append((rp.kp.addr, rp, "return handler"))
-                    if not rp.kp.flags & (KPROBE_FLAG_DISABLED | KPROBE_FLAG_GONE):
+                if rp is None:
+                    continue
+                if rp.handler is not None:
+                    kp = rp.kp
+                    if not kp._registered:
+                        self.stale_handlers.append((kp.addr, rp, "return handler"))
+                    if not kp.flags & _OFF:
                         try:
                             rp.handler(ri, regs)
                         except BaseException as exc:
-                            for later in batch[batch.index(ri):]:
+                            for later in batch[i:]:
                                 if later.rp is not None:
                                     later.rp.pool.recycle(later)
-                            self.kprobe_fault_handler(cpu, rp.kp, regs, exc)
+                            self.kprobe_fault_handler(cpu, kp, regs, exc)
                             break
-                if rp is not None:
-                    rp.pool.recycle(ri)
+                rp.pool.recycle(ri)
         except BaseException:
             if kcb.current_kprobe is not None:
                 self._finish(cpu, kcb, regs, resume=regs.read("ip"))
             raise
         if kcb.current_kprobe is None:
-            return HANDLED                   # the task died in a handler
-        resume = regs.read("ip")
+            return None                      # the task died in a handler
+        # (regs.ip is the real return address unless a handler wrote it.)
+        resume = regs.read("ip") if regs._dirty else correct
         self._finish(cpu, kcb, regs, resume, pc=resume)
-        return resume_at(resume)
+        return resume
 
     def kprobe_flush_task(self, event: TaskExited) -> None:
         """The task is dead: its instances go back to their pools."""

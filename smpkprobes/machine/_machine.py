@@ -40,6 +40,7 @@ from ._sched import Scheduler, _Baton
 from ._task import Task
 from ._textpoke import TextPoke
 from ._events import EventBus, TextWritten
+from ._tracefold import fold
 from ._traps import TRAP_COST_NS, Traps, _no_handler
 
 # Events the trace keeps by default (about 200 bytes each, with their timestamps): older
@@ -308,8 +309,7 @@ class SMPMachine(GuestCalls, HostTurns, Scheduler, TextPoke, GracePeriods, Modul
         """A hash of every event of the run, in order (the events the ring has dropped are
         in it too): blake2b-128 over each event's repr."""
         h = self._digest.copy()
-        for ev in self._trace:
-            h.update(repr(ev).encode())
+        h.update(fold(self._trace))
         return h.hexdigest()
 
     @property
@@ -325,9 +325,7 @@ class SMPMachine(GuestCalls, HostTurns, Scheduler, TextPoke, GracePeriods, Modul
         (the list object stays: the probe core appends to it directly)."""
         tr = self._trace
         drop = len(tr) - self.trace_limit
-        update = self._digest.update
-        for ev in tr[:drop]:
-            update(repr(ev).encode())
+        self._digest.update(fold(tr[:drop]))      # each event's repr, in order (_tracefold)
         del tr[:drop]
 
     def trace_event(self, *event) -> None:
