@@ -121,3 +121,21 @@ async def test_a_clean_run_has_no_stuck_state():
         await m.kprobes.unregister_kprobes(kps)
         assert m.invariants.violations == []
         assert m.invariants.checks > 0
+
+
+async def test_a_leaked_detour_buffer_is_a_slots_violation():
+    """A detour buffer that no optimized probe owns and that waits for no grace period (an
+    optimized probe dropped without freeing its detour) is reported."""
+    async with Machine(cpus=1, seed=1, invariants="record") as m:
+        opt = m.kprobes.optimizer
+        kp = Kprobe(symbol_name="kprobe_target", offset=4, pre_handler=lambda p, r: 0)
+        await m.kprobes.register_kprobe(kp)
+        await opt.wait_for_kprobe_optimizer()
+        op = opt.ops[kp.addr]
+        del opt.ops[kp.addr]                      # dropped, its detour neither freed nor queued
+        m.kprobes.generation += 1
+        assert await m.call("kprobe_target2", 30) == 11
+        opt.ops[kp.addr] = op
+        await m.kprobes.unregister_kprobe(kp)
+    assert m.invariants.violations == [f"slots: detour buffer {op.stub:#x} is in use by no "
+                                       f"probe (leaked)"]

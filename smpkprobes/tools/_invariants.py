@@ -15,7 +15,9 @@ KASAN watches the kernel, and checks five laws:
   registry whenever the registry lock is free, every registration is whole: each probe
            marked registered is a child of its site and registered on this machine only,
            every site has children, and every slot in use belongs to a site;
-  slots    (also) free + in use + garbage == every slot there is;
+  slots    (also) free + in use + garbage == every slot there is, and every detour buffer
+           in use belongs to a jump-optimized probe or waits for its grace period to be
+           freed;
   ctlblk   at a quantum boundary, a CPU with no probe in flight (preemptible, no deferred
            trap, not in a slot) has an idle kprobe_ctlblk;
   orphans  a breakpoint written into text (a text write that begins with the breakpoint's
@@ -212,6 +214,15 @@ class Invariants:
         if st["free"] + st["used"] + st["garbage"] != self._total_slots:
             self.violation("slots", f"free {st['free']} + in use {st['used']} + garbage "
                                     f"{st['garbage']} != {self._total_slots} slots")
+        opt = k.optimizer
+        pending = {id(op) for op in opt._free_list}
+        if opt._batch is not None:
+            pending.update(id(op) for op in opt._batch.frees)
+        for stub in sorted(opt._by_stub):
+            op = opt._by_stub[stub]
+            if opt.ops.get(op.site.addr) is not op and id(op) not in pending:
+                self.violation("slots", f"detour buffer {stub:#x} is in use by no probe "
+                                        f"(leaked)")
         for p in list(self._registered_seen):
             if p._registered and p._kprobes is k and id(p) not in owners:
                 self.violation("registry", f"{p!r} is marked registered here but is linked "
