@@ -319,3 +319,30 @@ async def test_more_cpus_than_calls_still_fine_after_a_cancel_storm():
                 n.start_soon(one, i)
         assert sorted(results) == list(range(4000))
         await healthy(m)
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+async def test_a_fault_while_single_stepping_is_reported_at_the_probe(arch):
+    """A probed instruction that faults while it is stepped out of line (a post_handler
+    forbids the boost): the oops names the probe's address, not the slot's, with the same
+    cause as the unprobed fault; the CPU's control block is idle again and the machine
+    runs on (kprobe_fault_handler's fixup: the IP back at the probe, the status reset)."""
+    async with Machine(arch=arch, cpus=2, seed=1) as m:
+        with pytest.raises(Oops) as plain:
+            await m.call("null_deref", cpu=0)
+        at = plain.value.record.ip
+        posts = []
+        kp = Kprobe(addr=at, pre_handler=lambda p, r: 0,
+                    post_handler=lambda p, r, f: posts.append(p.addr))
+        await m.kprobes.register_kprobe(kp)
+        with pytest.raises(Oops) as probed:
+            await m.call("null_deref", cpu=0)
+        rec = probed.value.record
+        assert (rec.ip, rec.symbol, rec.cause) == (at, plain.value.record.symbol,
+                                                   plain.value.record.cause)
+        assert posts == []                  # the step never completed
+        kcb = m.kprobes.kprobe_ctlblk[0]
+        assert kcb.current_kprobe is None and kcb.kprobe_status.name == "NONE"
+        assert await m.call("kprobe_target", 30, cpu=0) == 10
+        await m.kprobes.unregister_kprobe(kp)
+        await healthy(m)
