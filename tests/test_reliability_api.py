@@ -313,19 +313,46 @@ async def test_coroutine_or_non_callable_handlers_are_a_typeerror(m, make):
     await healthy(m)
 
 
-async def test_keyboard_interrupt_in_a_handler_is_not_swallowed():
-    """A KeyboardInterrupt raised by a handler propagates out of the machine, as ^C would;
-    it is not turned into an oops."""
+def _interrupt(*_args):
+    raise KeyboardInterrupt
+
+
+# Each handler a probe can have, and each path it runs on: the trap path (pre, post), the
+# jump-optimized detour (an optimized pre_handler), a kretprobe's entry and its return
+# through the trampoline (trapped with the sysctl at 0, trap-free at 1).
+INTERRUPTED = {
+    "pre": (0, lambda: Kprobe(symbol_name="kprobe_target", pre_handler=_interrupt)),
+    "post": (0, lambda: Kprobe(symbol_name="kprobe_target", pre_handler=lambda p, r: 0,
+                               post_handler=_interrupt)),
+    "optimized pre": (1, lambda: Kprobe(symbol_name="kprobe_target", offset=4,
+                                        pre_handler=_interrupt)),
+    "kretprobe entry": (0, lambda: Kretprobe(symbol_name="kprobe_target",
+                                             entry_handler=_interrupt)),
+    "kretprobe return, trapped": (0, lambda: Kretprobe(symbol_name="kprobe_target",
+                                                       handler=_interrupt)),
+    "kretprobe return, trap-free": (1, lambda: Kretprobe(symbol_name="kprobe_target",
+                                                         handler=_interrupt)),
+}
+
+
+@pytest.mark.parametrize("which", list(INTERRUPTED))
+async def test_keyboard_interrupt_in_a_handler_is_not_swallowed(which):
+    """A KeyboardInterrupt raised by any handler, on any path, propagates out of the
+    machine, as ^C would; it is not turned into an oops nor lost."""
+    optimize, make = INTERRUPTED[which]
     caught = None
     oopses = None
-
-    def pre(p, regs):
-        raise KeyboardInterrupt
     try:
         async with Machine(cpus=2, seed=1) as m:
             oopses = m.oopses
-            await m.kprobes.register_kprobe(Kprobe(symbol_name="kprobe_target",
-                                                   pre_handler=pre))
+            await m.sysctl.write("debug/kprobes-optimization", str(optimize))
+            probe = make()
+            if isinstance(probe, Kretprobe):
+                await m.kprobes.register_kretprobe(probe)
+            else:
+                await m.kprobes.register_kprobe(probe)
+                await m.kprobes.optimizer.wait_for_kprobe_optimizer()
+                assert m.kprobes.optimizer.is_optimized(probe.addr) == bool(optimize)
             await m.call("kprobe_target", 30)
     except BaseException as exc:       # noqa: BLE001 - KeyboardInterrupt must not escape
         caught = exc
