@@ -395,3 +395,28 @@ async def test_an_unknown_symbol_is_a_clear_error(m):
     with pytest.raises(KeyError, match="no_such_function"):
         await m.call("no_such_function")
     await healthy(m)
+
+
+async def test_a_handler_reading_a_register_the_arch_lacks_gets_an_attribute_error(m):
+    """`regs.nosuch` and `regs["nosuch"]` in a handler are AttributeErrors that name the
+    register (and the arch); a handler that catches them goes on, the call's result is
+    exact, and the machine is healthy after."""
+    seen = []
+
+    def pre(p, regs):
+        seen.append(regs.ip)
+        for read in (lambda: regs.nosuch, lambda: regs["nosuch"]):
+            try:
+                read()
+            except AttributeError as err:
+                seen.append(str(err))
+        return 0
+
+    kp = Kprobe(symbol_name="kprobe_target", pre_handler=pre)
+    await m.kprobes.register_kprobe(kp)
+    assert await m.call("kprobe_target", 30, cpu=1) == 10
+    await m.kprobes.unregister_kprobe(kp)
+    assert seen[0] == kp.addr
+    assert "nosuch" in seen[1] and "Regs_x86_64" in seen[1]
+    assert seen[2] == "no register 'nosuch' on x86_64"
+    await healthy(m)

@@ -149,7 +149,8 @@ class InstancePool:
     def __init__(self, rp: Kretprobe):
         self._rp = rp
         self.free: list[KretprobeInstance] = []
-        self.used: list[KretprobeInstance] = []
+        # In flight, in the order taken: a dict as an ordered set (recycle is O(1)).
+        self.used: dict[KretprobeInstance, None] = {}
         # Entries into the function since registration: each takes an instance or misses.
         self.entries = self.taken = self.returned = self.high = 0
         self.taken_per_cpu: list[int] = []
@@ -157,7 +158,7 @@ class InstancePool:
     def fill(self, n: int, data_size: int, ncpus: int) -> None:
         """A new registration: `n` fresh instances, the counts at zero."""
         self.free = [KretprobeInstance(self._rp, data_size) for _ in range(n)]
-        self.used = []
+        self.used = {}
         self.entries = self.taken = self.returned = self.high = 0
         self.taken_per_cpu = [0] * ncpus
 
@@ -167,17 +168,19 @@ class InstancePool:
         if not self.free:
             return None
         ri = self.free.pop()
-        self.used.append(ri)
+        used = self.used
+        used[ri] = None
         self.taken += 1
         self.taken_per_cpu[cpu_id] += 1
-        self.high = max(self.high, len(self.used))
+        if len(used) > self.high:
+            self.high = len(used)
         return ri
 
     def recycle(self, ri: KretprobeInstance) -> None:
         """Give an instance back to the pool (or drop it if orphaned)."""
         if ri.rp is None or ri._owner is not self._rp or ri not in self.used:
             return
-        self.used.remove(ri)
+        del self.used[ri]
         ri.rp = None
         ri.task = None
         self.free.append(ri)
@@ -188,7 +191,7 @@ class InstancePool:
         handler; none is recycled."""
         for ri in self.used:
             ri.rp = None
-        self.used = []
+        self.used = {}
         self.free = []
 
 

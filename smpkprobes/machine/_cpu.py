@@ -89,6 +89,9 @@ class CPU:
         self._wval_ref = ctypes.byref(self._wval)
         self._word = struct.Struct(("<" if backend.endian == "little" else ">") +
                                    ("Q" if backend.bits == 64 else "I"))
+        # read_word(addr) / write_word(addr, value): one checked machine word (stack slots,
+        # return addresses); a GuestMemoryError where nothing is mapped.
+        self.read_word, self.write_word = memory.word_access(self._word, backend.word_mask)
         self._call_return = call_return
         self._call_budget = call_budget
         self._until = quirks.emu_until          # never reached: see UnicornQuirks.emu_until
@@ -206,12 +209,6 @@ class CPU:
     def pc(self, value: int) -> None:
         self._wval.value = value
         _uc_reg_write(self._uch, self._pc_id, self._wval_ref)
-
-    def read_word(self, addr: int) -> int:
-        return self._memory.unpack(self._word, addr)[0]
-
-    def write_word(self, addr: int, value: int) -> None:
-        self._memory.pack(self._word, addr, value & self.backend.word_mask)
 
     # RegAccess over the live CPU (no caching), for the machine's own use.
     read = reg_read

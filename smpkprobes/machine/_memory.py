@@ -59,7 +59,8 @@ class PhysicalMemory:
     def __init__(self, regions: tuple[Region, ...] = REGIONS):
         self.regions = regions
         self.size = max(r.end for r in regions)
-        self._bounds = tuple((r.start, r.end) for r in regions)
+        # Largest region first: the stacks, where the hit path's word accesses go.
+        self._bounds = tuple((r.start, r.end) for r in sorted(regions, key=lambda r: -r.size))
         self._mm = mmap.mmap(-1, self.size)
         self._base = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
 
@@ -108,3 +109,25 @@ class PhysicalMemory:
     def pack(self, layout: struct.Struct, addr: int, *values: int) -> None:
         self._check(addr, layout.size)
         layout.pack_into(self._mm, addr, *values)
+
+    def word_access(self, layout: struct.Struct, mask: int):
+        """`(read, write)` of one machine word (`layout`) at a checked guest address, for a
+        CPU's `read_word` and `write_word`: the return-address and stack accesses of every
+        kretprobe hit, as one call each (unpack/pack behind a method cost three)."""
+        unpack_from, pack_into, size = layout.unpack_from, layout.pack_into, layout.size
+        mm, bounds, check = self._mm, self._bounds, self._check
+
+        def read(addr: int) -> int:
+            for start, stop in bounds:
+                if start <= addr and addr + size <= stop:
+                    return unpack_from(mm, addr)[0]
+            check(addr, size)
+            raise AssertionError("unreachable")      # pragma: no cover
+
+        def write(addr: int, value: int) -> None:
+            for start, stop in bounds:
+                if start <= addr and addr + size <= stop:
+                    pack_into(mm, addr, value & mask)
+                    return
+            check(addr, size)
+        return read, write

@@ -72,11 +72,10 @@ class Regs:
         self.cpu.write_word(addr, value)
 
     # -- the public face --------------------------------------------------------------
-    def __getattr__(self, name: str) -> int:
-        # Only reached for names that are neither registers nor attributes.
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return self.read(name)
+    # Registers are properties of the per-arch class (regs_class); a name that is none is an
+    # AttributeError naming the class (Regs_<arch>).  There is deliberately no __getattr__
+    # to word it better: a class with one never has its attribute loads specialised by
+    # CPython 3.11, and the hit path reads this view's slots a dozen times per hit.
 
     def __getitem__(self, name: str) -> int:
         return self.read(name)
