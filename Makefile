@@ -12,7 +12,8 @@ JOBS   ?= 2
 
 .PHONY: demo test lint bench kernels clean
 
-$(STAMP): pyproject.toml setup.py smpkprobes/machine/_blockbudget_native.c smpkprobes/machine/_tracefold_native.c
+$(STAMP): pyproject.toml setup.py smpkprobes/machine/_blockbudget_native.c smpkprobes/machine/_tracefold_native.c \
+          smpkprobes/machine/_codehook_native.c
 	@echo "setting up $(VENV) (python3 -m venv, pip install -e '.[test]'; log in $(LOG))"
 	@$(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install --upgrade pip > $(LOG) 2>&1 || { cat $(LOG) >&2; exit 1; }

@@ -96,11 +96,6 @@ class Optimizer:
         self._backend = kernel.backend
         self._bp = kernel.backend.breakpoint
         self._area = kernel.optinsn_area[0]
-        # Hot-path constants, looked up once.
-        self._kcbs = kprobes.kprobe_ctlblk
-        self._trace = kernel.trace
-        self._Regs = kprobes._Regs
-        self._regs = tuple(kprobes._Regs(cpu) for cpu in kernel.cpus)
         self.facts = opt_facts(kernel.backend)
         self.enabled = True                 # debug.kprobes-optimization
         self._regions: dict[int, tuple | str] = {}     # addr -> plans, or why not
@@ -118,94 +113,20 @@ class Optimizer:
             return
         self._stub_count = STUB_AREA // self.facts.stub_size
         tramp = kprobes._trampoline
-        for cpu in kernel.cpus:
-            cpu.add_code_hook(self._area, self._area + STUB_AREA, self.optimized_callback)
+        self._per_cpu = tuple(_CpuDetours(self, kprobes, kernel, cpu) for cpu in kernel.cpus)
+        for cpu, this in zip(kernel.cpus, self._per_cpu):
+            cpu.add_code_hook(self._area, self._area + STUB_AREA, this.optimized_callback)
             # The kretprobe trampoline's first instruction (its breakpoint), see
             # kretprobe_trampoline_callback.
-            cpu.add_code_hook(tramp, tramp + 1, self.kretprobe_trampoline_callback)
+            cpu.add_code_hook(tramp, tramp + 1, this.kretprobe_trampoline_callback)
         # A CPU in a detour is not quiescent, but may be preempted there (RCU tasks).
         kernel.register_unquiescent_text(*kernel.optinsn_area, preemptible=True)
         kernel.subscribe(QuantumEnded, self._on_quantum)
         # A module's text comes and goes: what the checks found there goes with it.
         kernel.subscribe(ModuleGoing, lambda event: self._regions.clear())
 
-    # == the hit: one code hook on the stub ===============================================
-    def optimized_callback(self, cpu, addr: int) -> None:
-        """optimized_callback: the hot path of an optimized probe, written out in one
-        function on purpose (as the trap path's kprobe_int3_handler is).  Every name is
-        looked up once: a hit costs what this function's own lines cost, and the bare
-        code hook that calls it is the yardstick (`smpkprobes bench kprobe`)."""
-        op = self._by_stub.get(addr)
-        if op is None:
-            return
-        k = self._k
-        site = op.site
-        p_addr = site.addr
-        cid = cpu.id
-        k.traps += 1
-        kcb = self._kcbs[cid]
-        if kcb.current_kprobe is not None:
-            for child in site.children:
-                child.nmissed += 1
-            k.missed += 1
-            self._trace.append(("miss", cid, p_addr, cpu.clock + cpu.intra))
-            return
-        cpu.preempt_count += 1
-        kcb.current_kprobe = site
-        kcb.kprobe_status = _HIT_ACTIVE
-        k.hits += 1
-        self._trace.append(("opt", cid, p_addr, cpu.clock + cpu.intra))
-        # The saved registers, as the detour's pt_regs frame on this CPU's stack: one
-        # view per CPU, emptied for each hit (valid inside the handlers, as pt_regs is).
-        regs = self._regs[cid]
-        regs._pc = p_addr
-        if regs._cache is not None:       # (a handler of an earlier hit read or wrote it)
-            regs._cache = regs._dirty = None
-        for child in site.children:                     # opt_pre_handler
-            if not child._registered:
-                k.stale_handlers.append((p_addr, child, "pre_handler"))
-            # kprobe_disabled(): a disabled child, or a GONE one beside a revived aggregate
-            pre = child.pre_handler
-            if pre is None or child.flags & _OFF:
-                continue
-            try:
-                ret = pre(child, regs)
-            except BaseException as exc:
-                if not k.kprobe_fault_handler(cpu, child, regs, exc):
-                    return
-                continue
-            if kcb.current_kprobe is None:
-                return                    # the task died inside the handler
-            if ret:
-                break                     # regs.ip is ignored on an optimized probe
-        if regs._dirty:
-            regs.flush_except_pc()
-        kcb.current_kprobe = None        # reset_current_kprobe (nothing else was set)
-        kcb.kprobe_status = _NONE
-        cpu.preempt_count -= 1
-        if cpu.stop_requested:
-            # A handler's nested call ends this quantum inside the hook: resume past the
-            # stub (it only jumps to the buffer), or its hook would run the handlers again.
-            cpu.pc = op.buffer
-
-    # == the return side: the kretprobe trampoline, trap-free ==============================
-    def kretprobe_trampoline_callback(self, cpu, addr: int) -> None:
-        """__kretprobe_trampoline: a function with a return probe returned into the
-        trampoline.  While jump optimization is on, the trampoline is code, as x86's is
-        (it saves the registers and calls trampoline_handler, no int3): a code hook on its
-        first instruction runs the same trampoline_handler as the breakpoint would, then
-        sends the CPU to the real return address before the breakpoint executes.  With the
-        sysctl off this returns at once and the breakpoint traps, as in the kernels the
-        kprobes document measured (and as ppc's and sparc64's trampoline probes do)."""
-        if not self.enabled:
-            return
-        # An entry into the kernel as a hypercall's is: it costs what a trap costs in
-        # virtual time (the timeline is the trapping one's), only no trap is taken.
-        cpu.intra += cpu.trap_cost
-        resume = self._k.kretprobe_trampoline_handler(cpu, self._kcbs[cpu.id])
-        if resume is not None:
-            cpu.pc = resume
-        # (None: the task died, and the oops stopped the CPU before the breakpoint.)
+    # == the hit: one code hook on the stub, one on the trampoline, per CPU ===============
+    # (_CpuDetours below: each CPU's hooks are bound to that CPU's control block and regs.)
 
     # == deciding =======================================================================
     def region(self, addr: int):
@@ -537,3 +458,101 @@ class Sysctl:
         if v not in ("0", "1"):
             raise KprobeError(E.EINVAL, f"{path} takes 0 or 1, not {value!r}")
         await self._opt.set_enabled(v == "1")
+
+
+class _CpuDetours:
+    """One CPU's side of the optimized hit: its two code hooks, with what they use of this
+    CPU looked up once (this_cpu_ptr): the control block, the saved-registers view, the
+    probe core's counters and the event trace.  A hit costs what these two functions' own
+    lines cost; the bare code hook is the yardstick (`smpkprobes bench kprobe`)."""
+
+    __slots__ = ("_opt", "_cpu", "_kcb", "_regs", "_k", "_trace", "_by_stub")
+
+    def __init__(self, opt: Optimizer, kprobes, kernel, cpu):
+        self._opt = opt
+        self._cpu = cpu
+        self._kcb = kprobes.kprobe_ctlblk[cpu.id]
+        # The detour's pt_regs frame on this CPU's stack: one view, emptied for each hit
+        # (valid inside the handlers, as pt_regs is).
+        self._regs = kprobes._Regs(cpu)
+        self._k = kprobes
+        self._trace = kernel.trace
+        self._by_stub = opt._by_stub            # (the optimizer's dict, never rebound)
+
+    def optimized_callback(self, addr: int) -> bool:
+        """optimized_callback: the hot path of an optimized probe, written out in one
+        function on purpose (as the trap path's kprobe_int3_handler is).  Returns whether
+        the quantum ends now (a handler's nested call asked for it)."""
+        cpu = self._cpu
+        op = self._by_stub.get(addr)
+        if op is None:
+            return cpu.stop_requested
+        k = self._k
+        site = op.site
+        p_addr = site.addr
+        k.traps += 1
+        kcb = self._kcb
+        if kcb.current_kprobe is not None:
+            for child in site.children:
+                child.nmissed += 1
+            k.missed += 1
+            self._trace.append(("miss", cpu.id, p_addr, cpu.clock + cpu.intra))
+            return cpu.stop_requested
+        cpu.preempt_count += 1
+        kcb.current_kprobe = site
+        kcb.kprobe_status = _HIT_ACTIVE
+        k.hits += 1
+        self._trace.append(("opt", cpu.id, p_addr, cpu.clock + cpu.intra))
+        regs = self._regs
+        regs._pc = p_addr
+        if regs._cache is not None:       # (a handler of an earlier hit read or wrote it)
+            regs._cache = regs._dirty = None
+        for child in site.children:                     # opt_pre_handler
+            if not child._registered:
+                k.stale_handlers.append((p_addr, child, "pre_handler"))
+            # kprobe_disabled(): a disabled child, or a GONE one beside a revived aggregate
+            pre = child.pre_handler
+            if pre is None or child.flags & _OFF:
+                continue
+            try:
+                ret = pre(child, regs)
+            except BaseException as exc:
+                if not k.kprobe_fault_handler(cpu, child, regs, exc):
+                    return cpu.stop_requested
+                continue
+            if kcb.current_kprobe is None:
+                return cpu.stop_requested     # the task died inside the handler
+            if ret:
+                break                     # regs.ip is ignored on an optimized probe
+        if regs._dirty:
+            regs.flush_except_pc()
+        kcb.current_kprobe = None        # reset_current_kprobe (nothing else was set)
+        kcb.kprobe_status = _NONE
+        cpu.preempt_count -= 1
+        if cpu.stop_requested:
+            # A handler's nested call ends this quantum inside the hook: resume past the
+            # stub (it only jumps to the buffer), or its hook would run the handlers again.
+            cpu.pc = op.buffer
+            return True
+        return False
+
+    # == the return side: the kretprobe trampoline, trap-free ==============================
+    def kretprobe_trampoline_callback(self, addr: int) -> bool:
+        """__kretprobe_trampoline: a function with a return probe returned into the
+        trampoline.  While jump optimization is on, the trampoline is code, as x86's is
+        (it saves the registers and calls trampoline_handler, no int3): a code hook on its
+        first instruction runs the same trampoline_handler as the breakpoint would, then
+        sends the CPU to the real return address before the breakpoint executes.  With the
+        sysctl off this returns at once and the breakpoint traps, as in the kernels the
+        kprobes document measured (and as ppc's and sparc64's trampoline probes do)."""
+        cpu = self._cpu
+        if not self._opt.enabled:
+            return cpu.stop_requested
+        # An entry into the kernel as a hypercall's is: it costs what a trap costs in
+        # virtual time (the timeline is the trapping one's), only no trap is taken.
+        cpu.intra += cpu.trap_cost
+        resume = self._k.kretprobe_trampoline_handler(cpu, self._kcb)
+        if resume is not None:
+            cpu.pc = resume
+        # (None: the task died, and the oops stopped the CPU before the breakpoint.)
+        return cpu.stop_requested

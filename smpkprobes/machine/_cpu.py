@@ -23,6 +23,7 @@ from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
 from smpkprobes.cpus import CpuBackend
 
 from ._blockbudget import BlockBudget
+from ._codehook import code_hook
 from ._regs import Regs, regs_class
 
 
@@ -162,17 +163,20 @@ class CPU:
         self._hooks.append(fptr)      # keep the callback alive as long as the CPU
 
     def add_code_hook(self, begin: int, end: int, callback) -> None:
-        """Call `callback(cpu, addr)` before every instruction in [begin, end): a bare code
-        hook (an optimized probe's detour entry).  Exceptions go where the machine's own
-        hooks send them."""
-        def hook(_uc, addr, _size, _user):
-            try:
-                callback(self, addr)
-            except BaseException as exc:
-                self._host.on_hook_exception(self, exc)
-            if self.stop_requested:
-                self._stop_now()
-        self._raw_hook(unicorn.UC_HOOK_CODE, _CODE_CB(hook), begin, end - 1)
+        """Call `callback(addr)` before every instruction in [begin, end): a bare code hook
+        (an optimized probe's detour entry), dispatched as _codehook says.  The callback is
+        bound to this CPU beforehand, and returns `cpu.stop_requested` (true: a nested
+        call asked to end the quantum, which ends now).  Exceptions go where the machine's
+        own hooks send them."""
+        fptr, ctx = code_hook(callback, self._code_hook_error, self._stop_now)
+        self._raw_hook(unicorn.UC_HOOK_CODE, fptr, begin, end - 1,
+                       None if ctx is None else ctypes.c_void_p(ctypes.addressof(ctx)))
+        self._hooks.append(ctx)
+        self.flush_tb(begin, end)       # code translated before the hook would skip it
+
+    def _code_hook_error(self, exc: BaseException) -> bool:
+        self._host.on_hook_exception(self, exc)
+        return self.stop_requested
 
     # -- registers and memory, fast ---------------------------------------------------
     def reg_read_id(self, rid: int) -> int:
