@@ -112,14 +112,15 @@ class Kretprobes:
                     break
         correct = ri.ret_addr
         self._trace.append(("ret", cpu.id, correct, cpu.clock + cpu.intra))
-        for ri in batch:
-            ri.ret_addr = correct     # the chained ones recorded the trampoline at entry
+        if type(batch) is list:
+            for ri in batch:
+                ri.ret_addr = correct     # the chained ones recorded the trampoline at entry
         regs = self._Regs(cpu, correct)      # the handlers see regs.ip == the real return
         cpu.preempt_count += 1
         kcb.current_kprobe = self._trampoline_probe   # probes hit in the handlers are missed
         kcb.kprobe_status = _HIT_ACTIVE
         try:
-            for i, ri in enumerate(batch):
+            for ri in batch:
                 rp = ri.rp
                 if rp is None:
                     continue
@@ -131,7 +132,7 @@ class Kretprobes:
                         try:
                             rp.handler(ri, regs)
                         except BaseException as exc:
-                            for later in batch[i:]:
+                            for later in batch[batch.index(ri):]:
                                 if later.rp is not None:
                                     later.rp.pool.recycle(later)
                             self.kprobe_fault_handler(cpu, kp, regs, exc)

@@ -192,7 +192,10 @@ class CPU:
         rid = self._ids[name]
         if rid < 0:
             return self._quirks.read_special(self.uc, rid)
-        return self.reg_read_id(rid)
+        val = self._val                 # reg_read_id, inlined: a call less per read
+        val.value = 0
+        _uc_reg_read(self._uch, rid, self._val_ref)
+        return val.value
 
     def reg_write(self, name: str, value: int) -> None:
         rid = self._ids[name]

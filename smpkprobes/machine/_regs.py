@@ -42,7 +42,8 @@ class Regs:
         name = cpu.reg_aliases.get(name, name)
         cache = self._cache
         if cache is None:
-            cache = self._regs()
+            pc = self._pc
+            cache = self._cache = {} if pc is None else {cpu.backend.cc.pc_reg: pc}
         v = cache.get(name)         # (a register's value is an int, never None)
         if v is None:
             if name not in cpu.backend.registers:
