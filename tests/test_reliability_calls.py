@@ -346,3 +346,54 @@ async def test_a_fault_while_single_stepping_is_reported_at_the_probe(arch):
         assert await m.call("kprobe_target", 30, cpu=0) == 10
         await m.kprobes.unregister_kprobe(kp)
         await healthy(m)
+
+
+# == the soft-lockup watchdog ==========================================================
+SOFT_LOCKUP = r"soft lockup: CPU#\d stuck re-trapping at kprobe_target\+0x0 for 16 quanta"
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("trap_delay", [0, None])
+async def test_a_handler_that_resumes_at_its_own_breakpoint_is_a_soft_lockup(arch,
+                                                                             trap_delay):
+    """A pre_handler that returns 1 without moving regs.ip sends the CPU back onto the
+    breakpoint it hit, which traps again before any instruction runs: for ever in Linux
+    until the watchdog's "soft lockup".  Here the task oopses after 16 quanta of nothing
+    else (not after the call budget's 10^7 retries), with the trap delay off and at its
+    default; the other CPUs run on, and with the probe gone the function works."""
+    kwargs = {} if trap_delay is None else {"trap_delay": trap_delay}
+    async with Machine(arch=arch, cpus=2, seed=1, **kwargs) as m:
+        hits = []
+
+        def pre(p, regs):
+            hits.append(regs.ip)
+            return 1
+        kp = Kprobe(symbol_name="kprobe_target", pre_handler=pre,
+                    post_handler=lambda p, r, f: None)    # (not jump-optimized)
+        await m.kprobes.register_kprobe(kp)
+        with trio.fail_after(60):
+            with pytest.raises(Oops, match=SOFT_LOCKUP) as err:
+                await m.call("kprobe_target", 30, cpu=0)
+        assert not isinstance(err.value, RunawayError)
+        assert set(hits) == {kp.addr} and 16 <= len(hits) < 2_000_000
+        assert await m.call("fib", 10, cpu=1) == 55
+        await m.kprobes.unregister_kprobe(kp)
+        assert await m.call("kprobe_target", 30, cpu=0) == 10
+        await healthy(m)
+
+
+async def test_a_probe_on_a_tight_loop_is_no_soft_lockup():
+    """The watchdog's false positive to avoid: every instruction of a loop trapping (a
+    stepped probe on each instruction of bench_loop and bench_target) is progress, not a
+    lockup: the call returns its exact result."""
+    async with Machine(cpus=1, seed=1) as m:
+        probes = [Kprobe(addr=a, pre_handler=lambda p, r: 0, post_handler=lambda p, r, f: None)
+                  for name in ("bench_loop", "bench_target")
+                  for a in sorted(m.kprobes._insn_boundaries(m.kallsyms.lookup(name)))]
+        await m.kprobes.register_kprobes(probes)
+        plain = m.statistics().oopses
+        await m.call("bench_loop", 2000, cpu=0)
+        assert m.statistics().oopses == plain
+        assert sum(p.nmissed for p in probes) == 0
+        await m.kprobes.unregister_kprobes(probes)
+        await healthy(m)

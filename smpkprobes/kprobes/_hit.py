@@ -220,6 +220,8 @@ class HitPath:
         if regs._dirty:
             regs.flush_except_pc()
         if resume != pc:
+            if p is not None and resume == p.addr and p.armed:
+                cpu.note_retrap(resume)     # back onto its own breakpoint: it traps again
             cpu.pc = resume
             if not cpu.executable(resume):
                 # A handler sent the CPU where nothing can be fetched: stop here, and the

@@ -110,6 +110,12 @@ class CPU:
         self.online = True
         self.nesting = 0
         self.deferred_addr = 0
+        # Traps resumed at the very breakpoint that trapped (retried with no instruction
+        # run), this quantum, and where the latest was; the scheduler turns a run of
+        # quanta made of nothing else into a soft-lockup oops (_sched).
+        self.retraps = 0
+        self.retrap_addr = 0
+        self.stalled_quanta = 0
         # Breakpoint traps: trap_sink(cpu, addr) -> TrapResult, set by the host (see _traps).
         self.trap_sink = None
         self.traps = 0
@@ -173,6 +179,12 @@ class CPU:
                        None if ctx is None else ctypes.c_void_p(ctypes.addressof(ctx)))
         self._hooks.append(ctx)
         self.flush_tb(begin, end)       # code translated before the hook would skip it
+
+    def note_retrap(self, addr: int) -> None:
+        """A trap at `addr` is resumed at `addr` itself: it will trap again before any
+        instruction runs (the soft-lockup watchdog counts these, see _sched)."""
+        self.retraps += 1
+        self.retrap_addr = addr
 
     def _code_hook_error(self, exc: BaseException) -> bool:
         self._host.on_hook_exception(self, exc)
@@ -388,6 +400,8 @@ class CPU:
                 result = sink(self, addr)
                 resume = result.resume
                 if resume is not None:
+                    if resume == addr:          # retried: see retraps
+                        self.note_retrap(addr)
                     pc.value = resume
                     _uc_reg_write(self._uch, self._pc_id, self._trap_pc_ref)
                 elif not result.owned and self.current is not None:

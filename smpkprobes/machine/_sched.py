@@ -69,6 +69,11 @@ class _Baton:
 
 
 
+# Quanta in a row made of breakpoint retries alone before the soft-lockup oops
+# (Scheduler._watch_soft_lockup).
+SOFT_LOCKUP_QUANTA = 16
+
+
 class Scheduler:
     """The scheduler part of `SMPMachine` (see `_machine`)."""
 
@@ -192,6 +197,28 @@ class Scheduler:
         self._c.context_switches += 1
         self.trace_event("run", cpu.id, task.pid, cpu.clock)
 
+    def _watch_soft_lockup(self, cpu: CPU, ran: int) -> None:
+        """The soft-lockup watchdog.  A breakpoint whose handling asks to resume at that
+        same breakpoint (a pre_handler returning 1 with regs.ip unmoved; a broken probe
+        core) traps again at once, for ever: each retry charges one instruction, so the
+        call budget would end it only after some 10^7 traps, minutes of host time.  A
+        quantum at least half of whose instructions were such retries made no progress;
+        SOFT_LOCKUP_QUANTA of those in a row kill the task with an oops (in Linux, the
+        watchdog's "BUG: soft lockup").  Costs nothing until a retry happens."""
+        retraps, cpu.retraps = cpu.retraps, 0
+        if retraps and 2 * retraps >= ran:
+            cpu.stalled_quanta += 1
+        else:
+            cpu.stalled_quanta = 0
+            return
+        if cpu.stalled_quanta >= SOFT_LOCKUP_QUANTA:
+            cpu.stalled_quanta = 0
+            self.kill_current(
+                cpu, f"soft lockup: CPU#{cpu.id} stuck re-trapping at "
+                     f"{self.format_addr(cpu.retrap_addr)} for {SOFT_LOCKUP_QUANTA} quanta "
+                     f"(a handler resumed at the breakpoint it hit: a pre_handler that "
+                     f"returns 1 must move regs.ip)")
+
     def _run_quantum(self, cpu: CPU, q: int) -> None:
         # (The hot loop of the machine: once per quantum, so kept free of needless calls.)
         if cpu.clock > self._now:
@@ -225,6 +252,8 @@ class Scheduler:
         c.instructions += ran
         if err is not None and cpu.current is not None:
             self._on_fault(cpu, err)
+        if cpu.retraps or cpu.stalled_quanta:
+            self._watch_soft_lockup(cpu, ran)
         task = cpu.current
         if task is not None:
             task.instructions += ran

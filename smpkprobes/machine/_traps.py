@@ -116,6 +116,8 @@ class Traps:
         try:
             result = self._trap_handler(cpu, addr)
             if result.resume is not None:
+                if result.resume == addr:
+                    cpu.note_retrap(addr)
                 cpu.pc = result.resume
             elif not result.owned and cpu.current is not None:
                 self.on_unowned_trap(cpu, addr)
