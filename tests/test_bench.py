@@ -36,3 +36,20 @@ def test_overhead_table_marks_each_target_met_or_not(capsys):
                        "target x86_64: kr <= 1.1 x r: measured 1.05 x r: met",
                        "target x86_64: o <= kb / 3: measured 0.25 x kb: met",
                        "target x86_64: ro <= 0.5 x r: measured 0.75 x r: NOT met"]
+
+
+def test_the_optimized_columns_are_not_applicable_where_linux_has_no_optprobes(capsys):
+    """arm64 and sparc64 take a trap for every probe, as Linux's do: their o and ro
+    columns are kb and r again, and no target is claimed (met or missed) for them."""
+    row = {"k": 1.0, "k (stepped)": 2.0, "j": 3.0, "r": 4.0, "kr": 4.2, "jr": 5.0,
+           "o": 1.0, "ro": 4.0}
+    _bench.print_overhead({"arm64": row, "sparc64": row, "arm": row}, 0.5)
+    targets = [ln.strip() for ln in capsys.readouterr().out.splitlines()
+               if ln.strip().startswith("target ") and ("o <=" in ln or "o and ro" in ln)]
+    assert targets == [
+        "target arm64: o and ro: not applicable (no optprobes on arm64, as in Linux: o and "
+        "ro are the trap-based kb and r)",
+        "target sparc64: o and ro: not applicable (no optprobes on sparc64, as in Linux: o "
+        "and ro are the trap-based kb and r)",
+        "target arm: o <= kb / 3: measured 1.00 x kb: NOT met",
+        "target arm: ro <= 0.5 x r: measured 1.00 x r: NOT met"]

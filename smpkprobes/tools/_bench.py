@@ -316,8 +316,18 @@ def print_overhead(rows: dict[str, dict[str, float]], hook_us: float) -> None:
         target(f"{arch}: j <= 1.75 x k", r["j"] / k, r["j"] / k <= 1.75, "x k")
         target(f"{arch}: r <= 1.75 x k", r["r"] / k, r["r"] / k <= 1.75, "x k")
         target(f"{arch}: kr <= 1.1 x r", r["kr"] / r["r"], r["kr"] / r["r"] <= 1.1, "x r")
+        if not _has_optprobes(arch):
+            print(f"  target {arch}: o and ro: not applicable (no optprobes on {arch}, as in "
+                  f"Linux: o and ro are the trap-based kb and r)")
+            continue
         target(f"{arch}: o <= kb / 3", r["o"] / r["k"], r["o"] / r["k"] <= 1 / 3, "x kb")
         target(f"{arch}: ro <= 0.5 x r", r["ro"] / r["r"], r["ro"] / r["r"] <= 0.5, "x r")
+
+
+def _has_optprobes(arch: str) -> bool:
+    from smpkprobes.cpus import get_backend
+    from smpkprobes.cpus._optprobe import opt_facts
+    return opt_facts(get_backend(arch)) is not None
 
 
 def target(what: str, value: float, met: bool, unit: str = "") -> bool:
