@@ -7,7 +7,9 @@ import errno
 import pytest
 import trio
 
-from smpkprobes import Kprobe, KprobeError, Machine
+from smpkprobes import Kprobe, KprobeError, Machine, SimulationError
+from smpkprobes.kprobes._core import KprobesSubsystem
+from smpkprobes.kprobes._optprobe import Optimizer
 
 OFF = 4          # kprobe_target+4 on x86_64: mov ecx, edi; mov eax, imm32 (a region of 2)
 
@@ -340,3 +342,35 @@ async def test_a_module_unload_frees_its_optimized_probes_detours(arch):
         await opt.wait_for_kprobe_optimizer()
         assert opt._next_index - len(opt._free_index) == 0 and not opt._by_stub
         assert m.invariants.violations == []
+
+
+class _HeldOptimizer(Optimizer):
+    """A broken optimizer: it believes a task is always inside its regions (RCU tasks)."""
+
+    def _holdout(self, ranges):
+        return True
+
+
+class _HeldCore(KprobesSubsystem):
+    def _make_optimizer(self, kernel):
+        return _HeldOptimizer(self, kernel)
+
+
+async def test_a_stalled_optimizer_is_reported_not_waited_for_for_ever():
+    """wait_for_kprobe_optimizer waits as long as something may hold the optimizer back;
+    when its batch stands still with every CPU quiescent and no task in a region (here a
+    broken RCU-tasks check), it raises SimulationError naming the phase, records it and
+    prints it, and the machine runs on.  A healthy optimizer under load is not reported
+    (the rest of this file)."""
+    async with Machine(cpus=2, seed=1, probe_core=_HeldCore, invariants="record") as m:
+        kp = Kprobe(symbol_name="kprobe_target", offset=4, pre_handler=lambda p, r: 0)
+        await m.kprobes.register_kprobe(kp)
+        with trio.fail_after(60):
+            with pytest.raises(SimulationError, match=r"kprobe optimizer stalled: its batch "
+                                                      r"of 1 probe\(s\) stayed in phase 'gp'"):
+                await m.kprobes.optimizer.wait_for_kprobe_optimizer()
+        assert any("kprobe optimizer stalled" in e for e in m.kprobes.simulation_errors)
+        assert any("kprobe optimizer stalled" in line for line in m.printk_log)
+        assert not m.kprobes.optimizer.is_optimized(kp.addr)
+        assert await m.call("kprobe_target", 30) == 10       # a plain kprobe meanwhile
+        assert await m.call("fib", 10, cpu=1) == 55

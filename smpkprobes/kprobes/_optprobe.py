@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from smpkprobes.cpus._optprobe import detour_layout, opt_facts
 
-from .._errors import KprobeError
+from .._errors import KprobeError, SimulationError
 from ..machine._services import ModuleGoing, QuantumEnded, resume_at
 from ._optcheck import NotOptimizable, prepare_region, site_blockers
 from ._probes import KPROBE_FLAG_DISABLED, KPROBE_FLAG_GONE
@@ -48,6 +48,9 @@ if TYPE_CHECKING:    # pragma: no cover
 
 # The optinsn area: stubs first (the code hook covers exactly them), then the buffers.
 STUB_AREA = 0x10000
+# wait_for_kprobe_optimizer's checks of a batch standing still with nothing holding it back
+# before it reports the optimizer stalled.
+OPTIMIZER_STALL_CHECKS = 200
 
 
 @dataclass
@@ -379,9 +382,45 @@ class Optimizer:
 
     async def wait_for_kprobe_optimizer(self) -> None:
         """Return once the optimizer has nothing left to do (wait_for_kprobe_optimizer).
-        It advances between quanta, so the machine runs meanwhile."""
+        It advances between quanta, so the machine runs meanwhile.
+
+        Linux waits for as long as it takes, and so does this, while anything may hold the
+        optimizer back: a CPU that is not quiescent, or a task inside a queued region.
+        But if its batch stands still through OPTIMIZER_STALL_CHECKS checks in a row at
+        each of which every CPU was quiescent and no task was in a region, nothing can
+        move it any more (a broken optimizer): that is a SimulationError, recorded and
+        printed as the kernel's BUG reports are, instead of a wait for ever."""
+        m = self._kernel
+        still = 0
+        last = None
         while self._busy:
-            await self._kernel.sleep_ns(1000)
+            await m.sleep_ns(1000)
+            b = self._batch
+            where = None if b is None else (id(b), b.phase, tuple(sorted(b.remaining)),
+                                             len(b.pending))
+            if where is not None and where == last and self._nothing_holds(b):
+                still += 1
+                if still >= OPTIMIZER_STALL_CHECKS:
+                    msg = (f"kprobe optimizer stalled: its batch of {len(b.ops)} probe(s) "
+                           f"stayed in phase {b.phase!r} (waiting for CPUs "
+                           f"{sorted(b.remaining)}) through {still} checks with every CPU "
+                           f"quiescent and no task in a region")
+                    self._k.simulation_errors.append(msg)
+                    m.printk(msg)
+                    raise SimulationError(msg)
+            else:
+                still = 0
+            last = where
+
+    def _nothing_holds(self, b: "_Batch") -> bool:
+        """Every CPU quiescent, and no CPU nor preempted task inside the batch's ranges:
+        the machine's facts, read here rather than through _holdout, so that the stall
+        check does not trust the code whose stall it checks."""
+        m = self._kernel
+        if not all(m.quiescent(cpu) for cpu in m.cpus):
+            return False
+        pcs = [cpu.pc for cpu in m.cpus if cpu.current is not None] + m.preempted_task_pcs()
+        return not any(lo <= pc < hi for pc in pcs for lo, hi in b.ranges)
 
     def statistics(self) -> OptStatistics:
         opt = sum(1 for op in self.ops.values() if op.state == "optimized")
