@@ -275,3 +275,23 @@ def test_shrinking_slow_replays_is_bounded_by_replays_not_a_fixed_time(monkeypat
                             _stress.failure_kind("needle found"), max_runs=60, engine=engine)
     assert shrunk.reproduced and shrunk.recording.choices == {4990: schedule[4990]}
     assert shrunk.runs <= 60 and engine.clock == 4.0 * shrunk.runs
+
+
+@pytest.mark.parametrize("codes, symbolic, make", [
+    ("HQ", None, lambda i: (i % 7, i * 1000 + 3)),
+    ("BqQ", 0, lambda i: (("defer", "preempt", "ipi")[i * 7 % 3], -(i % 5), i // 3)),
+])
+def test_the_recording_logs_unrolled_appends_store_what_the_generic_one_does(codes, symbolic,
+                                                                             make):
+    """The conductor's two log shapes append through unrolled closures (a coin is logged on
+    every trap): row for row they hold what the generic append stores, and read back as
+    the tuples appended."""
+    from smpkprobes.machine._conductor import _Log
+    fast, generic = _Log(codes, symbolic), _Log(codes, symbolic)
+    assert "append" in vars(fast)                   # the unrolled one is in use
+    items = [make(i) for i in range(500)]
+    for item in items:
+        fast.append(item)
+        _Log.append(generic, item)
+    assert list(fast) == list(generic) == items
+    assert fast[-1] == items[-1] and len(fast) == 500

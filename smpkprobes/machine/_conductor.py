@@ -63,6 +63,32 @@ class _Log:
         self._symbolic = symbolic           # a column of strings, stored as codes
         self._names: list[str] = []
         self._codes: dict[str, int] = {}
+        # The two shapes the conductor logs get an append of their own, unrolled: a coin
+        # is logged on every trap while trap_delay > 0, and the generic loop below cost
+        # 0.53 us a coin, 0.20 us unrolled (2026-12-07, this host).
+        ends = [col.append for col in self._cols]
+        if symbolic is None and len(ends) == 2:
+            a0, a1 = ends
+
+            def append(item: tuple) -> None:
+                x, y = item
+                a0(x)
+                a1(y)
+            self.append = append
+        elif symbolic == 0 and len(ends) == 3:
+            a0, a1, a2 = ends
+            names, symbols = self._names, self._codes
+
+            def append(item: tuple) -> None:
+                name, y, z = item
+                code = symbols.get(name)
+                if code is None:
+                    code = symbols[name] = len(names)
+                    names.append(name)
+                a0(code)
+                a1(y)
+                a2(z)
+            self.append = append
 
     def append(self, item: tuple) -> None:
         for i, (col, v) in enumerate(zip(self._cols, item)):
