@@ -14,8 +14,9 @@ def test_bench_machine_rows():
 
 
 def test_bench_kprobe_rows():
+    from smpkprobes.machine import _codehook
     rows = _bench.bench_kprobe(n=3_000, others=40)
-    assert len(rows) == 8
+    assert len(rows) == (10 if _codehook.hook_route() == "c" else 9)
     assert rows[0]["ratio"] == 1.0
     for r in rows[1:6]:
         assert r["us"] > 0 and r["ratio"] > 0, r
@@ -23,6 +24,11 @@ def test_bench_kprobe_rows():
     # The optimized hit is cheap enough for noise to swamp it at this size: measured, only.
     assert rows[7]["what"] == "kprobe hit, empty pre_handler (jump-optimized)"
     assert math.isfinite(rows[7]["us"])
+    # The dispatch rows: the same empty callback reached without the binding's wrappers.
+    assert rows[8]["what"] == "empty code hook dispatched as a raw ctypes callback"
+    if len(rows) == 10:
+        assert rows[9]["what"] == "empty code hook dispatched in C (the optimized hit's entry)"
+    assert all(math.isfinite(r["us"]) for r in rows[8:])
 
 
 def test_overhead_table_marks_each_target_met_or_not(capsys):

@@ -116,6 +116,51 @@ def bare_hook_cost(n: int = 20_000) -> float:
     return (hooked - plain) / n * 1e6
 
 
+def dispatch_costs(n: int = 20_000) -> dict[str, float]:
+    """Microseconds per hit of an empty Python code-hook callback on a bare x86_64 instance,
+    reached three ways: the binding's `hook_add` (the yardstick), a raw ctypes callback, and
+    the C dispatch of machine/_codehook.py (what the optimized hit's entry uses; "c" only
+    where the extension was built)."""
+    import ctypes
+
+    from unicorn.unicorn_py3.unicorn import HOOK_CODE_CFUNC, uc_hook_h, uclib
+
+    from ..machine import _codehook
+
+    def one(kind: str) -> float:
+        uc, ks, call, _ = _bare("x86_64")
+        target = ks.lookup("bench_target").addr
+        call("bench_loop", n)
+        t = _cpu_time()
+        call("bench_loop", n)
+        plain = _cpu_time() - t
+        keep = []
+        if kind == "binding":
+            uc.hook_add(unicorn.UC_HOOK_CODE, lambda *a: None, None, target, target)
+        else:
+            if kind == "ctypes":
+                fptr, user = HOOK_CODE_CFUNC(lambda *a: None), ctypes.c_void_p(0)
+            else:
+                fptr, ctx = _codehook.code_hook(lambda addr: False, lambda exc: True,
+                                                lambda: None)
+                keep.append(ctx)
+                user = ctypes.c_void_p(ctypes.addressof(ctx))
+            keep.append(fptr)
+            handle = uc_hook_h()
+            uclib.uc_hook_add(uc._uch, ctypes.byref(handle), unicorn.UC_HOOK_CODE, fptr, user,
+                              ctypes.c_uint64(target), ctypes.c_uint64(target))
+        uc.ctl_flush_tb()
+        call("bench_loop", 10)
+        hooked = float("inf")
+        for _ in range(3):
+            t = _cpu_time()
+            call("bench_loop", n)
+            hooked = min(hooked, _cpu_time() - t)
+        return (hooked - plain) / n * 1e6
+    kinds = ["binding", "ctypes"] + (["c"] if _codehook.hook_route() == "c" else [])
+    return {kind: one(kind) for kind in kinds}
+
+
 def bench_kprobe(arch: str = "x86_64", n: int = 20_000, others: int = 10_000) -> list[dict]:
     from ..kprobes._core import Kprobe
     uc, ks, call, _ = _bare(arch)
@@ -209,6 +254,7 @@ def bench_kprobe(arch: str = "x86_64", n: int = 20_000, others: int = 10_000) ->
             await m.kprobes.unregister_kprobe(kp)
         return out
     r = trio.run(run)
+    d = dispatch_costs(n)
     return [
         {"what": "bare UC_HOOK_CODE callback", "us": hook_cost * 1e6, "ratio": 1.0},
         {"what": "int3 + PC redirect alone (no probe core: Unicorn's share)",
@@ -225,7 +271,9 @@ def bench_kprobe(arch: str = "x86_64", n: int = 20_000, others: int = 10_000) ->
          "us": float("nan"), "ratio": r["probe_free_ratio"]},
         {"what": "kprobe hit, empty pre_handler (jump-optimized)", "us": r["optimized"] * 1e6,
          "ratio": r["optimized"] / hook_cost},
-    ]
+    ] + [{"what": f"empty code hook dispatched {how}", "us": us, "ratio": us / (hook_cost * 1e6)}
+         for how, us in ((("as a raw ctypes callback", d["ctypes"]),) +
+                         ((("in C (the optimized hit's entry)", d["c"]),) if "c" in d else ()))]
 
 
 def bench_overhead(arch: str = "x86_64", n: int = 10_000) -> dict[str, float]:
