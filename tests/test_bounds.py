@@ -91,3 +91,32 @@ def test_stress_reports_a_livelocked_seed_with_its_replay_command():
                                               "--size", "5"], 0), timeout=4)
     assert not out.ok and out.failures[-1].startswith(BOUND_KIND)
     assert out.kind == _stress.failure_kind(out.failures[0])
+
+
+def test_a_test_that_hangs_fails_named_instead_of_stalling_the_suite(tmp_path):
+    """The suite's own bound (pytest-timeout, `timeout` in pyproject.toml): a test left
+    waiting for ever - here on a grace period that never ends, under the mutant - fails
+    with a Timeout that names it, and the run goes on to the next test."""
+    import subprocess
+    import sys
+    (tmp_path / "test_hang.py").write_text(
+        "import trio\n"
+        "from smpkprobes import Kprobe, Machine\n"
+        "from smpkprobes.tools import _mutants\n"
+        "async def test_waits_for_ever():\n"
+        "    opts = _mutants.machine_options('grace_period_never_ends')\n"
+        "    async with Machine(cpus=2, seed=1, **opts) as m:\n"
+        "        kp = Kprobe(symbol_name='do_fork', pre_handler=lambda p, r: 0)\n"
+        "        await m.kprobes.register_kprobe(kp)\n"
+        "        async with trio.open_nursery() as n:\n"
+        "            n.start_soon(m.call, 'fork_loop', 10**9)\n"
+        "            await m.kprobes.unregister_kprobe(kp)\n"
+        "def test_after():\n"
+        "    pass\n")
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=5",
+         "-c", str(root / "pyproject.toml"), "--rootdir", str(tmp_path), str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert "1 failed, 1 passed" in out.stdout, out.stdout[-3000:]
+    assert "Timeout" in out.stdout and "test_waits_for_ever" in out.stdout
