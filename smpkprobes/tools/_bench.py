@@ -97,16 +97,39 @@ def bench_machine(arch: str = "x86_64", n: int = 200_000, cpu_counts=(1, 2, 4, 8
 _cpu_time = time.process_time
 
 
-def bare_hook_cost(n: int = 20_000) -> float:
-    """Microseconds for one no-op Python UC_HOOK_CODE callback on a bare x86_64 instance."""
-    uc, ks, call, _ = _bare("x86_64")
+def code_hook_cost(kind: str = "binding", n: int = 20_000, arch: str = "x86_64") -> float:
+    """Microseconds per hit of an empty Python code-hook callback on bench_target, on a bare
+    instance of `arch`, reached one of three ways: "binding" (the binding's `hook_add`: the
+    yardstick), "ctypes" (a raw ctypes callback) or "c" (the C dispatch of
+    machine/_codehook.py, which the optimized hit's entry uses)."""
+    import ctypes
+
+    from unicorn.unicorn_py3.unicorn import HOOK_CODE_CFUNC, uc_hook_h, uclib
+
+    from ..machine import _codehook
+
+    uc, ks, call, _ = _bare(arch)
     target = ks.lookup("bench_target").addr
-    call("bench_loop", n)
-    t = _cpu_time()
-    call("bench_loop", n)
-    plain = _cpu_time() - t
-    uc.hook_add(unicorn.UC_HOOK_CODE, lambda *a: None, None, target, target)
-    uc.ctl_flush_tb()
+    plain = float("inf")
+    for _ in range(2):
+        t = _cpu_time()
+        call("bench_loop", n)
+        plain = min(plain, _cpu_time() - t)
+    keep = []
+    if kind == "binding":
+        uc.hook_add(unicorn.UC_HOOK_CODE, lambda *a: None, None, target, target)
+    else:
+        if kind == "ctypes":
+            fptr, user = HOOK_CODE_CFUNC(lambda *a: None), ctypes.c_void_p(0)
+        else:
+            fptr, ctx = _codehook.code_hook(lambda addr: False, lambda exc: True, lambda: None)
+            keep.append(ctx)
+            user = ctypes.c_void_p(ctypes.addressof(ctx))
+        keep.append(fptr)
+        handle = uc_hook_h()
+        uclib.uc_hook_add(uc._uch, ctypes.byref(handle), unicorn.UC_HOOK_CODE, fptr, user,
+                          ctypes.c_uint64(target), ctypes.c_uint64(target))
+    uc.ctl_flush_tb()       # code translated before the hook was added would skip it
     call("bench_loop", 10)
     hooked = float("inf")
     for _ in range(3):
@@ -116,70 +139,22 @@ def bare_hook_cost(n: int = 20_000) -> float:
     return (hooked - plain) / n * 1e6
 
 
+def bare_hook_cost(n: int = 20_000) -> float:
+    """Microseconds for one no-op Python UC_HOOK_CODE callback on a bare x86_64 instance."""
+    return code_hook_cost("binding", n)
+
+
 def dispatch_costs(n: int = 20_000) -> dict[str, float]:
-    """Microseconds per hit of an empty Python code-hook callback on a bare x86_64 instance,
-    reached three ways: the binding's `hook_add` (the yardstick), a raw ctypes callback, and
-    the C dispatch of machine/_codehook.py (what the optimized hit's entry uses; "c" only
-    where the extension was built)."""
-    import ctypes
-
-    from unicorn.unicorn_py3.unicorn import HOOK_CODE_CFUNC, uc_hook_h, uclib
-
+    """code_hook_cost without the binding's wrappers: "ctypes", and "c" where the extension
+    was built."""
     from ..machine import _codehook
-
-    def one(kind: str) -> float:
-        uc, ks, call, _ = _bare("x86_64")
-        target = ks.lookup("bench_target").addr
-        call("bench_loop", n)
-        t = _cpu_time()
-        call("bench_loop", n)
-        plain = _cpu_time() - t
-        keep = []
-        if kind == "binding":
-            uc.hook_add(unicorn.UC_HOOK_CODE, lambda *a: None, None, target, target)
-        else:
-            if kind == "ctypes":
-                fptr, user = HOOK_CODE_CFUNC(lambda *a: None), ctypes.c_void_p(0)
-            else:
-                fptr, ctx = _codehook.code_hook(lambda addr: False, lambda exc: True,
-                                                lambda: None)
-                keep.append(ctx)
-                user = ctypes.c_void_p(ctypes.addressof(ctx))
-            keep.append(fptr)
-            handle = uc_hook_h()
-            uclib.uc_hook_add(uc._uch, ctypes.byref(handle), unicorn.UC_HOOK_CODE, fptr, user,
-                              ctypes.c_uint64(target), ctypes.c_uint64(target))
-        uc.ctl_flush_tb()
-        call("bench_loop", 10)
-        hooked = float("inf")
-        for _ in range(3):
-            t = _cpu_time()
-            call("bench_loop", n)
-            hooked = min(hooked, _cpu_time() - t)
-        return (hooked - plain) / n * 1e6
-    kinds = ["binding", "ctypes"] + (["c"] if _codehook.hook_route() == "c" else [])
-    return {kind: one(kind) for kind in kinds}
+    kinds = ["ctypes"] + (["c"] if _codehook.hook_route() == "c" else [])
+    return {kind: code_hook_cost(kind, n) for kind in kinds}
 
 
 def bench_kprobe(arch: str = "x86_64", n: int = 20_000, others: int = 10_000) -> list[dict]:
     from ..kprobes._core import Kprobe
-    uc, ks, call, _ = _bare(arch)
-    target = ks.lookup("bench_target").addr
-    t = _cpu_time()
-    call("bench_loop", n)
-    t_plain = _cpu_time() - t
-    t = _cpu_time()
-    call("bench_loop", n)
-    t_plain = min(t_plain, _cpu_time() - t)
-    uc.hook_add(unicorn.UC_HOOK_CODE, lambda *a: None, None, target, target)
-    uc.ctl_flush_tb()       # code translated before the hook was added would skip it
-    call("bench_loop", 10)
-    t_hook = float("inf")
-    for _ in range(3):
-        t = _cpu_time()
-        call("bench_loop", n)
-        t_hook = min(t_hook, _cpu_time() - t)
-    hook_cost = (t_hook - t_plain) / n
+    hook_cost = code_hook_cost("binding", n, arch) / 1e6
 
     async def timed(m, func="bench_loop"):
         t0 = _cpu_time()
