@@ -47,7 +47,6 @@ async def test_the_callback_sees_each_instruction_of_its_range_once(route):
         m.cpus[0].add_code_hook(fib, fib + 1, cb)
         assert await m.call("fib", 10, cpu=0) == 55
         assert seen == [fib] * 177              # fib(10) makes 177 calls of fib
-        assert await m.call("fib", 10, cpu=1 % len(m.cpus)) == 55
 
 
 async def test_a_true_result_ends_the_quantum_there(route):
