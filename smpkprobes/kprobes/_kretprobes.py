@@ -112,7 +112,7 @@ class Kretprobes:
                     break
         correct = ri.ret_addr
         self._trace.append(("ret", cpu.id, correct, cpu.clock + cpu.intra))
-        if type(batch) is list:
+        if len(batch) > 1:
             for ri in batch:
                 ri.ret_addr = correct     # the chained ones recorded the trampoline at entry
         regs = self._Regs(cpu, correct)      # the handlers see regs.ip == the real return
