@@ -418,3 +418,88 @@ def test_a_seed_that_kills_every_worker_is_recorded_as_a_crash(tmp_path, monkeyp
     assert outs[2].kind == "worker died"
     assert [(s, o) for s, o, _, _ in outcomes_in(db) if o != "pass"] == [(2, "crash")]
     assert len(outcomes_in(db)) == 40
+
+
+class _DyingCluster:
+    """A stand-in for a Dask client whose one worker dies whenever it runs a killer seed.
+    As Dask's scheduler does, each death counts against every task the worker held, and a
+    task counted three times fails with KilledWorker.  The worker holds every task in
+    flight and runs them in submission order."""
+
+    def __init__(self, killers):
+        from distributed import KilledWorker
+        self.KilledWorker, self.killers, self.held, self.ran = KilledWorker, killers, [], []
+
+    def submit(self, fn, name, extra, chunk, timeout, pure, key):
+        fut = _FakeFuture(self, chunk)
+        self.held.append(fut)
+        return fut
+
+    def next_done(self):
+        fut = self.held[0]
+        if fut.error:
+            self.ran.append(("blamed", fut.chunk))
+        elif set(fut.chunk) & self.killers:
+            for f in self.held:                  # three deaths, each blaming all it held
+                f.error = self.KilledWorker(f.chunk, None, 2)
+            self.ran.append(("died", [f.chunk for f in self.held]))
+        else:
+            self.ran.append(("ran", fut.chunk))
+        return self.held.pop(0)
+
+    def scheduler_info(self):
+        return {"workers": {"w": {}}}
+
+    def cancel(self, futs):
+        raise AssertionError("nothing should be left in flight")
+
+
+class _FakeFuture:
+    def __init__(self, cluster, chunk):
+        self.cluster, self.chunk, self.error = cluster, chunk, None
+
+    def result(self):
+        if self.error:
+            raise self.error
+        return _campaign.ChunkResult("w", "digest",
+                                     [_stress.Outcome(s, True, [], None, "", 0.0, 0)
+                                      for s in self.chunk])
+
+    def release(self):
+        pass
+
+
+class _AsCompleted:
+    def __init__(self, cluster):
+        self.cluster = cluster
+
+    def add(self, fut):
+        pass
+
+    def __iter__(self):
+        while self.cluster.held:
+            yield self.cluster.next_done()
+
+
+def test_a_seed_queued_behind_a_worker_killer_is_tried_alone_before_it_is_blamed(monkeypatch):
+    """Dask blames every task a dead worker held, the queued ones too: a lone seed that
+    shared a worker with a killer each time is only a suspect.  It is tried again alone,
+    after the rest, and passes; the killer, tried alone, is the one crash."""
+    import distributed
+    cluster = _DyingCluster(killers={2})
+    monkeypatch.setattr(distributed, "as_completed", lambda: _AsCompleted(cluster))
+    engine = object.__new__(_campaign.DaskEngine)
+    engine.client, engine.workers = cluster, 1
+    got = {tuple(c): [(o.seed, o.ok, o.kind) for o in r.outcomes]
+           for c, r in engine.stream("dies", [], [[0, 1], [2, 3], [4, 5], [6, 7]], 60.0)}
+    assert sorted(got) == [(0, 1), (2,), (3,), (4,), (5,), (6,), (7,)]
+    assert cluster.ran == [
+        ("ran", [0, 1]),
+        ("died", [[2, 3], [4, 5], [6, 7]]),     # the chunks queued behind [2, 3] are split
+        ("blamed", [4, 5]), ("blamed", [6, 7]),
+        ("died", [[2], [4], [6]]),              # 4 and 6 become suspects, like 2
+        ("blamed", [4]), ("blamed", [6]),
+        ("ran", [7]), ("ran", [5]), ("ran", [3]),
+        ("died", [[2]]), ("ran", [4]), ("ran", [6])]    # the suspects, one at a time
+    assert [k for k, outs in got.items() if not outs[0][1]] == [(2,)]
+    assert got[(2,)] == [(2, False, "worker died")]

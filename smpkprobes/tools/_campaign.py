@@ -11,7 +11,8 @@ hands them to an engine:
     (`--scheduler tcp://HOST:8786`).  At most a few chunks per worker are in flight; results
     stream back with `as_completed`.  A worker that dies has its chunk run again elsewhere
     (Dask's scheduler does that); a chunk that keeps killing workers is split into single
-    seeds, and a seed that still kills its worker is recorded as a "crash".
+    seeds, and a seed that still kills its worker when it runs alone is recorded as a
+    "crash".
 
 Whatever the engine, only the client writes to the store, one transaction per finished chunk,
 so a killed client loses at most the chunks in flight, and a resumed one runs exactly the
@@ -173,6 +174,8 @@ class DaskEngine:
         from distributed import KilledWorker, as_completed
         pending = list(reversed(chunks))
         inflight: dict = {}
+        suspects: list[list[int]] = []     # lone seeds on a worker that died, to try alone
+        alone = False                      # set once suspects run one at a time
         done = as_completed()
 
         def submit(chunk):
@@ -191,12 +194,16 @@ class DaskEngine:
                 try:
                     result = fut.result()
                 except KilledWorker as err:
-                    # This chunk was running each time a worker died.  Split it to find the
-                    # seed that kills workers; that one is a "crash".
+                    # This chunk was on a worker each time one died.  Split it to find the
+                    # seed that kills workers.  The scheduler blames every task held by the
+                    # dead worker, queued ones too, so a lone seed is a suspect, not yet a
+                    # crash: it is tried again alone once the rest has run.
                     if len(chunk) > 1:
                         pending.extend([s] for s in reversed(chunk))
-                    else:
+                    elif alone:
                         yield chunk, _crash(chunk[0], err)
+                    else:
+                        suspects.append(chunk)
                 except Exception as err:
                     raise CampaignError(
                         f"seeds {chunk[0]}..{chunk[-1]} failed on the cluster: "
@@ -210,6 +217,11 @@ class DaskEngine:
                     self.workers = max(1, len(self.client.scheduler_info()["workers"]))
                 while pending and len(inflight) < IN_FLIGHT * self.workers:
                     submit(pending.pop())
+                if not pending and not inflight and suspects:
+                    # Nothing else is in flight, so a worker that dies now was running
+                    # this seed and nothing else.
+                    alone = True
+                    submit(suspects.pop(0))
         finally:
             if inflight:
                 self.client.cancel(list(inflight))
