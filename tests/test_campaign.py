@@ -176,8 +176,31 @@ def test_a_sigkilled_client_takes_its_local_cluster_down_with_it(tmp_path):
     proc.kill()
     proc.wait()
     gone, alive = psutil.wait_procs(children, timeout=20)
-    assert alive == []
+    assert alive == [], [(p.pid, p.cmdline(), p.ppid(), p.status()) for p in alive]
 
+
+WATCHED = """
+import os, sys, time, dask
+from smpkprobes.tools import _campaign
+dask.config.set({_campaign.CLIENT_PID_KEY: int(sys.argv[1])})
+_campaign.dask_setup(None)
+time.sleep(float(sys.argv[2]))
+sys.exit(0)
+"""
+
+
+def test_a_worker_exits_once_its_client_is_gone():
+    """The preload's watch: a worker whose parent is not (or no longer) the client that
+    started it exits, status 1, within a poll or two; one whose parent is the client lives
+    on; one with no client pid configured (a cluster not ours) has no watch."""
+    def run(client, sleep):
+        return subprocess.run([sys.executable, "-c", WATCHED, str(client), str(sleep)],
+                              timeout=60).returncode
+    assert run(os.getpid(), 1.5) == 0
+    assert run(1 if os.getpid() != 1 else 2, 30) == 1       # well before the 30 s sleep ends
+    env_free = WATCHED.replace("dask.config.set", "dict")
+    assert subprocess.run([sys.executable, "-c", env_free, "1", "1.5"],
+                          timeout=60).returncode == 0
 
 def test_a_killed_worker_leaves_every_seed_recorded_once(cluster, reference, tmp_path):
     """One Dask worker is SIGKILLed mid-campaign: its chunk runs again elsewhere, the campaign

@@ -12,7 +12,7 @@ hands them to an engine:
     stream back with `as_completed`.  A worker that dies has its chunk run again elsewhere
     (Dask's scheduler does that); a chunk that keeps killing workers is split into single
     seeds, and a seed that still kills its worker when it runs alone is recorded as a
-    "crash".
+    "crash".  Workers of an embedded cluster exit when the client has gone (`dask_setup`).
 
 Whatever the engine, only the client writes to the store, one transaction per finished chunk,
 so a killed client loses at most the chunks in flight, and a resumed one runs exactly the
@@ -64,6 +64,32 @@ def _worker_name() -> str:
         return get_worker().address
     except (ImportError, ValueError):
         return "local"
+
+
+CLIENT_PID_KEY = "smpkprobes.campaign-client-pid"   # in the Dask config a LocalCluster inherits
+PARENT_POLL = 0.5                                   # seconds between a worker's checks
+
+
+def dask_setup(worker) -> None:
+    """Dask preload hook, run in each worker process of an embedded LocalCluster as it
+    starts: the worker exits when the client that started it has gone.
+
+    Dask's own guard is a pipe from the client that the worker reads until it closes.  With
+    forked workers that guard fails: two workers forked at about the same time can each
+    inherit the other's pipe end, and then both outlive a SIGKILLed client for ever.  So a
+    thread watches the parent's pid too.
+    """
+    import dask
+    client = dask.config.get(CLIENT_PID_KEY, None)
+    if client is None:
+        return
+
+    def watch() -> None:
+        while os.getppid() == client:
+            time.sleep(PARENT_POLL)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="smpkprobes client watch", daemon=True).start()
 
 
 def run_chunk(name: str, extra: list[str], seeds: list[int], timeout: float) -> ChunkResult:
@@ -146,7 +172,9 @@ class DaskEngine:
             import logging
             dask.config.set({"distributed.worker.multiprocessing-method":
                              _multiprocessing_method(),
-                             "distributed.scheduler.allowed-failures": 2})
+                             "distributed.scheduler.allowed-failures": 2,
+                             "distributed.worker.preload": [__name__],
+                             CLIENT_PID_KEY: os.getpid()})
             # The scheduler serves HTTP even without a dashboard, by default on port 8787,
             # which another cluster may hold: take any free port on loopback.
             self.cluster = distributed.LocalCluster(
