@@ -73,11 +73,14 @@ def cluster(tmp_path_factory):
                               start_new_session=True)]
     try:
         deadline = time.monotonic() + 60
-        while not sched_file.exists():
+        address = None
+        while address is None:      # the file may be seen before it is wholly written
             assert time.monotonic() < deadline, "dask scheduler did not start"
             time.sleep(0.1)
-        time.sleep(0.2)
-        address = json.loads(sched_file.read_text())["address"]
+            try:
+                address = json.loads(sched_file.read_text())["address"]
+            except (OSError, ValueError, KeyError):
+                pass
         assert address.startswith("tcp://127.0.0.1:")
         for i in range(2):
             procs.append(subprocess.Popen(
