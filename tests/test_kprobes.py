@@ -380,3 +380,31 @@ async def test_stack_trace_in_a_handler(m):
     names = [m.symbolize(a)[0] for a in traces[0]]
     assert names == ["stacktrace_internal_target", "stacktrace_target", "stacktrace_driver",
                      "__hc_task_return"]
+
+
+# -- a pre_handler's register writes reach the guest, on every path -------------------------
+@pytest.mark.parametrize("path", ["optimized", "boosted", "stepped"])
+@pytest.mark.parametrize("arch", __import__("smpkprobes.cpus", fromlist=["x"]).available())
+async def test_a_pre_handler_argument_write_reaches_the_function(arch, path):
+    """regs.set_arg(0, ...) at the function's entry changes what the function computes,
+    whichever way the probed instruction then runs: from the detour buffer (optimized),
+    boosted out of line, or stepped with a post_handler (the write is flushed to the CPU
+    before it leaves the trap, except the PC).  Each run's result is the unprobed call's
+    with the new argument."""
+    async with Machine(arch=arch, cpus=2, seed=3) as m:
+        if path != "optimized":
+            await m.sysctl.write("debug/kprobes-optimization", "0")
+        want = await m.call("kprobe_target", 300)
+        seen = []
+
+        def pre(p, regs):
+            seen.append(regs.arg(0))
+            regs.set_arg(0, 300)
+        kp = Kprobe(symbol_name="kprobe_target", pre_handler=pre,
+                    post_handler=(lambda p, r, f: None) if path == "stepped" else None)
+        await m.kprobes.register_kprobe(kp)
+        await m.kprobes.optimizer.wait_for_kprobe_optimizer()
+        got = [await m.call("kprobe_target", v, cpu=v % 2) for v in (9, 12, 15)]
+        await m.kprobes.unregister_kprobe(kp)
+        assert (got, seen) == ([want] * 3, [9, 12, 15])
+        assert await m.call("kprobe_target", 9) == 3

@@ -408,6 +408,29 @@ async def test_double_registration_keeps_the_live_pool(m):
     assert (s.free, s.in_use, s.taken, s.returned, s.missed) == (3, 0, 3, 3, 0)
 
 
+@pytest.mark.parametrize("bad, code", [(dict(symbol_name="__switch_to"), errno.EINVAL),
+                                       (dict(symbol_name="no_such_function"), errno.ENOENT),
+                                       (dict(symbol_name="watched_counter"), errno.EINVAL),
+                                       (dict(symbol_name="kprobe_target", data_size=5000),
+                                        errno.E2BIG)])
+async def test_a_refused_kretprobe_keeps_no_instances_and_can_be_fixed(m, bad, code):
+    """A registration refused after its pool was filled (free_rp_inst on the error path)
+    keeps no instance; fixed, the same kretprobe registers with a full pool and works."""
+    rp = Kretprobe(handler=lambda ri, regs: rets.append(regs_return_value(regs)),
+                   maxactive=4, **bad)
+    rets = []
+    with pytest.raises(KprobeError) as err:
+        await m.kprobes.register_kretprobe(rp)
+    assert err.value.errno == code and not rp.kp.registered
+    s = rp.statistics()
+    assert (s.maxactive, s.free, s.in_use, s.taken) == (4, 0, 0, 0)
+    rp.kp.symbol_name, rp.kp.addr, rp.data_size = "kprobe_target", None, 8
+    await m.kprobes.register_kretprobe(rp)
+    assert rp.statistics().free == 4
+    assert await m.call("kprobe_target", 30) == 10 and rets == [10]
+    await m.kprobes.unregister_kretprobe(rp)
+    assert m.kprobes.probes() == []
+
 # -- several probes at one entry --------------------------------------------------------
 async def test_several_kretprobes_on_one_function(m):
     """Three kretprobes on one function: each handler runs once, oldest first, each with the
