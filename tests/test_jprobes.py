@@ -124,6 +124,27 @@ async def test_mirror_principle_python_entry_sees_stack_arguments(m):
 
 
 # -- registration -----------------------------------------------------------------------
+async def test_a_jprobe_saves_and_restores_no_byte_past_its_task_stack(m):
+    """setjmp_pre_handler saves MIN_STACK_SIZE: MAX_STACK_SIZE bytes from SP, but never past
+    the top of the task's stack, since what lies beyond is another task's stack.  Called
+    straight from the host, kprobe_target's SP is a word or two below the top; a write just
+    above the top while the entry runs (as another CPU's task could make) must survive the
+    jprobe's restore of the stack."""
+    above = []
+
+    def entry(value):
+        top = m.cpus[0].current.stack_top
+        m.write_memory(top, b"\x5a" * 8)
+        above.append(top)
+        jprobe_return()
+    jp = Jprobe(entry, symbol_name="kprobe_target")
+    await m.kprobes.register_jprobe(jp)
+    assert await m.call("kprobe_target", 30, cpu=0) == 10
+    await m.kprobes.unregister_jprobe(jp)
+    (top,) = above
+    assert m.read_memory(top, 8) == b"\x5a" * 8
+
+
 async def test_second_jprobe_at_one_address_is_eexist(m):
     """One jprobe per address: the second is EEXIST, the first keeps working."""
     seen = []
