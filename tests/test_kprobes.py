@@ -408,3 +408,25 @@ async def test_a_pre_handler_argument_write_reaches_the_function(arch, path):
         await m.kprobes.unregister_kprobe(kp)
         assert (got, seen) == ([want] * 3, [9, 12, 15])
         assert await m.call("kprobe_target", 9) == 3
+
+
+async def test_a_boosted_slot_waits_a_further_grace_period_before_reuse():
+    """free_insn_slot: the slot of a probe that was never boosted is free again once the
+    unregistration's grace period is over; a boosted (dirty) slot, which a CPU may still be
+    leaving by its own jump back, is garbage until collect_garbage_slots has waited one
+    more grace period."""
+    async with Machine(cpus=2, seed=1) as m:
+        await m.sysctl.write("debug/kprobes-optimization", "0")
+        slots = m.kprobes.slots
+        free0 = slots.statistics()["free"]
+        stepped = Kprobe(symbol_name="kprobe_target", post_handler=lambda p, r, f: None)
+        boosted = Kprobe(symbol_name="kprobe_target2", pre_handler=lambda p, r: 0)
+        await m.kprobes.register_kprobes([stepped, boosted])
+        assert (await m.call("kprobe_target", 9), await m.call("kprobe_target2", 9)) == (3, 4)
+        assert slots.statistics() == {"used": 2, "garbage": 0, "free": free0 - 2}
+        await m.kprobes.unregister_kprobe(stepped)
+        assert slots.statistics() == {"used": 1, "garbage": 0, "free": free0 - 1}
+        await m.kprobes.unregister_kprobe(boosted)
+        assert slots.statistics() == {"used": 0, "garbage": 1, "free": free0 - 1}
+        await slots.collect_garbage_slots()
+        assert slots.statistics() == {"used": 0, "garbage": 0, "free": free0}
