@@ -430,3 +430,23 @@ async def test_a_boosted_slot_waits_a_further_grace_period_before_reuse():
         assert slots.statistics() == {"used": 0, "garbage": 1, "free": free0 - 1}
         await slots.collect_garbage_slots()
         assert slots.statistics() == {"used": 0, "garbage": 0, "free": free0}
+
+
+@pytest.mark.parametrize("post", [True, False], ids=["stepped", "boosted"])
+async def test_the_control_block_walks_the_kernels_states_for_one_hit(post):
+    """kprobe_ctlblk's recorded transitions for one trap-based hit: HIT_ACTIVE, then for a
+    stepped probe HIT_SS and (with a post_handler) HIT_SSDONE, then reset_current_kprobe
+    (NONE, no current probe); a boosted probe goes from HIT_ACTIVE straight to NONE."""
+    async with Machine(cpus=1, seed=1) as m:
+        await m.sysctl.write("debug/kprobes-optimization", "0")
+        kp = Kprobe(symbol_name="kprobe_target", pre_handler=lambda p, r: 0,
+                    post_handler=(lambda p, r, f: None) if post else None)
+        await m.kprobes.register_kprobe(kp)
+        kcb = m.kprobes.kprobe_ctlblk[0]
+        kcb.transitions = []
+        assert await m.call("kprobe_target", 9, cpu=0) == 3
+        log, kcb.transitions = kcb.transitions, None
+        await m.kprobes.unregister_kprobe(kp)
+        a = kp.addr
+        assert log == ([(a, "HIT_ACTIVE"), (a, "HIT_SS"), (a, "HIT_SSDONE"), (0, "NONE")]
+                       if post else [(a, "HIT_ACTIVE"), (0, "NONE")])
