@@ -111,6 +111,7 @@ class Optimizer:
         self._batch: _Batch | None = None
         self._busy = False
         self.unoptimized = 0                # sites that passed the checks but are not optimized
+        self.patches = 0
         if self.facts is None:
             return
         self._stub_count = STUB_AREA // self.facts.stub_size
@@ -277,6 +278,7 @@ class Optimizer:
                     if op.state == "queued":
                         op.state = "optimized"
                         m.trace_event("opt_patch", op.site.addr, m.now_ns())
+                self.patches += 1
                 self._batch = None
 
     def _poke(self, b: "_Batch", phase: str) -> None:
