@@ -2,6 +2,7 @@
 
 import errno
 
+import capstone
 import pytest
 import trio
 
@@ -450,3 +451,25 @@ async def test_the_control_block_walks_the_kernels_states_for_one_hit(post):
         a = kp.addr
         assert log == ([(a, "HIT_ACTIVE"), (a, "HIT_SS"), (a, "HIT_SSDONE"), (0, "NONE")]
                        if post else [(a, "HIT_ACTIVE"), (0, "NONE")])
+
+
+async def test_a_reentered_probe_on_a_simulated_call_still_makes_the_call(m):
+    """A probe on a `call` (simulated: it cannot run out of line) hit from inside another
+    probe's handler is reentered (missed, as kprobe_reenter says), and the simulated call's
+    register and stack changes are written back before the CPU goes on: the nested guest
+    call returns the right value, as does a direct call afterwards, which the probe sees."""
+    caller = m.kallsyms_lookup_name("jprobe_stackargs_caller")
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    call = next(i.address for i in md.disasm(m.read_memory(caller, 128), caller)
+                if i.mnemonic == "call")
+    seen, nested = [], []
+    q = Kprobe(addr=call, pre_handler=lambda p, r: seen.append("q") and 0)
+    p = Kprobe(symbol_name="kprobe_target",
+               pre_handler=lambda p, r: nested.append(
+                   r.cpu.call("jprobe_stackargs_caller", 1)) and 0)
+    await m.kprobes.register_kprobes([q, p])
+    assert await m.call("kprobe_target", 9) == 3
+    assert (nested, seen, q.nmissed) == ([385], [], 1)
+    assert await m.call("jprobe_stackargs_caller", 2) == 385 + 55
+    assert (seen, q.nmissed) == (["q"], 1)
+    await m.kprobes.unregister_kprobes([q, p])
