@@ -71,6 +71,25 @@ async def test_optimized_hit_runs_the_pre_handler_without_a_trap():
         assert m.kprobes.hits == 1 and m.kprobes.statistics().stray_traps == 0
 
 
+async def test_a_cpu_in_the_detour_is_not_quiescent_but_may_be_preempted_there():
+    """After the pre_handlers, the CPU runs the copied instructions in the detour buffer
+    with preemption enabled: it is not quiescent there (a grace period may not end while
+    it could still return through the buffer), though its task may be switched out there
+    (the optimizer waits for such tasks as RCU tasks does)."""
+    async with Machine(cpus=2, seed=1) as m:
+        kp = await _optimized(m, pre_handler=lambda p, r: 0)
+        op = m.kprobes.optimizer.ops[kp.addr]
+        cpu = m.cpus[0]
+        seen = []
+
+        def in_buffer(addr):
+            seen.append((addr, cpu.preemptible(), m.quiescent(cpu)))
+            return False
+        cpu.add_code_hook(op.buffer, op.buffer + 1, in_buffer)
+        assert await m.call("kprobe_target", 300, cpu=0) == 100
+        assert seen == [(op.buffer, True, False)]
+
+
 async def test_ip_change_is_ignored_but_registers_are_not():
     """On an optimized probe a pre_handler's regs.ip is ignored, as in Linux; its other
     register writes take effect (here the argument, read by the next instruction)."""
