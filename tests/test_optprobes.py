@@ -363,6 +363,39 @@ async def test_a_module_unload_frees_its_optimized_probes_detours(arch):
         assert m.invariants.violations == []
 
 
+@pytest.mark.parametrize("arch", ["x86_64", "arm"])
+async def test_a_gone_optimized_probe_revived_by_its_module_reloaded_hits_again(arch):
+    """The module under an optimized probe is unloaded (the probe is GONE, its detour
+    killed) and loaded again at the same place: a new probe there revives the aggregate
+    with fresh text, so it traps or is optimized anew; it never goes through the killed
+    detour.  Its handler runs once per call, the GONE probe's never does again."""
+    async with Machine(arch=arch, cpus=2, seed=3, invariants="record") as m:
+        opt = m.kprobes.optimizer
+        mod = await m.load_module("example_mod")
+        old = []
+        kp = Kprobe(symbol_name="example_mod_func", pre_handler=lambda p, r: old.append(1))
+        await m.kprobes.register_kprobe(kp)
+        await opt.wait_for_kprobe_optimizer()
+        assert opt.is_optimized(kp.addr)
+        await m.call("example_mod_func", 1)
+        await m.unload_module(mod)
+        await opt.wait_for_kprobe_optimizer()
+        mod = await m.load_module("example_mod")
+        assert m.kallsyms_lookup_name("example_mod_func") == kp.addr   # the same place
+        new = []
+        kp2 = Kprobe(symbol_name="example_mod_func", pre_handler=lambda p, r: new.append(1))
+        await m.kprobes.register_kprobe(kp2)
+        for _ in range(2):
+            await m.call("example_mod_func", 1)
+        await opt.wait_for_kprobe_optimizer()
+        for _ in range(2):
+            await m.call("example_mod_func", 1)
+        assert (len(old), len(new)) == (1, 4) and kp.gone and not kp2.gone
+        await m.kprobes.unregister_kprobes([kp, kp2])
+        await m.unload_module(mod)
+        assert m.invariants.violations == []
+
+
 class _HeldOptimizer(Optimizer):
     """A broken optimizer: it believes a task is always inside its regions (RCU tasks)."""
 
