@@ -181,7 +181,7 @@ class Registry:
                                                     (site.slot + stride, boosted)])
                 self._by_slot[site.slot] = site
             self._kprobe_table[addr] = site
-        p.addr = addr if p.symbol_name is None else addr
+        p.addr = addr
         p.flags &= ~KPROBE_FLAG_GONE
         # Newest first; a jprobe always last (it ends the pre_handler chain).
         if kind == "j":
@@ -198,8 +198,6 @@ class Registry:
         if self.enabled and site.enabled() and not site.armed:
             await self.arm_kprobes([site])
         await self.optimizer.update([addr])
-        if p.symbol_name is not None:
-            p.addr = addr
 
     async def arm_kprobes(self, sites: list[AggrKprobe]) -> None:
         await self.optimizer.unoptimize_covering(sites)
