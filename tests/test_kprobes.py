@@ -444,6 +444,7 @@ async def test_the_control_block_walks_the_kernels_states_for_one_hit(post):
                     post_handler=(lambda p, r, f: None) if post else None)
         await m.kprobes.register_kprobe(kp)
         kcb = m.kprobes.kprobe_ctlblk[0]
+        assert kcb.transitions is None          # not recording until asked
         kcb.transitions = []
         assert await m.call("kprobe_target", 9, cpu=0) == 3
         log, kcb.transitions = kcb.transitions, None
@@ -473,3 +474,27 @@ async def test_a_reentered_probe_on_a_simulated_call_still_makes_the_call(m):
     assert await m.call("jprobe_stackargs_caller", 2) == 385 + 55
     assert (seen, q.nmissed) == (["q"], 1)
     await m.kprobes.unregister_kprobes([q, p])
+
+
+async def test_disabling_the_post_handler_child_lets_the_aggregate_boost_again():
+    """Trap-based: an aggregate whose only post_handler child is disabled boosts its hits
+    (no post processing is left to do), and steps them again once that child is enabled;
+    the post_handler runs only while enabled."""
+    async with Machine(cpus=1, seed=1) as m:
+        await m.sysctl.write("debug/kprobes-optimization", "0")
+        posts = []
+        a = Kprobe(symbol_name="kprobe_target", pre_handler=lambda p, r: 0)
+        b = Kprobe(symbol_name="kprobe_target", post_handler=lambda p, r, f: posts.append(1))
+
+        async def steps():
+            start = len(m.trace)
+            assert await m.call("kprobe_target", 9) == 3
+            return [e[0] if e[0] == "boost" else e[-1] for e in list(m.trace)[start:]
+                    if e[0] in ("boost", "ss") and e[2] == a.addr]
+        await m.kprobes.register_kprobes([a, b])
+        assert (await steps(), posts) == (["slot"], [1])
+        await m.kprobes.disable_kprobe(b)
+        assert (await steps(), posts) == (["boost"], [1])
+        await m.kprobes.enable_kprobe(b)
+        assert (await steps(), posts) == (["slot"], [1, 1])
+        await m.kprobes.unregister_kprobes([a, b])

@@ -120,6 +120,29 @@ async def test_post_handler_unoptimizes_and_its_removal_reoptimizes():
         assert m.kprobes.optimizer.is_optimized(kp.addr)
 
 
+async def test_disabling_the_post_handler_child_reoptimizes_and_enabling_it_unoptimizes():
+    """disable_kprobe of the aggregate's only child with a post_handler lets the site be
+    optimized again (a disabled child's handlers do not count); enable_kprobe takes the
+    optimization back; the post_handler runs only while it is enabled."""
+    async with Machine(cpus=2, seed=3) as m:
+        opt = m.kprobes.optimizer
+        kp = await _optimized(m, pre_handler=lambda p, r: 0)
+        posts = []
+        kp2 = Kprobe(symbol_name="kprobe_target", offset=OFF,
+                     post_handler=lambda p, r, f: posts.append(r.ip))
+        await m.kprobes.register_kprobe(kp2)
+        assert not opt.is_optimized(kp.addr)
+        await m.kprobes.disable_kprobe(kp2)
+        await opt.wait_for_kprobe_optimizer()
+        assert opt.is_optimized(kp.addr)
+        assert await m.call("kprobe_target", 30) == 10 and posts == []
+        await m.kprobes.enable_kprobe(kp2)
+        await opt.wait_for_kprobe_optimizer()
+        assert not opt.is_optimized(kp.addr)
+        assert await m.call("kprobe_target", 30) == 10 and len(posts) == 1
+        await m.kprobes.unregister_kprobes([kp, kp2])
+
+
 async def test_probe_inside_the_region_unoptimizes():
     """A second probe inside an optimized region unoptimizes the first, and both fire."""
     async with Machine(cpus=1) as m:
