@@ -321,20 +321,26 @@ async def test_more_cpus_than_calls_still_fine_after_a_cancel_storm():
         await healthy(m)
 
 
+@pytest.mark.parametrize("path", ["stepped", "boosted", "optimized"])
 @pytest.mark.parametrize("arch", ARCHES)
-async def test_a_fault_while_single_stepping_is_reported_at_the_probe(arch):
-    """A probed instruction that faults while it is stepped out of line (a post_handler
-    forbids the boost): the oops names the probe's address, not the slot's, with the same
-    cause as the unprobed fault; the CPU's control block is idle again and the machine
-    runs on (kprobe_fault_handler's fixup: the IP back at the probe, the status reset)."""
+async def test_a_fault_while_single_stepping_is_reported_at_the_probe(arch, path):
+    """A probed instruction that faults while it runs out of line: stepped (a post_handler
+    forbids the boost), boosted, or from an optimized probe's detour buffer.  The oops
+    names the probe's address, not the slot's or the buffer's, with the same cause as the
+    unprobed fault; the CPU's control block is idle again and the machine runs on
+    (kprobe_fault_handler's fixup: the IP back at the probe, the status reset)."""
     async with Machine(arch=arch, cpus=2, seed=1) as m:
+        if path != "optimized":
+            await m.sysctl.write("debug/kprobes-optimization", "0")
         with pytest.raises(Oops) as plain:
             await m.call("null_deref", cpu=0)
         at = plain.value.record.ip
         posts = []
         kp = Kprobe(addr=at, pre_handler=lambda p, r: 0,
-                    post_handler=lambda p, r, f: posts.append(p.addr))
+                    post_handler=(lambda p, r, f: posts.append(p.addr))
+                    if path == "stepped" else None)
         await m.kprobes.register_kprobe(kp)
+        await m.kprobes.optimizer.wait_for_kprobe_optimizer()
         with pytest.raises(Oops) as probed:
             await m.call("null_deref", cpu=0)
         rec = probed.value.record

@@ -277,7 +277,10 @@ class HitPath:
 
     def _step_fault_fixup(self, cpu: "CPU", err: unicorn.UcError) -> bool:
         """A guest fault.  During a single-step: put the IP back at the probe address,
-        restore the status, and let the fault be handled normally (it oopses)."""
+        restore the status, and let the fault be handled normally (it oopses).  A copy run
+        out of line with no probe in flight (a boosted slot, an optimized probe's detour
+        buffer) faulted: the IP goes back to the original instruction, so that the oops
+        names the probed function (Linux would name the insn page)."""
         kcb = self.kprobe_ctlblk[cpu.id]
         pc = cpu.pc
         status = kcb.kprobe_status
@@ -292,6 +295,10 @@ class HitPath:
         base = pc - (pc - self._slot_lo) % self._backend.slot_size
         if self._slot_lo <= pc < self._slot_hi and base in self._by_slot:
             cpu.pc = self._by_slot[base].addr      # a boosted copy faulted
+        else:
+            origin = self.optimizer.copied_insn_origin(pc)
+            if origin is not None:
+                cpu.pc = origin                    # an optimized probe's copy faulted
         return False
 
     def _oops_reset(self, event) -> None:

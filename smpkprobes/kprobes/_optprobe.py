@@ -369,6 +369,19 @@ class Optimizer:
         if hit:
             await self.unoptimize(hit)
 
+    def copied_insn_origin(self, pc: int) -> int | None:
+        """The original address of the instruction copied at `pc` in a live detour buffer
+        (each copy keeps its original's length, so offsets match), or None."""
+        f = self.facts
+        off = pc - (self._area + STUB_AREA)
+        if f is None or off < 0:
+            return None
+        index, k = divmod(off, f.buffer_size)
+        op = self._by_stub.get(self._area + index * f.stub_size)
+        if op is None or k >= op.region_end - op.site.addr:
+            return None
+        return op.site.addr + k
+
     def kill(self, site) -> None:
         """kill_optimized_kprobe: the site's text is gone (module unload)."""
         op = self.ops.pop(site.addr, None)
