@@ -787,3 +787,31 @@ async def test_a_trap_free_return_with_no_instance_is_one_kretprobe_bug(m):
         await m.call("kretprobe_trampoline")
     assert len(m.kprobes.simulation_errors) == 1 and len(m.oopses) == 1
     assert m.statistics().traps == traps
+
+
+@pytest.mark.parametrize("optimized", [False, True], ids=["trap-based", "optimized"])
+async def test_a_probe_hit_from_a_return_handler_is_missed_and_the_states_are_the_kernels(
+        optimized):
+    """While the return handlers run, the trampoline is the CPU's current kprobe, in
+    HIT_ACTIVE: a probe hit from a handler is missed.  Trap-based, it is a reentry
+    (REENTER, then back to HIT_ACTIVE); optimized, optimized_callback only counts the miss.
+    The whole walk of the control block, entry and return, is the kernel's."""
+    async with Machine(cpus=1, seed=1) as m:
+        await m.sysctl.write("debug/kprobes-optimization", "1" if optimized else "0")
+        got = []
+        inner = Kprobe(symbol_name="kprobe_target2", pre_handler=lambda p, r: 0)
+        rp = Kretprobe(symbol_name="kprobe_target",
+                       handler=lambda ri, r: got.append(r.cpu.call("kprobe_target2", 6)))
+        await m.kprobes.register_kprobe(inner)
+        await m.kprobes.register_kretprobe(rp)
+        await m.kprobes.optimizer.wait_for_kprobe_optimizer()
+        kcb = m.kprobes.kprobe_ctlblk[0]
+        kcb.transitions = []
+        assert await m.call("kprobe_target", 9, cpu=0) == 3
+        log, kcb.transitions = kcb.transitions, None
+        assert (got, inner.nmissed) == ([3], 1)
+        e, t = rp.kp.addr, m.kallsyms_lookup_name("kretprobe_trampoline")
+        nested = [] if optimized else [(inner.addr, "REENTER"), (t, "HIT_ACTIVE")]
+        assert log == [(e, "HIT_ACTIVE"), (0, "NONE"), (t, "HIT_ACTIVE"), *nested, (0, "NONE")]
+        await m.kprobes.unregister_kprobe(inner)
+        await m.kprobes.unregister_kretprobe(rp)
