@@ -158,6 +158,23 @@ async def test_a_bad_entry_in_a_register_batch_registers_nothing(m, bad):
     await healthy(m)
 
 
+@pytest.mark.parametrize("entry, why", [
+    (None, "Jprobe.entry must be a guest function (a symbol or an address) or a Python "
+           "function, not None"),
+    (3.5, "Jprobe.entry must be a function, not float")])
+async def test_a_jprobe_without_a_usable_entry_is_refused_at_registration(m, entry, why):
+    """A jprobe's entry is checked when it is registered, with a message that says what it
+    may be, and the batch it came in registers nothing: it is never left to fail inside a
+    hit."""
+    ok = Jprobe(lambda x: jprobe_return(), symbol_name="kprobe_target2")
+    with pytest.raises(TypeError) as err:
+        await m.kprobes.register_jprobes([ok, Jprobe(entry, symbol_name="kprobe_target")])
+    assert str(err.value) == why
+    assert not ok.kp.registered and text_is_pristine(m)
+    assert await m.call("kprobe_target", 30) == 10
+    await healthy(m)
+
+
 async def test_a_failing_batch_raises_with_its_index_and_rolls_back(m):
     """A KprobeError midway (unknown symbol) rolls back, with .index and the errno."""
     ok = Kprobe(symbol_name="kprobe_target")
