@@ -498,3 +498,24 @@ async def test_disabling_the_post_handler_child_lets_the_aggregate_boost_again()
         await m.kprobes.enable_kprobe(b)
         assert (await steps(), posts) == (["slot"], [1, 1])
         await m.kprobes.unregister_kprobes([a, b])
+
+
+async def test_out_of_instruction_slots_is_enomem_and_changes_nothing():
+    """get_insn_slot finds no free slot (and no garbage to collect): the registration is
+    ENOMEM, as the kernel's is, with nothing registered and the text untouched; once a
+    slot is free again the same probe registers and works."""
+    async with Machine(cpus=1, seed=1) as m:
+        await m.sysctl.write("debug/kprobes-optimization", "0")
+        slots = m.kprobes.slots
+        held, slots._free = slots._free, []          # every slot handed out
+        addr = m.kallsyms_lookup_name("kprobe_target")
+        before = m.read_memory(addr, 8)
+        kp = Kprobe(symbol_name="kprobe_target", pre_handler=lambda p, r: 0)
+        with pytest.raises(KprobeError, match="out of instruction slots") as err:
+            await m.kprobes.register_kprobe(kp)
+        assert err.value.errno == errno.ENOMEM and not kp.registered
+        assert m.kprobes.probes() == [] and m.read_memory(addr, 8) == before
+        slots._free = held
+        await m.kprobes.register_kprobe(kp)
+        assert await m.call("kprobe_target", 9) == 3
+        await m.kprobes.unregister_kprobe(kp)

@@ -166,7 +166,8 @@ class Registry:
         if kind == "j" and site is not None and site.jprobe() is not None:
             raise KprobeError(E.EEXIST, f"a jprobe is already registered at "
                                         f"{self._kernel.format_addr(addr)}")
-        # All checks passed: from here on nothing can fail half-way.
+        # All checks passed: from here on nothing can fail half-way (running out of
+        # instruction slots fails before any change).
         if site is None or revive:
             old = site
             site = AggrKprobe(addr, plan, plan.orig[:len(self._bp)])
@@ -174,7 +175,13 @@ class Registry:
                 site.children = old.children
             if plan.kind is StepKind.OUT_OF_LINE:
                 stride = self._slot_stride
-                site.set_slot(await self.slots.get_insn_slot(), stride)
+                try:
+                    slot = await self.slots.get_insn_slot()
+                except MemoryError:         # before any change: nothing to undo
+                    raise KprobeError(E.ENOMEM, f"{self._kernel.format_addr(addr)}: out of "
+                                                f"instruction slots (unregister some probes "
+                                                f"first)") from None
+                site.set_slot(slot, stride)
                 code = self._backend.slot_code(plan, site.slot, boost=False)
                 boosted = self._backend.slot_code(plan, site.slot + stride, boost=True)
                 await self._kernel.text_poke_batch([(site.slot, code),
