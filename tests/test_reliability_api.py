@@ -437,3 +437,28 @@ async def test_a_handler_reading_a_register_the_arch_lacks_gets_an_attribute_err
     assert "nosuch" in seen[1] and "Regs_x86_64" in seen[1]
     assert seen[2] == "no register 'nosuch' on x86_64"
     await healthy(m)
+
+
+async def test_registration_refusals_name_the_probe_and_its_place_in_the_batch(m):
+    """A single registration's refusal carries no index and no "probe N:" prefix; in a
+    batch, a probe given twice is refused at its second place before anything changes,
+    and a probe already registered is refused at its own place."""
+    kp = Kprobe(symbol_name="kprobe_target")
+    await m.kprobes.register_kprobe(kp)
+    with pytest.raises(KprobeError) as err:
+        await m.kprobes.register_kprobe(kp)
+    assert (str(err.value), err.value.index) == (
+        f"[Errno 22] EINVAL: {kp!r} is already registered", None)
+    other = Kprobe(symbol_name="kprobe_target2")
+    with pytest.raises(KprobeError) as err:
+        await m.kprobes.register_kprobes([other, kp])
+    assert (str(err.value), err.value.index) == (
+        f"[Errno 22] EINVAL: probe 1: {kp!r} is already registered", 1)
+    await m.kprobes.unregister_kprobe(kp)
+    with pytest.raises(KprobeError) as err:
+        await m.kprobes.register_kprobes([other, kp, other])
+    assert (str(err.value), err.value.index) == (
+        f"[Errno 22] EINVAL: probe 2: {other!r} appears twice in the batch (it would be "
+        f"already registered)", 2)
+    assert not other.registered and not kp.registered and text_is_pristine(m)
+    await healthy(m)
