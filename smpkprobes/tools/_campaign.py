@@ -80,12 +80,12 @@ def dask_setup(worker) -> None:
     thread watches the parent's pid too.
     """
     import dask
-    client = dask.config.get(CLIENT_PID_KEY, None)
-    if client is None:
+    client_pid = dask.config.get(CLIENT_PID_KEY, None)
+    if client_pid is None:
         return
 
     def watch() -> None:
-        while os.getppid() == client:
+        while os.getppid() == client_pid:
             time.sleep(PARENT_POLL)
         os._exit(1)
 
